@@ -1,0 +1,1 @@
+"""Hydra config tree, shipped inside the package so `pip install .` finds it."""
