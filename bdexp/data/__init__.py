@@ -1,0 +1,162 @@
+"""Datasets (DESIGN data flow step 1): sources registered by name, and `load_dataset`, which
+sizes, caches and subsets them into the uint8 NCHW `ImageDataset` every later stage uses.
+
+    ds = load_dataset(cfg.dataset, seed=cfg.seed, cache_dir=cfg.cache.dir)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bdexp.data.base import DATASETS, ImageDataset, resize_uint8, stratified_subset
+from bdexp.data.common import data_root
+from bdexp.errors import ConfigError
+from bdexp.registry import import_submodules
+
+__all__ = ["DATASETS", "ImageDataset", "load_dataset", "convert_channels", "cache_path"]
+
+log = logging.getLogger(__name__)
+
+# Keys that choose a subset or a train-time transform, not the tensors: left out of the cache key.
+NOT_IDENTIFYING = frozenset({"train_limit", "test_limit", "augment", "download"})
+CACHE_FORMAT = 1  # bump when the stored layout or the decoding changes
+
+
+def load_dataset(cfg: Any, seed: int, cache_dir: str | None = None) -> ImageDataset:
+    """The dataset `cfg.name` at `cfg.image_size` / `cfg.channels`, limited by
+    `cfg.train_limit` / `cfg.test_limit` (class-stratified, drawn with `seed`).
+
+    Slow sources (those marked `cache_on_disk`) keep the sized full tensors under
+    `cache_dir/datasets/`; limits are applied after the cache, so they can vary freely.
+    """
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    source = DATASETS.get(cfg.name)
+    size, channels = _size_and_channels(cfg)
+
+    path = None
+    full = None
+    if cache_dir is not None and getattr(source, "cache_on_disk", False):
+        path = cache_path(cfg, cache_dir)
+        full = _read_cache(path)
+    if full is None:
+        full = _fit(source(cfg), size, channels)
+        if path is not None:
+            _write_cache(full, path)
+
+    ds = _limit(full, cfg, seed)
+    log.info(
+        "dataset %s: %d train / %d test, %s, %d classes",
+        ds.name, len(ds.y_train), len(ds.y_test), "x".join(map(str, ds.image_shape)), ds.num_classes,
+    )
+    return ds
+
+
+def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 NCHW 1 -> 3 channels by repetition, 3 -> 1 by luminance."""
+    c = x.shape[1]
+    if c == channels:
+        return x
+    if c == 1 and channels == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    if c == 3 and channels == 1:
+        # ITU-R BT.601 luma weights, the same as PIL's convert("L").
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        out = [(chunk.float() * w).sum(1, keepdim=True) for chunk in x.split(4096)]
+        return torch.cat([o.round_().clamp_(0, 255).to(torch.uint8) for o in out])
+    raise ConfigError(f"cannot convert {c}-channel images to dataset.channels={channels} (use 1 or 3)")
+
+
+def cache_path(cfg: DictConfig, cache_dir: str) -> str:
+    """`cache_dir/datasets/<sha256>.pt`, hashed over every key that decides the tensors:
+    name, root (absolute), image_size, channels and the source's own keys."""
+    ident = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_IDENTIFYING}
+    ident["root"] = data_root(cfg)
+    ident["cache_format"] = CACHE_FORMAT
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+    return os.path.join(os.path.abspath(os.path.expanduser(str(cache_dir))), "datasets", f"{digest}.pt")
+
+
+def _size_and_channels(cfg: DictConfig) -> tuple[int, int | None]:
+    size = cfg.get("image_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise ConfigError(f"dataset.image_size must be a positive integer, got {size!r}")
+    channels = cfg.get("channels")
+    if channels not in (None, 1, 3):
+        raise ConfigError(f"dataset.channels must be 1, 3 or null (keep the source's), got {channels!r}")
+    return size, channels
+
+
+def _fit(ds: ImageDataset, size: int, channels: int | None) -> ImageDataset:
+    """Resize both splits and convert channels, in the cheaper order (fewer channels first)."""
+
+    def fit(x: torch.Tensor) -> torch.Tensor:
+        if channels is not None and channels < x.shape[1]:
+            return resize_uint8(convert_channels(x, channels), size)
+        x = resize_uint8(x, size)
+        return x if channels is None else convert_channels(x, channels)
+
+    return ImageDataset(ds.name, fit(ds.x_train), ds.y_train, fit(ds.x_test), ds.y_test, list(ds.classes))
+
+
+def _limit(ds: ImageDataset, cfg: DictConfig, seed: int) -> ImageDataset:
+    out = {}
+    for split in ("train", "test"):
+        x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
+        limit = cfg.get(f"{split}_limit")
+        if limit is not None:
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+                raise ConfigError(f"dataset.{split}_limit must be a positive integer or null, got {limit!r}")
+            present = int(torch.unique(y).numel())
+            if limit < min(present, len(y)):
+                raise ConfigError(
+                    f"dataset.{split}_limit={limit} is smaller than the {present} classes present; "
+                    "a stratified subset needs at least one image per class"
+                )
+        if limit is not None and limit < len(y):
+            idx = stratified_subset(y, limit, seed)
+            x, y = x[idx], y[idx]
+        out[split] = (x, y)
+    return ImageDataset(ds.name, *out["train"], *out["test"], list(ds.classes))
+
+
+def _read_cache(path: str) -> ImageDataset | None:
+    if not os.path.exists(path):
+        return None
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        ds = ImageDataset(d["name"], d["x_train"], d["y_train"], d["x_test"], d["y_test"], list(d["classes"]))
+    except Exception as e:  # noqa: BLE001 - a damaged cache file is rebuilt, never fatal
+        log.warning("ignoring unreadable dataset cache %s (%s: %s)", path, type(e).__name__, e)
+        return None
+    log.info("dataset %s read from cache %s", ds.name, path)
+    return ds
+
+
+def _write_cache(ds: ImageDataset, path: str) -> None:
+    """torch.save to a temp file in the same directory, then an atomic rename."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(
+                {"name": ds.name, "x_train": ds.x_train, "y_train": ds.y_train,
+                 "x_test": ds.x_test, "y_test": ds.y_test, "classes": list(ds.classes)},
+                f,
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# Last, so that a module of this package may `from bdexp.data import load_dataset` at import time.
+import_submodules(__name__, __path__)

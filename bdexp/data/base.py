@@ -1,0 +1,67 @@
+"""The dataset contract: uint8 NCHW tensors in memory, plus the shared post-processing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bdexp.registry import Registry
+
+# name -> function(cfg: DictConfig) -> ImageDataset at its native size, full (no limits applied).
+DATASETS: Registry = Registry("dataset")
+
+
+@dataclass
+class ImageDataset:
+    """Images as uint8 (N, C, H, W) tensors with int64 labels; `classes` names each label."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.x_train.shape[1:]
+        return int(c), int(h), int(w)
+
+    def __post_init__(self) -> None:
+        for split in ("x_train", "x_test"):
+            x = getattr(self, split)
+            if x.dtype != torch.uint8 or x.dim() != 4:
+                raise TypeError(f"{self.name}.{split} must be uint8 NCHW, got {x.dtype} {tuple(x.shape)}")
+        if len(self.x_train) != len(self.y_train) or len(self.x_test) != len(self.y_test):
+            raise ValueError(f"{self.name}: images and labels differ in length")
+
+
+def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize uint8 NCHW images to size×size (bilinear, antialiased when shrinking)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    out = []
+    for chunk in x.split(4096):  # bounded memory for large sets
+        f = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(f.round().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def stratified_subset(y: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor:
+    """Indices of a class-stratified random subset of size `limit` (all indices if None)."""
+    n = len(y)
+    if limit is None or limit >= n:
+        return torch.arange(n)
+    if limit <= 0:
+        raise ValueError(f"a dataset limit must be positive, got {limit}")
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(
+        torch.arange(n).numpy(), train_size=int(limit), stratify=y.numpy(), random_state=seed
+    )
+    return torch.as_tensor(sorted(keep))

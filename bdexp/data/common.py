@@ -1,0 +1,149 @@
+"""Helpers shared by the dataset sources: the data root, IDX files, image decoding, clear errors.
+
+No source is registered here; the sources import what they need.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bdexp.errors import ConfigError, DatasetUnavailable
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_ROOT = "~/.cache/bdexp/data"
+
+
+def data_root(cfg: Any) -> str:
+    """`cfg.root` as an absolute path with `~` expanded (the YAML default is `~/.cache/...`)."""
+    root = cfg.get("root") or DEFAULT_ROOT
+    return os.path.abspath(os.path.expanduser(str(root)))
+
+
+def cache_on_disk(fn: F) -> F:
+    """Mark a source as slow to decode: `load_dataset` then keeps its sized tensors in cache_dir."""
+    fn.cache_on_disk = True  # type: ignore[attr-defined]
+    return fn
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (the MNIST format, optionally gzipped) into a uint8 array.
+
+    Format (yann.lecun.com/exdb/mnist): two zero bytes, a type byte (0x08 = unsigned byte), the
+    number of dimensions, one big-endian uint32 per dimension, then the data in C order.
+    """
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise DatasetUnavailable(f"{path} is not an unsigned-byte IDX file (corrupted download?)")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    offset = 4 + 4 * ndim
+    if len(data) - offset != int(np.prod(dims)):
+        raise DatasetUnavailable(f"{path} is truncated: header says {dims}, file has {len(data) - offset} bytes")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def find_idx(dirs: Sequence[str]) -> str | None:
+    """The first of `dirs` holding all four MNIST-format files, `{train,t10k}-{images-idx3,
+    labels-idx1}-ubyte`, gzipped or not (None if none does)."""
+    for d in dirs:
+        if all(idx_path(d, split, kind) for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")):
+            return d
+    return None
+
+
+def idx_path(directory: str, split: str, kind: str) -> str | None:
+    """Path of e.g. `train-images-idx3-ubyte.gz` (or the uncompressed file) in `directory`."""
+    for suffix in (".gz", ""):
+        path = os.path.join(directory, f"{split}-{kind}-ubyte{suffix}")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+class FitSquare:
+    """PIL image -> uint8 array (H, W) or (H, W, 3) of size×size, done while decoding so that
+    sets of mixed-size images (GTSRB, image folders) never exist in memory at full size.
+
+    fit="stretch" squashes the whole image (as WaNet's loaders do for GTSRB and CelebA:
+    `transforms.Resize((h, w))`); fit="center_crop" keeps the aspect ratio and crops the
+    central square first (the usual ImageNet-style evaluation crop).
+    """
+
+    def __init__(self, size: int, channels: int = 3, fit: str = "stretch"):
+        if channels not in (1, 3):
+            raise ConfigError(f"dataset.channels must be 1 or 3, got {channels}")
+        if fit not in ("stretch", "center_crop"):
+            raise ConfigError(f"dataset.fit must be 'stretch' or 'center_crop', got {fit!r}")
+        self.size, self.mode, self.fit = int(size), ("L" if channels == 1 else "RGB"), fit
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        img = img.convert(self.mode)
+        if self.fit == "center_crop":
+            w, h = img.size
+            s = min(w, h)
+            left, top = (w - s) // 2, (h - s) // 2
+            img = img.crop((left, top, left + s, top + s))
+        if img.size != (self.size, self.size):
+            # PIL's bilinear filter widens its support when shrinking, i.e. it is antialiased.
+            img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def decode_all(
+    n: int, get: Callable[[int], tuple[np.ndarray, int]], desc: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode samples 0..n-1 (`get(i) -> (HW or HWC uint8 array, label)`) into uint8 NCHW + int64.
+
+    A thread pool is enough: PIL releases the GIL while decoding and resizing. Output is
+    preallocated from the first sample, so peak memory is one copy of the result.
+    """
+    if n == 0:
+        raise DatasetUnavailable(f"{desc}: no images found")
+    first, y0 = get(0)
+    x = np.empty((n, *first.shape), dtype=np.uint8)
+    y = np.empty(n, dtype=np.int64)
+    x[0], y[0] = first, y0
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True, disable=n < 2000) as progress, ThreadPoolExecutor(
+        max_workers=min(16, os.cpu_count() or 1)
+    ) as pool:
+        task = progress.add_task(desc, total=n, completed=1)
+        for start in range(1, n, 1024):
+            idx = range(start, min(n, start + 1024))
+            for i, (img, label) in zip(idx, pool.map(get, idx)):
+                if img.shape != first.shape:
+                    raise DatasetUnavailable(f"{desc}: image {i} decoded to {img.shape}, expected {first.shape}")
+                x[i], y[i] = img, label
+            progress.advance(task, len(idx))
+    xt = torch.from_numpy(x)
+    xt = xt.unsqueeze(1) if xt.dim() == 3 else xt.permute(0, 3, 1, 2).contiguous()
+    return xt, torch.from_numpy(y)
+
+
+def open_or_unavailable(
+    make: Callable[[], Any], dataset: str, looked_in: Sequence[str], download: bool, how: str
+) -> Any:
+    """Call a torchvision constructor; turn *any* failure to find or fetch the files
+    (URLError, RuntimeError "Dataset not found", OSError, bad checksum, ...) into one
+    DatasetUnavailable that says what was looked for, where, and how to get it."""
+    try:
+        return make()
+    except Exception as e:  # noqa: BLE001 - torchvision raises many types here; all mean "not available"
+        reason = f"download failed ({type(e).__name__}: {e})" if download else (
+            f"dataset.download=false (torchvision: {e})"
+        )
+        where = ", ".join(looked_in)
+        raise DatasetUnavailable(f"dataset {dataset!r} is not available: looked in {where}; {reason}. {how}") from None
