@@ -1,0 +1,259 @@
+"""The attack contract (SPEC §1): common knobs, sample selection, and the poisoned/backdoor sets.
+
+A subclass declares its own config keys in ``options`` (name -> default), builds its trigger once
+in ``build`` from a seeded local generator, and implements ``apply_trigger`` (x' = G(x, b)).
+Everything else — validation of the common keys, which samples are poisoned, relabelling,
+replace/append injection and the backdoor test set — lives here so every attack shares it.
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bdexp.errors import ConfigError
+from bdexp.registry import Registry
+
+# name -> Attack subclass; the YAML's `name` key selects it (see bdexp.attacks.build_attack).
+ATTACKS: Registry = Registry("attack")
+
+MODES = ("all_to_one", "one_to_one", "all_to_all")
+INJECTS = ("replace", "append")
+LABEL_MODES = ("dirty", "clean")
+# Keys every attack YAML carries, with the defaults of SPEC §1 / the task brief.
+COMMON_DEFAULTS: dict[str, Any] = {
+    "target": 0,
+    "mode": "all_to_one",
+    "source": None,
+    "poison_rate": 0.1,
+    "inject": "replace",
+    "label_mode": "dirty",
+}
+_CHUNK = 4096  # images per apply_trigger call: bounded memory on full CIFAR-size sets
+
+
+@dataclass
+class PoisonedTrainSet:
+    """The training set the model sees. `poison`/`y_true` are for the evaluator only."""
+
+    x: torch.Tensor  # float NCHW in [0, 1]
+    y: torch.Tensor  # labels given to the learner (relabelled where dirty-label poisoned)
+    y_true: torch.Tensor  # original labels
+    poison: torch.Tensor  # bool: carries the trigger
+    cross: torch.Tensor  # bool: WaNet noise-mode samples (always False for other attacks)
+
+
+@dataclass
+class BackdoorTestSet:
+    """Triggered test images and the label the attacker wants for each."""
+
+    x: torch.Tensor  # triggered float NCHW
+    y_target: torch.Tensor
+    y_true: torch.Tensor
+    index: torch.Tensor  # int64 indices into the clean test set
+
+
+def derive_seed(seed: int, tag: str) -> int:
+    """An independent, reproducible seed per purpose (trigger, selection, ...)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(tag.encode())) % (2**63 - 1)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class Attack:
+    """Base class. Subclasses set ``name``/``options`` and implement ``apply_trigger``."""
+
+    name: ClassVar[str] = ""
+    options: ClassVar[dict[str, Any]] = {}  # attack-specific keys -> defaults
+    poisons: ClassVar[bool] = True  # False only for the `none` attack
+
+    def __init__(self, cfg: Mapping | DictConfig, num_classes: int, image_shape: tuple[int, int, int], seed: int):
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        assert isinstance(raw, dict)
+        if len(tuple(image_shape)) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
+        self.num_classes = int(num_classes)
+        self.image_shape: tuple[int, int, int] = tuple(int(s) for s in image_shape)  # type: ignore[assignment]
+        self.seed = int(seed)
+        allowed = {"name", *COMMON_DEFAULTS, *self.options}
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"attack {self.name!r}: unknown key(s) {unknown}; allowed keys: {sorted(allowed)}"
+            )
+        if raw.get("name", self.name) != self.name:
+            raise ConfigError(f"attack.name={raw['name']!r} but the {self.name!r} attack was built")
+        merged = {**COMMON_DEFAULTS, **self.options, **raw}
+        self.cfg: dict[str, Any] = merged
+        self._validate_common(merged)
+        self.target: int = merged["target"]
+        self.mode: str = merged["mode"]
+        self.source: int | None = merged["source"]
+        self.poison_rate: float = float(merged["poison_rate"])
+        self.inject: str = merged["inject"]
+        self.label_mode: str = merged["label_mode"]
+        self.build(torch.Generator().manual_seed(derive_seed(self.seed, f"trigger/{self.name}")))
+
+    # ---------------------------------------------------------------- validation
+    def _validate_common(self, c: dict[str, Any]) -> None:
+        k = self.num_classes
+        if not _is_int(c["target"]) or not 0 <= c["target"] < k:
+            raise ConfigError(f"attack.target={c['target']!r} must be an int class index in [0, {k - 1}]")
+        for key, allowed in (("mode", MODES), ("inject", INJECTS), ("label_mode", LABEL_MODES)):
+            if c[key] not in allowed:
+                raise ConfigError(f"attack.{key}={c[key]!r} is not allowed; choose one of {list(allowed)}")
+        src = c["source"]
+        if c["mode"] == "one_to_one":
+            if src is None:
+                raise ConfigError("attack.mode=one_to_one needs attack.source (an int class index); got null")
+            if not _is_int(src) or not 0 <= src < k:
+                raise ConfigError(f"attack.source={src!r} must be an int class index in [0, {k - 1}]")
+            if src == c["target"]:
+                raise ConfigError(f"attack.source={src} equals attack.target; they must differ for one_to_one")
+        elif src is not None:
+            raise ConfigError(
+                f"attack.source={src!r} is only used with mode=one_to_one (mode={c['mode']!r}); set it to null"
+            )
+        rate = c["poison_rate"]
+        if not _is_number(rate) or not 0.0 <= float(rate) <= 1.0:
+            raise ConfigError(f"attack.poison_rate={rate!r} must be a number in [0, 1]")
+        if c["label_mode"] == "clean" and c["mode"] == "all_to_all":
+            raise ConfigError(
+                "attack.label_mode=clean cannot be combined with mode=all_to_all "
+                "(clean label poisons only target-class samples); use all_to_one or one_to_one"
+            )
+
+    # ---------------------------------------------------------------- subclass hooks
+    def build(self, generator: torch.Generator) -> None:
+        """Validate attack-specific options and build the fixed trigger (override)."""
+
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        """G(x, b): float NCHW in [0, 1] in and out, vectorized (override)."""
+        raise NotImplementedError
+
+    def trigger_mask(self) -> torch.Tensor | None:
+        """(H, W) bool mask of the pixels the trigger may change; None for a global trigger."""
+        return None
+
+    def train_batch_hook(
+        self, x: torch.Tensor, cross: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Per-batch randomness (WaNet noise mode). Identity by default."""
+        return x
+
+    def select_cross(self, poison: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Bool mask of noise-mode samples in the final training set (none by default)."""
+        return torch.zeros_like(poison)
+
+    # ---------------------------------------------------------------- shared logic
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """apply_trigger in bounded-size chunks."""
+        if len(x) <= _CHUNK:
+            return self.apply_trigger(x)
+        return torch.cat([self.apply_trigger(chunk) for chunk in x.split(_CHUNK)])
+
+    def _check_images(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"attack {self.name!r} expects images of shape (N, {self.image_shape}), got {tuple(x.shape)}")
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} images but {len(y)} labels")
+
+    def new_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """The label a poisoned sample is given (clean label: unchanged)."""
+        if self.label_mode == "clean":
+            return y.clone()
+        if self.mode == "all_to_all":
+            return (y + 1) % self.num_classes
+        return torch.full_like(y, self.target)
+
+    def select(self, y: torch.Tensor) -> torch.Tensor:
+        """Sorted indices of the training samples to poison (SPEC §1 poison-rate semantics)."""
+        if self.label_mode == "clean":
+            candidates = (y == self.target).nonzero().flatten()
+            who = f"target-class ({self.target}) samples"
+        elif self.mode == "all_to_one":
+            candidates = (y != self.target).nonzero().flatten()
+            who = f"non-target (≠ {self.target}) samples"
+        elif self.mode == "one_to_one":
+            candidates = (y == self.source).nonzero().flatten()
+            who = f"source-class ({self.source}) samples"
+        else:
+            candidates = torch.arange(len(y))
+            who = "samples"
+        # one_to_one: rate is a fraction of the source class (ISPL's ε); otherwise of the whole set.
+        base = int((y == self.source).sum()) if self.mode == "one_to_one" else len(y)
+        n = int(round(self.poison_rate * base))
+        if self.poison_rate > 0 and n == 0:
+            raise ConfigError(
+                f"attack.poison_rate={self.poison_rate} of {base} samples rounds to 0 poisoned samples; "
+                "raise poison_rate or use more data"
+            )
+        if n > len(candidates):
+            raise ConfigError(
+                f"attack.poison_rate={self.poison_rate} asks for {n} poisoned samples but only "
+                f"{len(candidates)} {who} can be poisoned (label_mode={self.label_mode}, mode={self.mode}); "
+                f"the largest feasible rate is {len(candidates) / max(base, 1):.4f}"
+            )
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "select"))
+        chosen = candidates[torch.randperm(len(candidates), generator=g)[:n]]
+        return chosen.sort().values
+
+    def poison_train(self, x: torch.Tensor, y: torch.Tensor) -> PoisonedTrainSet:
+        """Poison a training set: replace in place or append poisoned copies (SPEC §1)."""
+        self._check_images(x, y)
+        y = y.long()
+        if not self.poisons:
+            none = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+            return PoisonedTrainSet(x.clone(), y.clone(), y.clone(), none, none.clone())
+        idx = self.select(y.cpu()).to(y.device)
+        x_bd = self.apply(x[idx])
+        y_bd = self.new_labels(y[idx])
+        if self.inject == "replace":
+            x_out, y_out, y_true = x.clone(), y.clone(), y.clone()
+            x_out[idx] = x_bd
+            y_out[idx] = y_bd
+            poison = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+            poison[idx] = True
+        else:  # append: the originals stay clean, poisoned copies go at the end
+            x_out = torch.cat([x, x_bd])
+            y_out = torch.cat([y, y_bd])
+            y_true = torch.cat([y, y[idx]])
+            poison = torch.cat([torch.zeros(len(y), dtype=torch.bool), torch.ones(len(idx), dtype=torch.bool)])
+            poison = poison.to(y.device)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "cross"))
+        cross = self.select_cross(poison.cpu(), g).to(poison.device)
+        return PoisonedTrainSet(x_out, y_out, y_true, poison, cross)
+
+    def backdoor_test(self, x: torch.Tensor, y: torch.Tensor) -> BackdoorTestSet:
+        """Triggered copies of every test image the attack targets (SPEC §1, test time)."""
+        self._check_images(x, y)
+        y = y.long()
+        if not self.poisons:
+            empty = torch.zeros(0, dtype=torch.long, device=y.device)
+            return BackdoorTestSet(x[:0].clone(), empty, empty.clone(), empty.clone())
+        if self.mode == "all_to_all":
+            keep = torch.ones(len(y), dtype=torch.bool, device=y.device)
+        elif self.mode == "one_to_one":
+            keep = y == self.source
+        else:
+            keep = y != self.target
+        index = keep.nonzero().flatten()
+        y_true = y[index]
+        if self.mode == "all_to_all":
+            y_target = (y_true + 1) % self.num_classes
+        else:
+            y_target = torch.full_like(y_true, self.target)
+        return BackdoorTestSet(self.apply(x[index]), y_target, y_true, index)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.cfg}, seed={self.seed})"

@@ -1,0 +1,68 @@
+"""`patched` (BadNets): x' = (1 − m)⊙x + m⊙b with m a small square mask (SPEC §1).
+
+Defaults (SPEC §1 table): a 3×3 checkerboard touching the bottom-right corner. Works for any
+channel count; the checkerboard/white/black patterns are the same in every channel.
+"""
+from __future__ import annotations
+
+import torch
+
+from bdexp.attacks.base import ATTACKS, Attack, _is_int
+from bdexp.errors import ConfigError
+
+LOCATIONS = ("bottom_right", "bottom_left", "top_left", "top_right", "random")
+PATTERNS = ("checkerboard", "white", "black", "random")
+
+
+@ATTACKS.register("patched")
+class PatchedAttack(Attack):
+    name = "patched"
+    options = {"size": 3, "location": "bottom_right", "pattern": "checkerboard", "margin": 0}
+
+    def build(self, generator: torch.Generator) -> None:
+        c, h, w = self.image_shape
+        size, margin = self.cfg["size"], self.cfg["margin"]
+        location, pattern = self.cfg["location"], self.cfg["pattern"]
+        if not _is_int(size) or size < 1:
+            raise ConfigError(f"attack.size={size!r} must be a positive int (patch side in pixels)")
+        if not _is_int(margin) or margin < 0:
+            raise ConfigError(f"attack.margin={margin!r} must be an int >= 0 (pixels from the corner)")
+        if size + margin > min(h, w):
+            raise ConfigError(f"attack.size + attack.margin = {size + margin} does not fit a {h}×{w} image")
+        if location not in LOCATIONS:
+            raise ConfigError(f"attack.location={location!r} is not allowed; choose one of {list(LOCATIONS)}")
+        if pattern not in PATTERNS:
+            raise ConfigError(f"attack.pattern={pattern!r} is not allowed; choose one of {list(PATTERNS)}")
+
+        if location == "random":  # one seeded position, kept inside the image (margin ignored)
+            top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
+            left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
+        else:
+            top = margin if location.startswith("top") else h - size - margin
+            left = margin if location.endswith("left") else w - size - margin
+        self.top, self.left, self.size = top, left, size
+
+        if pattern == "checkerboard":  # white where (i + j) is even: white corners
+            ij = torch.arange(size)[:, None] + torch.arange(size)[None, :]
+            patch = ((ij % 2) == 0).float().expand(c, size, size)
+        elif pattern == "white":
+            patch = torch.ones(c, size, size)
+        elif pattern == "black":
+            patch = torch.zeros(c, size, size)
+        else:  # seeded uniform noise per channel and pixel
+            patch = torch.rand(c, size, size, generator=generator)
+        self.patch = patch.contiguous()
+        # full-size pattern b and mask m, so G is literally (1 − m)⊙x + m⊙b
+        self.mask = torch.zeros(h, w, dtype=torch.bool)
+        self.mask[top : top + size, left : left + size] = True
+        self.pattern = torch.zeros(c, h, w)
+        self.pattern[:, top : top + size, left : left + size] = self.patch
+
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        s = self.size
+        out[:, :, self.top : self.top + s, self.left : self.left + s] = self.patch.to(x.device, x.dtype)
+        return out
+
+    def trigger_mask(self) -> torch.Tensor:
+        return self.mask.clone()
