@@ -1,0 +1,180 @@
+"""The model contract of SPEC §2: logits, feature levels, the s3 pruning mask, normalization, configs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from bdexp.errors import ConfigError
+from bdexp.models import LEVELS, MODELS, FeatureModel, build_model, model_options
+
+ALL_MODELS = ("convnet", "vgg11", "vgg16", "resnet18", "preact18", "resnet32", "resnet56")
+CONF_DIR = Path(__file__).resolve().parents[1] / "bdexp" / "conf" / "model"
+
+# Documented feature sizes (C·H·W) at 32 px and width 1.0 (SPEC §2).
+DIMS_32PX = {
+    "convnet": (32 * 32 * 32, 64 * 16 * 16, 128 * 8 * 8, 128),
+    "vgg11": (256 * 8 * 8, 512 * 4 * 4, 512 * 2 * 2, 512),
+    "vgg16": (256 * 8 * 8, 512 * 4 * 4, 512 * 2 * 2, 512),
+    "resnet18": (128 * 16 * 16, 256 * 8 * 8, 512 * 4 * 4, 512),
+    "preact18": (128 * 16 * 16, 256 * 8 * 8, 512 * 4 * 4, 512),
+    "resnet32": (16 * 32 * 32, 32 * 16 * 16, 64 * 8 * 8, 64),
+    "resnet56": (16 * 32 * 32, 32 * 16 * 16, 64 * 8 * 8, 64),
+}
+
+
+def make(name: str, channels: int = 3, num_classes: int = 10, size: int = 32, mean: float = 0.5, std: float = 0.25,
+         width: float | None = None) -> FeatureModel:
+    """A model in eval mode; big models default to width 0.25 so the tests stay fast on CPU."""
+    if width is None:
+        width = 1.0 if name == "convnet" else 0.25
+    torch.manual_seed(0)
+    cfg = OmegaConf.create({"name": name, "width": width})
+    return build_model(cfg, channels, num_classes, size, [mean] * channels, [std] * channels).eval()
+
+
+def images(n: int, channels: int, size: int) -> torch.Tensor:
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def test_all_models_registered() -> None:
+    assert set(ALL_MODELS) <= set(MODELS.names())
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_logits_and_features(name: str, size: int, channels: int) -> None:
+    model = make(name, channels, num_classes=7, size=size)
+    x = images(2, channels, size)
+    with torch.no_grad():
+        logits, feats = model(x, features=True)
+        plain = model(x)
+    assert logits.shape == (2, 7)
+    assert set(feats) == set(LEVELS)
+    for level in LEVELS:
+        assert feats[level].dim() == 2 and feats[level].shape[0] == 2, level
+    assert feats["s3"].shape[1] % model.s3_channels == 0
+    assert feats["penult"].shape[1] == model.fc.in_features
+    torch.testing.assert_close(plain, logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_documented_feature_dims_at_32px(name: str) -> None:
+    model = make(name, 3, size=32, width=1.0)
+    with torch.no_grad():
+        _, feats = model(images(1, 3, 32), features=True)
+    assert tuple(feats[level].shape[1] for level in LEVELS) == DIMS_32PX[name]
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("size", [8, 28])
+def test_small_and_odd_sizes(name: str, size: int) -> None:
+    model = make(name, 1, size=size)
+    with torch.no_grad():
+        logits, feats = model(images(2, 1, size), features=True)
+    assert logits.shape == (2, 10)
+    assert all(torch.isfinite(f).all() for f in feats.values())
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_s3_channel_mask(name: str) -> None:
+    model = make(name, 3, size=16)
+    assert model.s3_channel_mask.shape == (model.s3_channels,)
+    assert torch.equal(model.s3_channel_mask, torch.ones(model.s3_channels))
+    x = images(2, 3, 16)
+    with torch.no_grad():
+        before, feats_before = model(x, features=True)
+        model.s3_channel_mask.zero_()
+        after, feats_after = model(x, features=True)
+    assert feats_before["s3"].abs().sum() > 0
+    assert torch.count_nonzero(feats_after["s3"]) == 0
+    assert not torch.allclose(before, after)
+
+
+def test_partial_mask_zeroes_only_chosen_channels() -> None:
+    model = make("resnet32", 3, size=16)
+    model.s3_channel_mask[:3] = 0
+    with torch.no_grad():
+        _, feats = model(images(2, 3, 16), features=True)
+    s3 = feats["s3"].view(2, model.s3_channels, -1)
+    assert torch.count_nonzero(s3[:, :3]) == 0
+    assert torch.count_nonzero(s3[:, 3:]) > 0
+
+
+@pytest.mark.parametrize("name", ["convnet", "resnet18"])
+def test_normalization_is_applied(name: str) -> None:
+    plain = make(name, 3, size=16, mean=0.0, std=1.0)
+    shifted = make(name, 3, size=16, mean=0.5, std=0.5)
+    weights = {k: v for k, v in plain.state_dict().items() if k not in ("mean", "std")}
+    shifted.load_state_dict(weights, strict=False)
+    x = images(2, 3, 16)
+    torch.testing.assert_close(shifted.normalize(x), (x - 0.5) / 0.5)
+    with torch.no_grad():
+        assert not torch.allclose(plain(x), shifted(x))
+    # The statistics travel with the checkpoint.
+    assert torch.equal(shifted.state_dict()["mean"], torch.full((3,), 0.5))
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_gradient_step(name: str) -> None:
+    model = make(name, 3, size=16).train()
+    x, y = images(2, 3, 16), torch.tensor([0, 1])
+    logits, feats = model(x, features=True)
+    loss = F.cross_entropy(logits, y) + feats["s2"].pow(2).mean()  # features carry gradients too
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads if g is not None)
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet32", "preact18"])
+def test_channels_last_and_bf16_autocast(name: str) -> None:
+    model = make(name, 3, size=16).to(memory_format=torch.channels_last)
+    x = images(2, 3, 16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        reference = make(name, 3, size=16)(images(2, 3, 16))
+        torch.testing.assert_close(model(x), reference, rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, feats = model(x, features=True)
+    assert logits.shape == (2, 10) and torch.isfinite(logits.float()).all()
+    assert set(feats) == set(LEVELS)
+
+
+def test_unknown_key_raises_config_error() -> None:
+    cfg = OmegaConf.create({"name": "vgg11", "width": 0.25, "depth": 3})
+    with pytest.raises(ConfigError, match="depth") as info:
+        build_model(cfg, 3, 10, 32, [0.5] * 3, [0.5] * 3)
+    assert "width" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "cfg, channels, size, mean",
+    [
+        ({"name": "alexnet"}, 3, 32, [0.5] * 3),  # unknown model
+        ({"width": 1.0}, 3, 32, [0.5] * 3),  # no name
+        ({"name": "convnet", "width": 0}, 3, 32, [0.5] * 3),  # bad width
+        ({"name": "convnet"}, 3, 4, [0.5] * 3),  # image too small
+        ({"name": "convnet"}, 3, 32, [0.5] * 2),  # stats do not match channels
+    ],
+)
+def test_invalid_configs_raise_config_error(cfg: dict, channels: int, size: int, mean: list[float]) -> None:
+    with pytest.raises(ConfigError):
+        build_model(cfg, channels, 10, size, mean, [0.5] * len(mean))
+
+
+def test_scalar_stats_broadcast_to_channels() -> None:
+    model = build_model({"name": "convnet"}, 3, 2, 16, [0.5], [0.25])
+    assert torch.equal(model.mean, torch.full((3,), 0.5))
+    assert model(images(2, 3, 16)).shape == (2, 2)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_yaml_keys_match_factory(name: str) -> None:
+    cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml")
+    assert cfg.name == name
+    assert set(cfg) - {"name"} == set(model_options(name))
+    assert cfg.width == 1.0
