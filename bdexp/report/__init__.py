@@ -1,0 +1,1 @@
+"""bdexp-report: collect results.json files into tables and plots."""

@@ -1,0 +1,4 @@
+"""`train=standard`: plain cross-entropy (SPEC §3; schedule in conf/train/standard.yaml)."""
+from bdexp.training.base import REGIMES, Regime
+
+REGIMES.register("standard")(Regime)
