@@ -30,20 +30,24 @@ def _strip(obj: Any) -> Any:
     return obj
 
 
-def model_key(cfg: DictConfig, *, train_cfg: DictConfig | None = None, extra: dict | None = None) -> str:
+def model_key(cfg: DictConfig, *, train_cfg: DictConfig | dict | None = None, extra: dict | None = None) -> str:
     """Hash of what a trained model depends on; `train_cfg`/`extra` let a defense that retrains
     (on a sanitized set, say) key its own models."""
     parts = {
         "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "attack": OmegaConf.to_container(cfg.attack, resolve=True),
-        "train": OmegaConf.to_container(train_cfg if train_cfg is not None else cfg.train, resolve=True),
+        "train": _plain(train_cfg if train_cfg is not None else cfg.train),
         "seed": int(cfg.seed),
         "version": bdexp.__version__,
         "extra": extra or {},
     }
     blob = json.dumps(_strip(parts), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _plain(cfg: DictConfig | dict) -> dict:
+    return cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

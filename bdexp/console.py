@@ -1,4 +1,7 @@
-"""The shared rich console (stderr stays free for logging)."""
+"""The shared rich console. Piped output (logs, CI, sweeps) gets 160 columns instead of rich's
+default 80, so result tables are not truncated."""
+import sys
+
 from rich.console import Console
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)

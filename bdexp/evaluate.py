@@ -31,12 +31,10 @@ def extract(model: nn.Module, x: torch.Tensor, device: torch.device, levels=("s1
     return torch.cat(logits), {lv: torch.cat(v) for lv, v in feats.items()}
 
 
-def backdoor_metrics(model: nn.Module, x_test, y_test, bd, device: torch.device, batch_size: int = 512) -> list[dict]:
+def backdoor_metrics(pred_clean: torch.Tensor, y_test: torch.Tensor, pred_bd: torch.Tensor, bd) -> list[dict]:
     """BA on the clean test set; ASR and TMR on the backdoor test set (when there is one)."""
-    pred_clean = predict(model, x_test, device, batch_size)
     rows = [record("ba", metrics.accuracy(pred_clean, y_test))]
     if len(bd.y_target):
-        pred_bd = predict(model, bd.x, device, batch_size)
         rows.append(record("asr", metrics.attack_success_rate(pred_bd, bd.y_target)))
         rows.append(record("tmr", metrics.targeted_misclassification_rate(
             pred_clean[bd.index], bd.y_true, pred_bd, bd.y_target)))

@@ -6,7 +6,6 @@ import logging
 import platform
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 import bdexp
 from bdexp.attacks import build_attack
 from bdexp.attacks.base import Attack, BackdoorTestSet, PoisonedTrainSet
+from bdexp.experiment import Experiment
 from bdexp.cache import ModelCache, model_key
 from bdexp.data import load_dataset
 from bdexp.data.base import ImageDataset
@@ -28,20 +28,6 @@ from bdexp.results import write_results
 from bdexp.training import REGIMES, train_model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Experiment:
-    """What later steps (defenses, analyses) build on; the poison flags stay with the evaluator."""
-
-    cfg: DictConfig
-    device: torch.device
-    data: ImageDataset
-    attack: Attack
-    train_set: PoisonedTrainSet  # x as uint8, as stored on disk/device
-    backdoor_test: BackdoorTestSet  # x as uint8
-    model: torch.nn.Module
-    cache: ModelCache
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,7 +72,8 @@ def fit(cfg: DictConfig, data: ImageDataset, attack: Attack, train: PoisonedTrai
     torch.manual_seed(seed)  # identical init for cached and fresh models
     model = build_model(cfg.model, in_channels=data.image_shape[0], num_classes=data.num_classes,
                         image_size=data.image_shape[1], mean=mean, std=std).to(device)
-    key = model_key(cfg, train_cfg=train_cfg, extra=key_extra)
+    regime_cls = REGIMES.get(train_cfg.name)
+    key = model_key(cfg, train_cfg=regime_cls.cache_identity(train_cfg), extra=key_extra)
     hit = cache.get(key)
     if hit is not None:
         model.load_state_dict(hit["state_dict"])
@@ -100,7 +87,7 @@ def fit(cfg: DictConfig, data: ImageDataset, attack: Attack, train: PoisonedTrai
         crop_padding=cfg.dataset.augment.crop_padding, flip=cfg.dataset.augment.flip,
         drop_last=True, batch_hook=attack.train_batch_hook,
     )
-    regime = REGIMES.get(train_cfg.name)(train_cfg)
+    regime = regime_cls(train_cfg, attack=attack)
     history = train_model(model, loader, regime, train_cfg, device, describe=describe)
     meta = {"history": history, "trained_on": len(loader.x)}
     path = cache.put(key, model.state_dict(), meta)
@@ -124,8 +111,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     cache = ModelCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
     model, fit_info = fit(cfg, data, attack, train, device, cache)
 
-    metrics = backdoor_metrics(model, data.x_test, data.y_test, bd, device, int(cfg.eval_batch_size))
-    exp = Experiment(cfg, device, data, attack, train, bd, model, cache)
+    exp = Experiment(cfg, device, data, attack, train, bd, model, cache, info={"run_dir": run_dir})
+    metrics = backdoor_metrics(exp.pred_test, data.y_test, exp.pred_backdoor, bd)
     metrics += run_extensions(exp)
 
     history = fit_info.get("history", {})
@@ -135,6 +122,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         "attack": cfg.attack.name,
         "attack_mode": cfg.attack.get("mode"),
         "train": cfg.train.name,
+        "lambda": cfg.train.get("mmd_weight"),
+        "kernel": cfg.train.get("kernel"),
         "seed": int(cfg.seed),
         "scale": cfg.get("scale_name", "full"),
         "device": str(device),

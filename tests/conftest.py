@@ -11,6 +11,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "bdexp" / "conf"
 
 # A run that trains in about a second: generated data, a thin ConvNet, three epochs.
 TINY = [
+    "defense=[]",
+    "analysis=[]",
     "dataset=synthetic",
     "dataset.train_size=256",
     "dataset.test_size=96",
@@ -21,6 +23,12 @@ TINY = [
     "progress=false",
     "device=cpu",
 ]
+
+
+def with_tiny(*overrides: str) -> list[str]:
+    """TINY plus `overrides`; an override replaces TINY's entry for the same key."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [t for t in TINY if t.split("=", 1)[0] not in keys] + list(overrides)
 
 
 def compose_cfg(overrides: list[str], cache_dir: Path | None = None, as_is: bool = False):
@@ -35,6 +43,6 @@ def compose_cfg(overrides: list[str], cache_dir: Path | None = None, as_is: bool
 @pytest.fixture
 def tiny_cfg(tmp_path):
     def make(*overrides: str, cache: bool = False):
-        return compose_cfg([*TINY, *overrides], tmp_path / "cache" if cache else None)
+        return compose_cfg(with_tiny(*overrides), tmp_path / "cache" if cache else None)
 
     return make

@@ -7,7 +7,6 @@ replace/append injection and the backdoor test set — lives here so every attac
 """
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bdexp.errors import ConfigError
 from bdexp.registry import Registry
+from bdexp.seeding import derive_seed
 
 # name -> Attack subclass; the YAML's `name` key selects it (see bdexp.attacks.build_attack).
 ATTACKS: Registry = Registry("attack")
@@ -55,11 +55,6 @@ class BackdoorTestSet:
     y_target: torch.Tensor
     y_true: torch.Tensor
     index: torch.Tensor  # int64 indices into the clean test set
-
-
-def derive_seed(seed: int, tag: str) -> int:
-    """An independent, reproducible seed per purpose (trigger, selection, ...)."""
-    return (int(seed) * 1_000_003 + zlib.crc32(tag.encode())) % (2**63 - 1)
 
 
 def _is_int(v: Any) -> bool:

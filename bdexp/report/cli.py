@@ -5,24 +5,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from rich.table import Table
-
 import bdexp
 from bdexp.console import console
 from bdexp.errors import BdexpError
 from bdexp.report.collect import collect, find_results
 from bdexp.report.render import write_table
-from bdexp.report.tables import TABLES
-
-
-def _print(df, title: str) -> None:
-    flat = df.reset_index()
-    table = Table(title=title, title_justify="left")
-    for col in flat.columns:
-        table.add_column(str(col))
-    for _, row in flat.iterrows():
-        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.tolist()))
-    console.print(table)
+from bdexp.report import mmdr  # noqa: F401  (registers ML-MMDR layouts)
+from bdexp.report.summary import print_frame
+from bdexp.report.tables import PLOTS, TABLES
 
 
 def report(directory: Path, out: Path | None, table: str) -> dict:
@@ -35,8 +25,14 @@ def report(directory: Path, out: Path | None, table: str) -> dict:
     df = TABLES.get(table)(frame)
     footer = (f"Provenance: {len(paths)} run(s) from {directory}; bdexp {bdexp.__version__}; "
               f"seeds {sorted(frame['seed'].dropna().unique().tolist())}.")
-    written = write_table(df, out or directory, table, footer)
-    _print(df, f"{table} ({len(paths)} runs)")
+    if df.empty:
+        raise BdexpError(f"no records for table {table!r} under {directory}: {TABLES.get(table).__doc__.strip()}")
+    out = Path(out or directory)
+    written = write_table(df, out, table, footer)
+    if table in PLOTS:
+        for i, png in enumerate(PLOTS.get(table)(frame, out)):
+            written[f"png{i or ''}"] = png
+    print_frame(df, f"{table} ({len(paths)} runs)")
     console.print(footer)
     for kind, path in written.items():
         console.print(f"  {kind}: {path}")

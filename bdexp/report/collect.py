@@ -12,7 +12,15 @@ from bdexp.results import RESULTS_FILE
 log = logging.getLogger(__name__)
 
 # Run-level identity copied onto every metric row, so any table is a pivot of one frame.
-RUN_COLUMNS = ("dataset", "model", "attack", "attack_mode", "train", "seed", "scale", "bdexp_version")
+RUN_COLUMNS = ("dataset", "model", "attack", "attack_mode", "train", "lambda", "kernel", "seed", "scale",
+               "bdexp_version")
+
+
+def regime_label(train: str | None, lam: float | None) -> str | None:
+    """ML-MMDR's names: RBT (λ = 0, the plain two-term loss), ML, SL; other regimes keep theirs."""
+    if train in ("mlmmdr", "slmmdr"):
+        return "RBT" if lam is not None and float(lam) == 0.0 else ("ML" if train == "mlmmdr" else "SL")
+    return train
 
 
 def find_results(root: Path) -> list[Path]:
@@ -33,6 +41,7 @@ def collect(root: Path) -> pd.DataFrame:
             continue
         run = payload.get("run", {})
         ident = {k: run.get(k) for k in RUN_COLUMNS}
+        ident["regime"] = regime_label(run.get("train"), run.get("lambda"))
         ident["run_dir"] = str(path.parent)
         ident["status"] = payload.get("status", "complete")
         for rec in payload.get("metrics", []):

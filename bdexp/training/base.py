@@ -2,20 +2,30 @@
 from __future__ import annotations
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from bdexp.data.loader import Batch
 from bdexp.registry import Registry
 
-# name -> class(cfg_train) with .loss(model, batch) -> (loss, logits)
+# name -> class(cfg_train, attack=Attack) with .loss(model, batch) -> (loss, logits)
 REGIMES: Registry = Registry("training regime")
 
 
 class Regime:
-    """Cross-entropy over the whole batch; subclasses add terms (MMD, adversarial examples)."""
+    """Cross-entropy over the whole batch; subclasses add terms (MMD, adversarial examples).
 
-    def __init__(self, cfg):
+    `attack` is there for regimes that model the attacker (ML-MMDR needs the target class)."""
+
+    def __init__(self, cfg, attack=None):
         self.cfg = cfg
+        self.attack = attack
+
+    @classmethod
+    def cache_identity(cls, cfg) -> dict:
+        """What a model trained under `cfg` depends on (the cache key); regimes drop keys that
+        cannot change the model."""
+        return OmegaConf.to_container(cfg, resolve=True)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(batch.x)

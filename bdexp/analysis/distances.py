@@ -1,0 +1,156 @@
+"""`analysis=[distances]`: distributional differences and ARO (SPEC §4; ML-MMDR §2.3, §4).
+
+For a feature level i and a set distance M ∈ {MMD², ED², SWD1}:
+    a = M(Z^T_t, Z^V_t)                 benign target class vs. malicious
+    b = M(Z^T_t, Z^T_t')                two disjoint random subsets of the benign target class
+    c = min_{j≠t} M(Z^T_t, Z^T_j)       nearest other class
+with Z^T_j the features of clean test images the model *predicts* as j and Z^V_t those of
+triggered test images predicted as t. The relative ordering is the rank of a among {a, b, c};
+ARO = mean rank over the three distances (3.0: the malicious set is farther than every class;
+~2.0: between intra- and inter-class, the floor ML-MMDR reaches, §5).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bdexp.analysis import ANALYSES
+from bdexp.analysis.kernels import KERNEL_NAMES, ed2, mmd2, swd1
+from bdexp.errors import ConfigError
+from bdexp.models.base import LEVELS
+from bdexp.results import record
+
+DISTANCES: tuple[str, ...] = ("mmd2", "ed2", "swd1")  # the three metrics ARO averages (ML-MMDR §4)
+PAIRS: tuple[str, ...] = ("malicious", "intra", "inter")
+
+
+def rank_of_a(a: float, b: float, c: float) -> int:
+    """Rank (1, 2 or 3) of a among {a, b, c}, ascending. Ties go to the LOWER rank (a counts as
+    nearer), so an ARO of 3 always means strictly farther than both references."""
+    return 1 + int(b < a) + int(c < a)
+
+
+def _options(cfg) -> dict:
+    get = cfg.get if cfg is not None else (lambda k, d=None: d)
+    opts = {
+        "levels": [str(lv) for lv in (get("levels", None) or ["s1", "s2", "s3"])],
+        "set_size": int(get("set_size", 500)),  # ML-MMDR §4: random samples of 500
+        "repeats": int(get("repeats", 3)),
+        "min_class_size": int(get("min_class_size", 10)),
+        "num_projections": int(get("num_projections", 100)),  # SWD1 directions L (SPEC §4 gap)
+        "kernel": str(get("kernel", "gmk_adaptive")),
+        "exclude_reserve": bool(get("exclude_reserve", False)),
+    }
+    bad = [lv for lv in opts["levels"] if lv not in LEVELS]
+    if bad:
+        raise ConfigError(f"analysis.distances.levels: unknown level(s) {bad}; choose from {list(LEVELS)}")
+    if opts["kernel"] not in KERNEL_NAMES:
+        raise ConfigError(f"analysis.distances.kernel={opts['kernel']!r}; choose one of: {', '.join(KERNEL_NAMES)}")
+    for key, low in (("set_size", 2), ("repeats", 1), ("min_class_size", 2), ("num_projections", 1)):
+        if opts[key] < low:
+            raise ConfigError(f"analysis.distances.{key}={opts[key]} must be >= {low}")
+    return opts
+
+
+def _skipped(reason: str) -> list[dict]:
+    return [record("aro_skipped", 1.0, reason=reason)]
+
+
+def _draws(rng: np.random.Generator, target_idx: np.ndarray, trig_idx: np.ndarray,
+           other_idx: dict[int, np.ndarray], m: int, repeats: int) -> list[dict]:
+    """Per repeat: disjoint A, B of size m from the target class, V from the triggered set, one
+    sample C_j of size m per compared class, and a seed for the SWD directions."""
+    out = []
+    for _ in range(repeats):
+        perm = rng.permutation(target_idx)
+        out.append({
+            "A": perm[:m], "B": perm[m:2 * m],
+            "V": rng.choice(trig_idx, size=m, replace=False),
+            "C": {j: rng.choice(idx, size=m, replace=False) for j, idx in other_idx.items()},
+            "seed": int(rng.integers(2**62)),
+        })
+    return out
+
+
+def _pair_values(x: torch.Tensor, y: torch.Tensor, opts: dict, seed: int, device: torch.device) -> dict[str, float]:
+    gen = torch.Generator(device=device).manual_seed(seed)  # same directions for every pair of a repeat
+    return {
+        "mmd2": float(mmd2(x, y, opts["kernel"])),
+        "ed2": float(ed2(x, y)),
+        "swd1": float(swd1(x, y, opts["num_projections"], generator=gen)),
+    }
+
+
+@ANALYSES.register("distances")
+def distances(exp, cfg) -> list[dict]:
+    """Distances a/b/c, ranks and ARO per level (SPEC §4); see the module docstring."""
+    opts = _options(cfg)
+    attack = exp.attack
+    if not getattr(attack, "poisons", True) or getattr(attack, "name", "") == "none":
+        return _skipped("attack=none: there is no backdoor target class")
+    if attack.mode == "all_to_all":
+        return _skipped("attack.mode=all_to_all: there is no single target class")
+    t, k_min = int(exp.target), opts["min_class_size"]
+    num_classes = int(exp.data.num_classes)
+    pred = exp.pred_test.cpu().numpy()
+    pred_bd = exp.pred_backdoor.cpu().numpy()
+    pool = np.arange(len(pred))
+    trig_idx = np.flatnonzero(pred_bd == t)
+    if opts["exclude_reserve"]:  # draw only from test images outside the defender's reserve
+        pool = exp.screen_index.cpu().numpy()
+        trig_idx = trig_idx[np.isin(exp.backdoor_test.index.cpu().numpy()[trig_idx], pool)]
+    by_class = {j: pool[pred[pool] == j] for j in range(num_classes)}
+    target_idx = by_class[t]
+    if len(target_idx) < 2 * k_min:
+        return _skipped(f"{len(target_idx)} clean test images predicted as target {t}; "
+                        f"need 2*min_class_size={2 * k_min} for two disjoint sets")
+    if len(trig_idx) < k_min:
+        return _skipped(f"{len(trig_idx)} triggered test images predicted as target {t}; "
+                        f"need min_class_size={k_min}")
+    # Classes with fewer than min_class_size predictions are left out of the inter-class minimum.
+    others = {j: idx for j, idx in by_class.items() if j != t and len(idx) >= k_min}
+    if not others:
+        return _skipped(f"no class other than {t} has min_class_size={k_min} predictions")
+    # One common set size for every set of the run: the biased MMD² (and ED², and SWD1 as a sum
+    # over samples) depend on the set size, so a, b and c are only comparable at equal sizes.
+    m = min(opts["set_size"], len(target_idx) // 2, len(trig_idx), *(len(i) for i in others.values()))
+    draws = _draws(exp.rng("distances"), target_idx, trig_idx, others, m, opts["repeats"])
+
+    # Features only of the sampled images: the union of every draw, clean and triggered.
+    clean_u = np.unique(np.concatenate([np.concatenate([d["A"], d["B"], *d["C"].values()]) for d in draws]))
+    trig_u = np.unique(np.concatenate([d["V"] for d in draws]))
+    images = torch.cat([exp.data.x_test[torch.as_tensor(clean_u)], exp.backdoor_test.x[torch.as_tensor(trig_u)]])
+
+    def rows(feats: torch.Tensor, idx: np.ndarray, triggered: bool = False) -> torch.Tensor:
+        pos = np.searchsorted(trig_u, idx) + len(clean_u) if triggered else np.searchsorted(clean_u, idx)
+        return feats[torch.as_tensor(pos)].to(exp.device)
+
+    out: list[dict] = [record("set_size", m)]
+    aro: dict[str, float] = {}
+    for lv in opts["levels"]:
+        # One extraction per level keeps host memory to |union| x dim(level) (s1 can be 32k-dim).
+        feats = exp.features(images, levels=(lv,))[1][lv]
+        sums = {d: {"malicious": 0.0, "intra": 0.0, **{j: 0.0 for j in others}} for d in DISTANCES}
+        for draw in draws:
+            za = rows(feats, draw["A"])
+            refs = {"malicious": rows(feats, draw["V"], triggered=True), "intra": rows(feats, draw["B"]),
+                    **{j: rows(feats, c) for j, c in draw["C"].items()}}
+            for key, zb in refs.items():
+                for dist, v in _pair_values(za, zb, opts, draw["seed"], exp.device).items():
+                    sums[dist][key] += v
+        del feats
+        ranks = []
+        for dist in DISTANCES:
+            mean = {key: np.float64(s) / opts["repeats"] for key, s in sums[dist].items()}  # average over repeats
+            nearest = min(others, key=lambda j: mean[j])  # min over j of the repeat-averaged value
+            a, b, c = mean["malicious"], mean["intra"], mean[nearest]
+            for pair, v in zip(PAIRS, (a, b, c)):
+                out.append(record(dist, v, level=lv, pair=pair))
+            out.append(record("nearest_class", nearest, level=lv, distance=dist))
+            r = rank_of_a(a, b, c)
+            ranks.append(r)
+            out.append(record("rank", r, level=lv, distance=dist))
+        aro[lv] = float(np.mean(np.asarray(ranks, dtype=np.float64)))
+        out.append(record("aro", aro[lv], level=lv))
+    out.append(record("aro", float(np.mean(np.asarray(list(aro.values()), dtype=np.float64))), level="mean"))
+    return out

@@ -1,0 +1,81 @@
+"""What defenses and analyses receive: the trained model and the data around it.
+
+Defenses must use only what a defender has: the frozen model, the training set with its given
+labels (`train_set.x`, `train_set.y`), the clean reserve (`reserve_index` into the test set) and
+the inputs they are asked to screen. Poison flags (`train_set.poison`, the backdoor test set's
+provenance) are for the evaluator code that turns scores into metrics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from bdexp.attacks.base import Attack, BackdoorTestSet, PoisonedTrainSet
+from bdexp.cache import ModelCache
+from bdexp.data.base import ImageDataset
+from bdexp.evaluate import extract, predict
+from bdexp.seeding import numpy_rng
+
+
+@dataclass
+class Experiment:
+    cfg: DictConfig
+    device: torch.device
+    data: ImageDataset
+    attack: Attack
+    train_set: PoisonedTrainSet  # x as uint8
+    backdoor_test: BackdoorTestSet  # x as uint8; index = position of the clean original in the test set
+    model: torch.nn.Module
+    cache: ModelCache
+    info: dict = field(default_factory=dict)  # shared scratch space (e.g. timings) for records
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.seed)
+
+    @property
+    def target(self) -> int:
+        return int(self.attack.target)
+
+    def rng(self, tag: str) -> np.random.Generator:
+        """A numpy generator for one purpose, reproducible under the run seed."""
+        return numpy_rng(self.seed, tag)
+
+    @cached_property
+    def pred_test(self) -> torch.Tensor:
+        """The model's predictions on the clean test set (CPU)."""
+        return predict(self.model, self.data.x_test, self.device, int(self.cfg.eval_batch_size))
+
+    @cached_property
+    def pred_backdoor(self) -> torch.Tensor:
+        """The model's predictions on the backdoor test set (CPU)."""
+        return predict(self.model, self.backdoor_test.x, self.device, int(self.cfg.eval_batch_size))
+
+    def features(self, x: torch.Tensor, levels=("s1", "s2", "s3", "penult")) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(logits, {level: (n, d) float32}) of images `x` (uint8 or float), on the CPU."""
+        return extract(self.model, x, self.device, tuple(levels))
+
+    @cached_property
+    def reserve_index(self) -> torch.Tensor:
+        """Clean test images the defender may use as known-clean (`screening.reserve_per_class`
+        per class, at most half of each class), disjoint from `screen_index`."""
+        per_class = int(self.cfg.screening.reserve_per_class)
+        rng = self.rng("reserve")
+        y = self.data.y_test.numpy()
+        keep = []
+        for c in range(self.data.num_classes):
+            idx = np.flatnonzero(y == c)
+            take = min(per_class, len(idx) // 2)
+            keep.append(rng.permutation(idx)[:take])
+        return torch.as_tensor(np.sort(np.concatenate(keep)), dtype=torch.long)
+
+    @cached_property
+    def screen_index(self) -> torch.Tensor:
+        """Test images not in the reserve: where screening pools and distance sets are drawn."""
+        mask = torch.ones(len(self.data.y_test), dtype=torch.bool)
+        mask[self.reserve_index] = False
+        return mask.nonzero().flatten()

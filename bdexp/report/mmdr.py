@@ -1,0 +1,118 @@
+"""ML-MMDR's tables and figures (SPEC §7): aro, distances, mmdr_lambda, f1_levels, nc."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from bdexp.report.tables import PLOTS, TABLES, pivot_mean, select  # noqa: E402
+
+LEVELS = ["s1", "s2", "s3"]
+
+
+@TABLES.register("aro")
+def aro_table(df: pd.DataFrame) -> pd.DataFrame:
+    """ML-MMDR Table 2: ARO per attack × model (× regime), columns dataset × level."""
+    rows = select(df, metric="aro", analysis="distances", level=LEVELS)
+    return pivot_mean(rows, ["attack", "model", "regime", "kernel"], ["dataset", "level"])
+
+
+@TABLES.register("distances")
+def distances_table(df: pd.DataFrame) -> pd.DataFrame:
+    """ML-MMDR App. Tables 2–3: MMD², ED², SWD1 per level for malicious, intra- and inter-class."""
+    rows = select(df, metric=["mmd2", "ed2", "swd1"], analysis="distances", level=LEVELS)
+    return pivot_mean(rows, ["dataset", "model", "regime", "attack", "pair"], ["metric", "level"])
+
+
+@TABLES.register("mmdr_lambda")
+def lambda_table(df: pd.DataFrame) -> pd.DataFrame:
+    """ML-MMDR Fig. 3 as a table: BA, ASR and ARO per level against λ, for SL- and ML-MMDR."""
+    runs = df[df["train"].isin(["mlmmdr", "slmmdr"])]
+    plain = select(runs, metric=["ba", "asr"], plain=True).assign(level="-")
+    aro = select(runs, metric="aro", analysis="distances", level=LEVELS + ["mean"])
+    both = pd.concat([plain, aro]).assign(indicator=lambda d: d["metric"] + d["level"].map(lambda v: "" if v == "-" else f" {v}"))
+    # λ = 0 is RBT for both regimes: show it in both columns
+    return pivot_mean(both, ["dataset", "model", "attack", "lambda"], ["train", "indicator"])
+
+
+@TABLES.register("f1_levels")
+def f1_table(df: pd.DataFrame) -> pd.DataFrame:
+    """ML-MMDR Figs. 5–7: F1 per defense × regime × attack, columns (N, r′) × level."""
+    rows = select(df, metric="f1", defense=["ac", "ss", "sr"], level=LEVELS)
+    return pivot_mean(rows, ["dataset", "model", "defense", "regime", "attack"], ["N", "r", "level"])
+
+
+@TABLES.register("nc")
+def nc_table(df: pd.DataFrame) -> pd.DataFrame:
+    """ML-MMDR Fig. 8: Neural Cleanse ℓ1 of the infected vs uninfected classes, the target's
+    anomaly index and whether NC flagged it; pruning curves are the figure."""
+    rows = select(df, defense="nc", metric=["infected_l1", "uninfected_l1", "target_anomaly_index", "target_flagged"])
+    return pivot_mean(rows, ["dataset", "attack", "model", "regime"], ["metric"])
+
+
+def _save(fig, out_dir: Path, name: str) -> Path:
+    path = Path(out_dir) / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+@PLOTS.register("mmdr_lambda")
+def lambda_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """One panel per indicator (BA, ASR, ARO s1..s3), λ on x, a line per regime (Fig. 3)."""
+    table = lambda_table(df)
+    if table.empty:
+        return []
+    long = table.stack(list(range(table.columns.nlevels)), future_stack=True).rename("value").reset_index()
+    indicators = [i for i in ["ba", "asr", "aro s1", "aro s2", "aro s3"] if i in set(long["indicator"])]
+    fig, axes = plt.subplots(1, len(indicators), figsize=(3.2 * len(indicators), 3), squeeze=False)
+    for ax, ind in zip(axes[0], indicators):
+        for train, part in long[long["indicator"] == ind].groupby("train"):
+            curve = part.groupby("lambda")["value"].mean()
+            ax.plot(curve.index, curve.values, marker="o", label={"mlmmdr": "ML-MMDR", "slmmdr": "SL-MMDR"}.get(train, train))
+        ax.set_title(ind.upper() if " " not in ind else ind.replace("aro", "ARO"))
+        ax.set_xlabel("λ")
+    axes[0][0].legend()
+    return [_save(fig, out_dir, "mmdr_lambda")]
+
+
+@PLOTS.register("f1_levels")
+def f1_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Bars of F1 per level, grouped by regime, one panel per (defense, attack) (Figs. 5–7);
+    F1 averaged over the (N, r′) settings."""
+    rows = select(df, metric="f1", defense=["ac", "ss", "sr"], level=LEVELS)
+    if rows.empty:
+        return []
+    panels = sorted(rows.groupby(["defense", "attack"]).groups)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3), squeeze=False)
+    for ax, (defense, attack) in zip(axes[0], panels):
+        part = rows[(rows["defense"] == defense) & (rows["attack"] == attack)]
+        bars = part.pivot_table(index="level", columns="regime", values="value", aggfunc="mean")
+        bars.plot.bar(ax=ax, rot=0, ylim=(0, 1.05))
+        ax.set_title(f"{defense.upper()} · {attack}")
+        ax.set_ylabel("F1")
+    return [_save(fig, out_dir, "f1_levels")]
+
+
+@PLOTS.register("nc")
+def pruning_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """BA and ASR against the fraction of pruned s3 channels, a line per model × regime (Fig. 10)."""
+    rows = select(df, defense="nc", metric=["ba", "asr"])
+    if rows.empty or "prune_ratio" not in rows:
+        return []
+    rows = rows.dropna(subset=["prune_ratio"]).fillna({"regime": "-"})
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3), squeeze=False)
+    for ax, metric in zip(axes[0], ["ba", "asr"]):
+        for (model, regime, attack), part in rows[rows["metric"] == metric].groupby(["model", "regime", "attack"]):
+            curve = part.groupby("prune_ratio")["value"].mean()
+            ax.plot(curve.index, curve.values, marker=".", label=f"{model} {regime} {attack}")
+        ax.set_xlabel("pruned fraction of s3 channels")
+        ax.set_title(metric.upper())
+        ax.set_ylim(-0.02, 1.02)
+    axes[0][1].legend(fontsize=7)
+    return [_save(fig, out_dir, "nc_pruning")]

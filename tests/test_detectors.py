@@ -1,0 +1,236 @@
+"""Pool detectors AC, SS, SR (SPEC §5.2) on synthetic features with known answers, and the shared
+screening protocol (SPEC §5.1) on a real tiny run."""
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from bdexp import metrics, pipeline
+from bdexp.defenses.ac import detect_ac
+from bdexp.defenses.screening import SkipPool, pool_counts, run_pool_detector, screening_pools
+from bdexp.defenses.sr import detect_sr, energy_rank, fit_subspace
+from bdexp.defenses.ss import detect_ss, n_removed
+from bdexp.experiment import Experiment
+from tests.conftest import compose_cfg, with_tiny
+
+AC_CFG = {"name": "ac", "n_components": 20, "criterion": "size", "silhouette_threshold": 0.15, "n_init": 10}
+
+
+def _planted(n_benign: int, n_mal: int, d: int, shift: float, seed: int = 0):
+    """Benign N(0, I); malicious the same shifted by `shift` along one random unit direction."""
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=d)
+    u /= np.linalg.norm(u)
+    x = rng.normal(size=(n_benign + n_mal, d))
+    x[n_benign:] += shift * u
+    labels = np.r_[np.zeros(n_benign, int), np.ones(n_mal, int)]
+    order = rng.permutation(len(labels))
+    return x[order].astype(np.float32), labels[order]
+
+
+def test_ss_finds_a_planted_direction():
+    x, y = _planted(450, 50, 64, shift=8.0)
+    out = detect_ss(x, np.zeros((0, 64), np.float32), {"removal_factor": 1.0, "eps": None},
+                    assumed_ratio=0.1, rng=np.random.default_rng(0))
+    assert out.flagged.sum() == 50
+    assert metrics.detection_scores(y, out.flagged)["f1"] >= 0.9
+    assert metrics.auroc(y, out.scores) >= 0.95
+    # the SPEC default removes 1.5·ε̂·n: every planted sample goes, 75 flagged
+    out = detect_ss(x, np.zeros((0, 64), np.float32), {"removal_factor": 1.5, "eps": None},
+                    assumed_ratio=0.1, rng=np.random.default_rng(0))
+    assert out.flagged.sum() == 75 and metrics.detection_scores(y, out.flagged)["recall"] == 1.0
+    # a configured eps wins over the protocol's assumed ratio
+    out = detect_ss(x, np.zeros((0, 64), np.float32), {"removal_factor": 1.5, "eps": 0.02},
+                    assumed_ratio=0.1, rng=np.random.default_rng(0))
+    assert out.flagged.sum() == 15
+
+
+def test_ss_wide_and_tall_features_agree():
+    """The n×n and d×d eigen routes give the same score (up to float error)."""
+    x, _ = _planted(30, 10, 8, shift=5.0)
+    wide = np.hstack([x, np.zeros((40, 100), np.float32)])  # d > n: Gram route
+    tall = detect_ss(x, x[:0], {}, assumed_ratio=0.2, rng=np.random.default_rng(0)).scores
+    np.testing.assert_allclose(detect_ss(wide, wide[:0], {}, assumed_ratio=0.2, rng=np.random.default_rng(0)).scores,
+                               tall, rtol=1e-3, atol=1e-3)
+
+
+def test_n_removed_rounds_up_without_float_noise():
+    assert n_removed(110, 0.1 / 1.1, 1.5) == 15  # 1.5·(0.1/1.1)·110 = 15.000000000000002
+    assert n_removed(15, 1 / 3, 1.5) == 8 and n_removed(10, 0.9, 1.5) == 10 and n_removed(10, 0.0, 1.5) == 0
+
+
+def test_ac_flags_the_smaller_of_two_separated_clusters():
+    """2 ICA dims here: unit-variance whitening gives every kept dim equal weight, so one planted
+    direction among 19 isotropic-noise dims is no longer "well separated" for k-means (measured:
+    F1 0.04-0.15 at 20 dims on this data); real activations are not isotropic noise."""
+    cfg = {**AC_CFG, "n_components": 2}
+    x, y = _planted(180, 20, 64, shift=12.0, seed=1)
+    out = detect_ac(x, x[:0], cfg, assumed_ratio=0.1, rng=np.random.default_rng(0))
+    assert out.flagged.sum() == 20 and metrics.detection_scores(y, out.flagged)["f1"] >= 0.95
+    assert metrics.auroc(y, out.scores) >= 0.95
+    # silhouette criterion (measured: ~0.65 for these two clusters, ~0.30-0.34 for one blob)
+    sil = {**cfg, "criterion": "silhouette", "silhouette_threshold": 0.5}
+    out_s = detect_ac(x, x[:0], sil, assumed_ratio=0.1, rng=np.random.default_rng(0))
+    assert out_s.extra["silhouette"] >= 0.5 and np.array_equal(out_s.flagged, out.flagged)
+    blob = np.random.default_rng(2).normal(size=(200, 64)).astype(np.float32)
+    out_b = detect_ac(blob, blob[:0], sil, assumed_ratio=0.1, rng=np.random.default_rng(0))
+    assert out_b.extra["silhouette"] < 0.5 and not out_b.flagged.any()
+    assert out_b.scores.shape == (200,)  # the score still ranks, for AUROC
+    # the relative-size rule of original AC: a 10 % cluster passes 0.35, not 0.05
+    assert detect_ac(x, x[:0], {**cfg, "max_size_fraction": 0.35}, assumed_ratio=0.1,
+                     rng=np.random.default_rng(0)).flagged.sum() == 20
+    assert not detect_ac(x, x[:0], {**cfg, "max_size_fraction": 0.05}, assumed_ratio=0.1,
+                         rng=np.random.default_rng(0)).flagged.any()
+    with pytest.raises(ValueError, match="criterion"):
+        detect_ac(x, x[:0], {**cfg, "criterion": "vote"}, assumed_ratio=0.1, rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("n,d", [(3, 50), (12, 50), (60, 5), (40, 1)])
+def test_ac_small_or_narrow_pools_run(n, d):
+    x, y = _planted(n - n // 3, n // 3, d, shift=10.0, seed=3)
+    out = detect_ac(x, x[:0], AC_CFG, assumed_ratio=0.3, rng=np.random.default_rng(0))
+    assert out.scores.shape == (n,) and np.all(np.isfinite(out.scores)) and out.flagged.dtype == bool
+    const = detect_ac(np.ones((n, d), np.float32), x[:0], AC_CFG, assumed_ratio=0.3, rng=np.random.default_rng(0))
+    assert not const.flagged.any()
+
+
+def _subspace_data(seed: int = 0, d: int = 40, rank: int = 5):
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(d, rank)))[0].T  # (rank, d) orthonormal rows
+    def on(n):
+        return rng.normal(size=(n, rank)) * 3.0 @ basis + 0.05 * rng.normal(size=(n, d))
+    off = rng.normal(size=(60, d))
+    off -= off @ basis.T @ basis  # orthogonal to the clean subspace
+    benign, malicious = on(100), on(60) + 2.0 * off / np.linalg.norm(off, axis=1, keepdims=True)
+    x = np.vstack([benign, malicious]).astype(np.float32)
+    return on(200).astype(np.float32), x, np.r_[np.zeros(100, int), np.ones(60, int)]
+
+
+def test_sr_scores_off_subspace_samples_high():
+    reserve, x, y = _subspace_data()
+    out = detect_sr(x, reserve, {"reserve_size": 200, "energy": 0.9}, assumed_ratio=0.375,
+                    rng=np.random.default_rng(0))
+    assert out.flagged is None  # no own threshold: the evaluator reports max-F1
+    assert metrics.auroc(y, out.scores) >= 0.95 and metrics.best_f1(y, out.scores)["f1"] >= 0.9
+    assert out.extra["k"] <= 5
+    with pytest.raises(SkipPool):
+        detect_sr(x, reserve[:1], {"reserve_size": 200, "energy": 0.9}, assumed_ratio=0.5, rng=np.random.default_rng(0))
+
+
+def test_sr_keeps_the_smallest_k_reaching_the_energy():
+    assert energy_rank(np.array([0.5, 0.3, 0.15, 0.05]), 0.9) == 3
+    assert energy_rank(np.array([0.5, 0.3, 0.15, 0.05]), 0.8) == 2  # reached exactly
+    assert energy_rank(np.array([0.5, 0.3, 0.15, 0.05]), 1.0) == 4 and energy_rank(np.zeros(3), 0.9) == 0
+    # ±a_i·e_i rows: PCA variance ratios exactly a_i² / Σa² = 0.5, 0.3, 0.15, 0.05
+    a = np.sqrt([5.0, 3.0, 1.5, 0.5])
+    x = np.vstack([np.diag(a), -np.diag(a)])
+    mean, comps = fit_subspace(x, 0.9)
+    assert comps.shape == (3, 4) and np.allclose(np.abs(comps), np.eye(4)[:3])
+    assert fit_subspace(x, 0.95)[1].shape[0] == 3 and fit_subspace(x, 0.96)[1].shape[0] == 4
+    wide = np.hstack([x, np.zeros((8, 20))])  # m < d: the Gram route gives the same subspace
+    _, comps_w = fit_subspace(wide, 0.9)
+    assert comps_w.shape == (3, 24) and np.allclose(np.abs(comps_w[:, :4]), np.eye(4)[:3])
+    assert np.allclose(comps_w @ comps_w.T, np.eye(3))
+    assert fit_subspace(np.ones((5, 4)), 0.9)[1].shape[0] == 0
+
+
+def test_pool_counts_take_fewer_when_fewer_exist():
+    assert pool_counts(100, 0.1, 500, 500) == (100, 10)
+    assert pool_counts(20, 0.5, 19, 57) == (19, 10)  # round half up: 9.5 -> 10
+    assert pool_counts(10, 1.0, 19, 3) == (10, 3) and pool_counts(10, 1.0, 0, 30) == (0, 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny backdoored run with defense=[ac,ss,sr]: its records, its Experiment, and how often
+    features were extracted."""
+    mp = pytest.MonkeyPatch()
+    seen: dict = {"features_calls": 0}
+    real_features, real_ext = Experiment.features, pipeline.run_extensions
+
+    def counting_features(self, *a, **k):
+        seen["features_calls"] += 1
+        return real_features(self, *a, **k)
+
+    def capture(exp):
+        seen["exp"] = exp
+        return real_ext(exp)
+
+    mp.setattr(Experiment, "features", counting_features)
+    mp.setattr(pipeline, "run_extensions", capture)
+    cfg = compose_cfg(with_tiny("defense=[ac,ss,sr]", "screening.sizes=[10,20]", "screening.ratios=[0.5,1.0]",
+                                "screening.reserve_per_class=5", "train.epochs=6"))
+    try:
+        out = pipeline.run(cfg, tmp_path_factory.mktemp("run"))
+    finally:
+        mp.undo()
+    return out, seen
+
+
+def test_protocol_records_every_defense_level_and_pool(tiny_run):
+    out, seen = tiny_run
+    exp = seen["exp"]
+    sp = exp.info["screening_pools"]
+    assert screening_pools(exp) is sp and seen["features_calls"] == 1  # memoized: one extraction per run
+    rows = [r for r in out["metrics"] if "defense" in r]
+    count = Counter((r["defense"], r["metric"], r["level"], r["N"], r["r"]) for r in rows)
+    for defense in ("ac", "ss", "sr"):
+        for level in ("s1", "s2", "s3"):
+            for n in (10, 20):
+                for ratio in (0.5, 1.0):
+                    n_b, n_m = pool_counts(n, ratio, sp.n_benign_available, sp.n_malicious_available)
+                    assert n_b > 0 and n_m > 0
+                    for m in ("f1", "precision", "recall", "auroc", "n_benign", "n_malicious"):
+                        assert count[(defense, m, level, n, ratio)] == 1, (defense, m, level, n, ratio)
+                    got = {r["metric"]: r["value"] for r in rows if (r["defense"], r["level"], r["N"], r["r"])
+                           == (defense, level, n, ratio)}
+                    assert (got["n_benign"], got["n_malicious"]) == (n_b, n_m)
+                    assert all(0.0 <= got[m] <= 1.0 for m in ("f1", "precision", "recall", "auroc"))
+    assert sp.n_benign_available < 20  # the tiny test set really exercises "fewer if fewer exist"
+    for pool in sp.pools:
+        assert pool.labels.sum() == pool.n_malicious and len(pool.labels) == pool.n_benign + pool.n_malicious
+        assert np.any(np.diff(pool.labels) > 0) and np.any(np.diff(pool.labels) < 0)  # shuffled, not in blocks
+    # pools are drawn from the right places: predicted t, clean originals outside the reserve
+    t, reserve = exp.target, set(exp.reserve_index.tolist())
+    assert (exp.pred_test[sp.benign_index] == t).all() and not reserve & set(sp.benign_index.tolist())
+    assert (exp.pred_backdoor[sp.malicious_index] == t).all()
+    assert not reserve & set(exp.backdoor_test.index[sp.malicious_index].tolist())
+    assert all(len(v) == int((exp.data.y_test[exp.reserve_index] == t).sum()) for v in sp.reserve.values())
+
+
+def test_detectors_see_only_features_and_the_reserve(tiny_run):
+    _, seen = tiny_run
+    exp = seen["exp"]
+    sp = screening_pools(exp)
+    for detect in (detect_ac, detect_ss, detect_sr):
+        assert list(inspect.signature(detect).parameters) == ["features", "reserve", "dcfg", "assumed_ratio", "rng"]
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return detect_ss(*args, **kwargs)
+
+    rows = run_pool_detector(exp, {"name": "spy"}, spy)
+    assert len(calls) == len(sp.levels) * len(sp.pools) and seen["features_calls"] == 1
+    for (args, kwargs), (level, pool) in zip(calls, [(lv, p) for lv in sp.levels for p in sp.pools]):
+        features, reserve, dcfg = args
+        assert set(kwargs) == {"assumed_ratio", "rng"} and dcfg == {"name": "spy"}
+        assert isinstance(features, np.ndarray) and features.dtype == np.float32 and features.ndim == 2
+        np.testing.assert_array_equal(features, sp.features[level][pool.rows])
+        assert reserve is sp.reserve[level] and not reserve.flags.writeable
+        assert kwargs["assumed_ratio"] == pytest.approx(pool.ratio / (1 + pool.ratio))
+    assert {r["metric"] for r in rows} >= {"f1", "auroc", "n_benign", "n_malicious"}
+    # SR without a usable reserve: one `skipped` record per level × pool, no crash
+    skipped = run_pool_detector(exp, {"name": "sr", "reserve_size": 1, "energy": 0.9}, detect_sr)
+    assert {r["metric"] for r in skipped} == {"skipped"} and len(skipped) == len(calls)
+
+
+def test_clean_model_pools_are_skipped(tmp_path):
+    out = pipeline.run(compose_cfg(with_tiny("attack=none", "defense=[ss]", "train.epochs=1")), tmp_path)
+    rows = [r for r in out["metrics"] if r.get("defense") == "ss"]
+    assert len(rows) == 3 * 4 and all(r["metric"] == "skipped" and r["value"] == 1.0 for r in rows)
+    assert {(r["level"], r["N"], r["r"]) for r in rows} == {(lv, n, r) for lv in ("s1", "s2", "s3")
+                                                            for n in (100, 500) for r in (0.1, 1.0)}
