@@ -73,10 +73,19 @@ def fit(cfg: DictConfig, data: ImageDataset, attack: Attack, train: PoisonedTrai
     model = build_model(cfg.model, in_channels=data.image_shape[0], num_classes=data.num_classes,
                         image_size=data.image_shape[1], mean=mean, std=std).to(device)
     regime_cls = REGIMES.get(train_cfg.name)
-    key = model_key(cfg, train_cfg=regime_cls.cache_identity(train_cfg), extra=key_extra)
+    # The architecture's parameter names and shapes enter the key, so editing a model's code
+    # never loads stale weights into it.
+    arch = [(name, list(t.shape)) for name, t in model.state_dict().items()]
+    key = model_key(cfg, train_cfg=regime_cls.cache_identity(train_cfg), extra={**(key_extra or {}), "arch": arch})
     hit = cache.get(key)
     if hit is not None:
-        model.load_state_dict(hit["state_dict"])
+        try:
+            model.load_state_dict(hit["state_dict"])
+        except RuntimeError as err:
+            log.warning("%s: cached model %s does not fit the model (%s); retraining", describe,
+                        cache.path(key), str(err).splitlines()[0])
+            hit = None
+    if hit is not None:
         model.eval()
         log.info("%s: loaded cached model %s (no training)", describe, cache.path(key))
         return model, {"cache": "hit", "key": key, **hit["meta"]}

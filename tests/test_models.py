@@ -16,7 +16,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "bdexp" / "conf" / "model"
 
 # Documented feature sizes (C·H·W) at 32 px and width 1.0 (SPEC §2).
 DIMS_32PX = {
-    "convnet": (32 * 32 * 32, 64 * 16 * 16, 128 * 8 * 8, 128),
+    "convnet": (64 * 16 * 16, 128 * 8 * 8, 128 * 4 * 4, 128),
     "vgg11": (256 * 8 * 8, 512 * 4 * 4, 512 * 2 * 2, 512),
     "vgg16": (256 * 8 * 8, 512 * 4 * 4, 512 * 2 * 2, 512),
     "resnet18": (128 * 16 * 16, 256 * 8 * 8, 512 * 4 * 4, 512),

@@ -105,9 +105,9 @@ def test_fashion_mnist_run_from_debian_files(tmp_path):
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg(["dataset=fashion_mnist", "dataset.root=" + str(tmp_path / "empty"), "dataset.download=false",
-                       "dataset.train_limit=3000", "dataset.test_limit=500", "train.epochs=8",
+                       "dataset.train_limit=3000", "dataset.test_limit=500", "train.epochs=12",
                        "train.batch_size=64", "train.lr=0.05", "progress=false", "device=cpu"])
     out = pipeline.run(cfg, tmp_path / "run")
     m = _metrics(out)
     assert out["run"]["n_train"] == 3000 and out["run"]["n_poison"] == 300
-    assert m["ba"] > 0.7 and m["asr"] > 0.9  # measured 0.756 / 1.0 (30k images seen)
+    assert m["ba"] > 0.7 and m["asr"] > 0.9  # measured 0.822 / 1.0

@@ -76,6 +76,8 @@ def lambda_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
             curve = part.groupby("lambda")["value"].mean()
             ax.plot(curve.index, curve.values, marker="o", label={"mlmmdr": "ML-MMDR", "slmmdr": "SL-MMDR"}.get(train, train))
         ax.set_title(ind.upper() if " " not in ind else ind.replace("aro", "ARO"))
+        if ind.startswith("aro"):
+            ax.set_ylim(0.9, 3.1)  # ARO lives in [1, 3]
         ax.set_xlabel("λ")
     axes[0][0].legend()
     return [_save(fig, out_dir, "mmdr_lambda")]
@@ -94,6 +96,7 @@ def f1_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
         part = rows[(rows["defense"] == defense) & (rows["attack"] == attack)]
         bars = part.pivot_table(index="level", columns="regime", values="value", aggfunc="mean")
         bars.plot.bar(ax=ax, rot=0, ylim=(0, 1.05))
+        ax.legend(fontsize=7, loc="lower right")
         ax.set_title(f"{defense.upper()} · {attack}")
         ax.set_ylabel("F1")
     return [_save(fig, out_dir, "f1_levels")]

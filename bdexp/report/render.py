@@ -15,7 +15,7 @@ def _fmt(v) -> str:
 def to_markdown(df: pd.DataFrame) -> str:
     """A GitHub-style markdown table of `df` with its index as leading columns."""
     flat = df.reset_index() if df.index.name or any(df.index.names) else df
-    cols = [" / ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in flat.columns]
+    cols = [" / ".join(str(p) for p in c if str(p)) if isinstance(c, tuple) else str(c) for c in flat.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, row in flat.iterrows():
         lines.append("| " + " | ".join(_fmt(v) for v in row.tolist()) + " |")

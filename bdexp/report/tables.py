@@ -40,6 +40,9 @@ def pivot_mean(df: pd.DataFrame, index: list[str], columns: list[str], values: s
     if df.empty:
         return pd.DataFrame()
     df = df.copy()
+    for col in ("N", "prune_ratio"):  # integer-valued tags come back as floats next to NaN
+        if col in df and df[col].notna().any() and (df[col].dropna() % 1 == 0).all():
+            df[col] = df[col].astype("Int64")
     for col in index + columns:
         if col not in df:
             df[col] = "-"
