@@ -54,3 +54,18 @@ def test_misspelt_key_is_rejected():
 
     with pytest.raises(ConfigCompositionException, match="poison_rte"):
         compose_cfg(["attack.poison_rte=0.2"])
+
+
+def test_a_built_wheel_ships_every_config(tmp_path):
+    """`pip install .` (not editable) must find the configs: they are package data."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = CONF_DIR.parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(root)], check=True, capture_output=True)
+    wheel = next(tmp_path.glob("bdexp-*.whl"))
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
+    expected = {"bdexp/conf/" + str(p.relative_to(CONF_DIR)) for p in CONF_DIR.rglob("*.yaml")}
+    assert expected <= shipped, f"missing from the wheel: {sorted(expected - shipped)}"

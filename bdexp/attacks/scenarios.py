@@ -1,0 +1,100 @@
+"""ISPL's (source, target) scenarios, shared by the `dlbd` and `watermark` attacks (SPEC §1).
+
+ISPL (App. B) reuses the eight CIFAR-10 pairs of Tran et al. (2018, Spectral Signatures):
+(airplane, bird), (automobile, cat), (bird, dog), (cat, dog), (cat, horse), (horse, deer),
+(ship, frog), (truck, bird). SPEC §1 lists them as class ids in the order kept here; the key
+`scenario` (0..7) picks one. No attack is registered in this module: it only holds the table,
+the resolution of `scenario` into `source`/`target`, and a base class that applies it before the
+common validation of ``Attack.__init__`` runs.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bdexp.attacks.base import Attack, _is_int
+from bdexp.errors import ConfigError
+from bdexp.seeding import derive_seed
+
+# (source, target) class ids, SPEC §1 order: scenario k -> SCENARIOS[k].
+SCENARIOS: tuple[tuple[int, int], ...] = ((0, 2), (1, 3), (3, 5), (7, 4), (2, 5), (8, 6), (9, 2), (3, 7))
+# The pairs index CIFAR-10/GTSRB class ids, so they need at least this many classes.
+MIN_CLASSES = 1 + max(max(pair) for pair in SCENARIOS)
+# Option defaults every scenario attack carries: ISPL's main setting is 1-to-1 (ISPL §4.2),
+# with `target`/`source` derived from the scenario (null in the YAML).
+SCENARIO_OPTIONS: dict[str, Any] = {"scenario": 0, "target": None, "mode": "one_to_one"}
+
+
+def resolve_scenario(raw: Mapping[str, Any], num_classes: int, attack: str) -> dict[str, Any]:
+    """Fill `target` (and `source` for one_to_one) from `scenario`; raise on a conflict.
+
+    - scenario null: the user's `target`/`source`/`mode` are used as given (target required);
+    - scenario k: target := SCENARIOS[k][1]; for mode one_to_one also source := SCENARIOS[k][0].
+      For all_to_one / all_to_all only the pair's target is used (ISPL Tables 3-4), so `source`
+      must stay null there (the common validation says so).
+    An explicit `target`/`source` equal to the derived one is accepted; a different one is an error.
+    """
+    c = dict(raw)
+    k = c.get("scenario", SCENARIO_OPTIONS["scenario"])
+    mode = c.get("mode", SCENARIO_OPTIONS["mode"])
+    if k is None:
+        if c.get("target") is None:
+            raise ConfigError(
+                f"attack {attack!r}: attack.scenario=null needs an explicit attack.target "
+                f"(and attack.source for one_to_one); or set attack.scenario to 0..{len(SCENARIOS) - 1}"
+            )
+        return c
+    if not _is_int(k) or not 0 <= k < len(SCENARIOS):
+        raise ConfigError(
+            f"attack.scenario={k!r} must be null or an int in [0, {len(SCENARIOS) - 1}] "
+            f"(ISPL's (source, target) pairs {list(SCENARIOS)})"
+        )
+    if num_classes < MIN_CLASSES:
+        raise ConfigError(
+            f"attack.scenario={k} indexes class ids of ISPL's 10-class pairs {list(SCENARIOS)}, but the "
+            f"dataset has {num_classes} classes (need >= {MIN_CLASSES}); set attack.scenario=null and "
+            "give attack.target (and attack.source) explicitly"
+        )
+    src, tgt = SCENARIOS[k]
+    if c.get("target") is not None and c["target"] != tgt:
+        raise ConfigError(
+            f"attack.scenario={k} sets target={tgt} but attack.target={c['target']!r}: the keys conflict; "
+            "set attack.target=null (derived from the scenario) or attack.scenario=null"
+        )
+    c["target"] = tgt
+    if mode == "one_to_one":
+        if c.get("source") is not None and c["source"] != src:
+            raise ConfigError(
+                f"attack.scenario={k} sets source={src} but attack.source={c['source']!r}: the keys conflict; "
+                "set attack.source=null (derived from the scenario) or attack.scenario=null"
+            )
+        c["source"] = src
+    return c
+
+
+class ScenarioAttack(Attack):
+    """An Attack whose `target`/`source` may come from ISPL's `scenario` key (not registered)."""
+
+    options = dict(SCENARIO_OPTIONS)
+
+    def __init__(self, cfg: Mapping | DictConfig, num_classes: int, image_shape: tuple[int, int, int], seed: int):
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        assert isinstance(raw, dict)
+        # Resolve before the common validation, which needs an int target (and source for 1-to-1).
+        super().__init__(resolve_scenario(raw, num_classes, self.name), num_classes, image_shape, seed)
+
+    @property
+    def scenario(self) -> int | None:
+        return self.cfg["scenario"]
+
+    def scenario_generator(self, generator: torch.Generator) -> torch.Generator:
+        """A generator determined by (run seed, scenario): mixes the build generator with the index.
+
+        Without a scenario the explicit (source, target) pair is mixed in instead.
+        """
+        base = int(torch.randint(0, 2**62, (1,), generator=generator))
+        tag = f"scenario/{self.scenario}" if self.scenario is not None else f"pair/{self.source}/{self.target}"
+        return torch.Generator().manual_seed(derive_seed(base, tag))
