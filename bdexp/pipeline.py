@@ -2,6 +2,7 @@
 -> results. Every step is a function of the composed config; nothing here is method-specific."""
 from __future__ import annotations
 
+import copy
 import logging
 import platform
 import random
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import bdexp
+import bdexp.conf
 from bdexp.attacks import build_attack
 from bdexp.attacks.base import Attack, BackdoorTestSet, PoisonedTrainSet
 from bdexp.cache import ModelCache
@@ -45,12 +47,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare(cfg: DictConfig) -> tuple[ImageDataset, Attack, PoisonedTrainSet, BackdoorTestSet]:
-    """Load the dataset and poison it; pure function of the config and seed."""
+def prepare(cfg: DictConfig, device: torch.device | None = None, cache: ModelCache | None = None
+            ) -> tuple[ImageDataset, Attack, PoisonedTrainSet, BackdoorTestSet]:
+    """Load the dataset and poison it; pure function of the config and seed. `device`/`cache`
+    (default: from cfg) are used only by attacks that need a clean reference model (clbd)."""
     seed = int(cfg.seed)
     cache_dir = cfg.cache.dir if cfg.cache.enabled else None
     data = load_dataset(cfg.dataset, seed=seed, cache_dir=cache_dir)
     attack = build_attack(cfg.attack, num_classes=data.num_classes, image_shape=data.image_shape, seed=seed)
+    # ---- clean reference model (clbd: Turner et al. / ISPL App. B perturb with PGD against "a
+    # reference model trained on clean data"). Trained on the unpoisoned training set with
+    # train=standard and the run's schedule, or loaded from the cache. Its key has attack=none and
+    # a role tag, so every clbd run (any scenario, rate, PGD setting) on the same data shares it.
+    if getattr(attack, "needs_reference_model", False):
+        device = device if device is not None else resolve_device(str(cfg.device))
+        cache = cache if cache is not None else ModelCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
+        ref_cfg = copy.deepcopy(cfg)
+        with open_dict(ref_cfg):
+            ref_cfg.attack = {"name": "none"}
+        standard = OmegaConf.load(Path(bdexp.conf.__file__).parent / "train" / "standard.yaml")
+        ref_train = OmegaConf.merge(standard, {k: v for k, v in cfg.train.items() if k in standard and k != "name"})
+        clean_attack = build_attack(ref_cfg.attack, data.num_classes, data.image_shape, seed)
+        clean = clean_attack.poison_train(to_float(data.x_train), data.y_train)
+        clean.x = to_uint8(clean.x)
+        reference, _ = fit(ref_cfg, data, clean_attack, clean, device, cache, train_cfg=ref_train,
+                           key_extra={"role": "clbd_reference"}, describe="clbd reference")
+        attack.set_reference_model(reference, device)
     train = attack.poison_train(to_float(data.x_train), data.y_train)
     train.x = to_uint8(train.x)
     bd = attack.backdoor_test(to_float(data.x_test), data.y_test)
@@ -83,6 +105,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         "model": cfg.model.name,
         "attack": cfg.attack.name,
         "attack_mode": cfg.attack.get("mode"),
+        "source": getattr(attack, "source", None),
+        "target": getattr(attack, "target", None),
+        "poison_rate": cfg.attack.get("poison_rate"),
+        "scenario": cfg.attack.get("scenario"),
         "train": cfg.train.name,
         "lambda": cfg.train.get("mmd_weight"),
         "kernel": cfg.train.get("kernel"),

@@ -10,7 +10,7 @@ from bdexp.console import console
 from bdexp.errors import BdexpError
 from bdexp.report.collect import collect, find_results
 from bdexp.report.render import write_table
-from bdexp.report import mmdr  # noqa: F401  (registers ML-MMDR layouts)
+from bdexp.report import ispl, mmdr  # noqa: F401  (registers the paper layouts)
 from bdexp.report.summary import print_frame
 from bdexp.report.tables import PLOTS, TABLES
 

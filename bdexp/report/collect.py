@@ -12,8 +12,8 @@ from bdexp.results import RESULTS_FILE
 log = logging.getLogger(__name__)
 
 # Run-level identity copied onto every metric row, so any table is a pivot of one frame.
-RUN_COLUMNS = ("dataset", "model", "attack", "attack_mode", "train", "lambda", "kernel", "seed", "scale",
-               "bdexp_version")
+RUN_COLUMNS = ("dataset", "model", "attack", "attack_mode", "source", "target", "poison_rate", "scenario",
+               "train", "lambda", "kernel", "seed", "scale", "bdexp_version")
 
 
 def regime_label(train: str | None, lam: float | None) -> str | None:
