@@ -160,10 +160,13 @@ def test_config_errors(over, key):
 
 
 def test_pipeline_run_end_to_end_and_shares_the_cached_reference(tiny_cfg, tmp_path):
-    over = ("attack=clbd", "attack.scenario=null", "attack.target=1", "attack.source=0", "attack.poison_rate=0.5")
+    # On the easy synthetic data ε = 8/255 cannot make the target images hard (the clean-label
+    # backdoor is not learned, as with the stamp alone); a large ε (Turner et al. went to 32/255) can.
+    over = ("attack=clbd", "attack.scenario=null", "attack.target=1", "attack.source=0", "attack.pgd_eps=0.25",
+            "attack.poison_rate=1.0")
     out = pipeline.run(tiny_cfg(*over, cache=True), tmp_path / "run")
-    metrics = {r["metric"] for r in out["metrics"]}
-    assert {"ba", "asr"} <= metrics and out["run"]["n_poison"] > 0
+    metrics = {r["metric"]: r["value"] for r in out["metrics"] if "defense" not in r and "analysis" not in r}
+    assert metrics["ba"] > 0.9 and metrics["asr"] > 0.8 and out["run"]["n_poison"] > 0
     models = tmp_path / "cache" / "models"
     assert len(list(models.glob("*.pt"))) == 2  # the clean reference + the run's model
     # Another rate and norm reuse the cached reference: prepare trains nothing new.
