@@ -55,29 +55,33 @@ def prepare(cfg: DictConfig, device: torch.device | None = None, cache: ModelCac
     cache_dir = cfg.cache.dir if cfg.cache.enabled else None
     data = load_dataset(cfg.dataset, seed=seed, cache_dir=cache_dir)
     attack = build_attack(cfg.attack, num_classes=data.num_classes, image_shape=data.image_shape, seed=seed)
-    # ---- clean reference model (clbd: Turner et al. / ISPL App. B perturb with PGD against "a
-    # reference model trained on clean data"). Trained on the unpoisoned training set with
-    # train=standard and the run's schedule, or loaded from the cache. Its key has attack=none and
-    # a role tag, so every clbd run (any scenario, rate, PGD setting) on the same data shares it.
     if getattr(attack, "needs_reference_model", False):
         device = device if device is not None else resolve_device(str(cfg.device))
         cache = cache if cache is not None else ModelCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
-        ref_cfg = copy.deepcopy(cfg)
-        with open_dict(ref_cfg):
-            ref_cfg.attack = {"name": "none"}
-        standard = OmegaConf.load(Path(bdexp.conf.__file__).parent / "train" / "standard.yaml")
-        ref_train = OmegaConf.merge(standard, {k: v for k, v in cfg.train.items() if k in standard and k != "name"})
-        clean_attack = build_attack(ref_cfg.attack, data.num_classes, data.image_shape, seed)
-        clean = clean_attack.poison_train(to_float(data.x_train), data.y_train)
-        clean.x = to_uint8(clean.x)
-        reference, _ = fit(ref_cfg, data, clean_attack, clean, device, cache, train_cfg=ref_train,
-                           key_extra={"role": "clbd_reference"}, describe="clbd reference")
-        attack.set_reference_model(reference, device)
+        attack.set_reference_model(clean_reference_model(cfg, data, device, cache), device)
     train = attack.poison_train(to_float(data.x_train), data.y_train)
     train.x = to_uint8(train.x)
     bd = attack.backdoor_test(to_float(data.x_test), data.y_test)
     bd.x = to_uint8(bd.x)
     return data, attack, train, bd
+
+
+def clean_reference_model(cfg: DictConfig, data: ImageDataset, device: torch.device, cache: ModelCache):
+    """A model trained on the unpoisoned training set (clbd: Turner et al. / ISPL App. B perturb
+    with PGD against "a reference model trained on clean data"), with train=standard and the
+    run's schedule, or loaded from the cache. Its key has attack=none and a role tag, so every clbd
+    run (any scenario, rate, PGD setting) on the same data shares it."""
+    ref_cfg = copy.deepcopy(cfg)
+    with open_dict(ref_cfg):
+        ref_cfg.attack = {"name": "none"}
+    standard = OmegaConf.load(Path(bdexp.conf.__file__).parent / "train" / "standard.yaml")
+    ref_train = OmegaConf.merge(standard, {k: v for k, v in cfg.train.items() if k in standard and k != "name"})
+    clean_attack = build_attack(ref_cfg.attack, data.num_classes, data.image_shape, int(cfg.seed))
+    clean = clean_attack.poison_train(to_float(data.x_train), data.y_train)
+    clean.x = to_uint8(clean.x)
+    reference, _ = fit(ref_cfg, data, clean_attack, clean, device, cache, train_cfg=ref_train,
+                       key_extra={"role": "clbd_reference"}, describe="clbd reference")
+    return reference
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -88,11 +92,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     device = resolve_device(str(cfg.device))
     log.info("device %s, output %s", device, run_dir)
 
-    data, attack, train, bd = prepare(cfg)
+    cache = ModelCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
+    data, attack, train, bd = prepare(cfg, device, cache)
     log.info("%s: %d train (%d poisoned) / %d test images %s, %d classes; backdoor test set %d",
              data.name, len(train.y), int(train.poison.sum()), len(data.y_test), data.image_shape,
              data.num_classes, len(bd.y_target))
-    cache = ModelCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
     model, fit_info = fit(cfg, data, attack, train, device, cache)
 
     exp = Experiment(cfg, device, data, attack, train, bd, model, cache, info={"run_dir": run_dir})
