@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdexp.models.base import MODELS, FeatureModel, PoolFlatten, conv3x3, kaiming_init, scaled
+from bdexp.models.resnet import BasicBlock
 
 
 class ShortcutA(nn.Module):
@@ -36,27 +37,9 @@ class ShortcutA(nn.Module):
         return x
 
 
-class BlockA(nn.Module):
-    """Basic residual block with an option-A shortcut."""
-
-    def __init__(self, in_ch: int, out_ch: int, stride: int):
-        super().__init__()
-        self.conv1 = conv3x3(in_ch, out_ch, stride)
-        self.bn1 = nn.BatchNorm2d(out_ch)
-        self.conv2 = conv3x3(out_ch, out_ch)
-        self.bn2 = nn.BatchNorm2d(out_ch)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_ch != out_ch:
-            self.shortcut = ShortcutA(in_ch, out_ch, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
 def _stage(in_ch: int, out_ch: int, n: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(*[BlockA(in_ch if i == 0 else out_ch, out_ch, stride if i == 0 else 1) for i in range(n)])
+    return nn.Sequential(*[BasicBlock(in_ch if i == 0 else out_ch, out_ch, stride if i == 0 else 1, shortcut=ShortcutA)
+                           for i in range(n)])
 
 
 class CifarResNet(FeatureModel):

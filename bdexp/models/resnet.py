@@ -19,14 +19,18 @@ from bdexp.models.base import MODELS, FeatureModel, PoolFlatten, conv3x3, kaimin
 class BasicBlock(nn.Module):
     """Post-activation residual block: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, shortcut: type[nn.Module] | None = None):
+        """`shortcut` builds the projection when the shape changes: a 1x1 conv + BN by default,
+        or e.g. the CIFAR ResNets' parameter-free option A, called as shortcut(in_ch, out_ch, stride)."""
         super().__init__()
         self.conv1 = conv3x3(in_ch, out_ch, stride)
         self.bn1 = nn.BatchNorm2d(out_ch)
         self.conv2 = conv3x3(out_ch, out_ch)
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_ch != out_ch:
+        if (stride != 1 or in_ch != out_ch) and shortcut is not None:
+            self.shortcut = shortcut(in_ch, out_ch, stride)
+        elif stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
             )
