@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bdexp.data.loader import DeviceLoader, iterate_eval, to_float
+from bdexp.data.loader import DeviceLoader, iterate_eval, to_uint8
 from bdexp.models import build_model
 from bdexp.training.base import Regime
 from bdexp.training.loop import train_model
@@ -103,6 +103,20 @@ def sample_losses(trainer: Trainer, model: Any, index: np.ndarray, y: np.ndarray
     return loss
 
 
+def channel_stats(x_uint8: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (clamped ≥ 1e-3) of uint8 images in [0, 1] units, in chunks."""
+    total = torch.zeros(x_uint8.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(x_uint8), chunk):
+        xb = x_uint8[start : start + chunk].to(torch.float64).div_(255)
+        total += xb.sum(dim=(0, 2, 3)).cpu()
+        squares += xb.pow(2).sum(dim=(0, 2, 3)).cpu()
+    count = max(1, len(x_uint8) * x_uint8.shape[2] * x_uint8.shape[3])
+    mean = total / count
+    var = (squares / count - mean**2).clamp_min(0) * count / max(count - 1, 1)
+    return mean.tolist(), var.sqrt().clamp_min(1e-3).tolist()
+
+
 class TensorTrainer:
     """`Trainer` on device-resident uint8 images: build_model + DeviceLoader + train_model (CE).
 
@@ -112,18 +126,24 @@ class TensorTrainer:
     def __init__(self, x_uint8: torch.Tensor, y: torch.Tensor | np.ndarray, model_cfg: Any,
                  train_cfg: Any, device: torch.device, crop_padding: int = 0, flip: bool = False,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 eval_batch_size: int = 512):
+                 eval_batch_size: int = 512, num_classes: int | None = None):
         self.device = torch.device(device)
+        x_uint8 = x_uint8 if x_uint8.dtype == torch.uint8 else to_uint8(x_uint8)
         self.x = x_uint8.to(self.device)
-        self.y = torch.as_tensor(np.asarray(y), dtype=torch.long).to(self.device)
-        self.num_classes = int(self.y.max().item()) + 1 if len(self.y) else 0
+        y_t = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
+        self.y = y_t.long().to(self.device)
+        self.num_classes = int(num_classes) if num_classes else int(self.y.max().item()) + 1
         self.model_cfg = model_cfg
-        self.train_cfg = train_cfg if isinstance(train_cfg, DictConfig) else OmegaConf.create(dict(train_cfg))
+        # A plain (non-struct) copy: per-call `epochs` is merged in even where the run's node is struct.
+        if isinstance(train_cfg, DictConfig):
+            plain = OmegaConf.to_container(train_cfg, resolve=True)
+        else:
+            plain = dict(train_cfg)
+        self.train_cfg = OmegaConf.create(plain)
         self.crop_padding, self.flip = int(crop_padding), bool(flip)
         if mean is None or std is None:
-            xf = to_float(x_uint8)
-            mean = xf.mean(dim=(0, 2, 3)).tolist() if mean is None else mean
-            std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist() if std is None else std
+            m, sd = channel_stats(x_uint8)
+            mean, std = (m if mean is None else mean), (sd if std is None else std)
         self.mean, self.std = list(mean), list(std)
         self.eval_batch_size = int(eval_batch_size)
 
