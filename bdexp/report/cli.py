@@ -10,9 +10,13 @@ from bdexp.console import console
 from bdexp.errors import BdexpError
 from bdexp.report.collect import collect, find_results
 from bdexp.report.render import write_table
-from bdexp.report import ispl, mmdr  # noqa: F401  (registers the paper layouts)
 from bdexp.report.summary import print_frame
 from bdexp.report.tables import PLOTS, TABLES
+from bdexp.registry import import_submodules
+import bdexp.report as _report_pkg
+
+# every module of bdexp/report registers its paper layouts (one file per paper, no list to edit)
+import_submodules(_report_pkg.__name__, _report_pkg.__path__)
 
 
 def report(directory: Path, out: Path | None, table: str) -> dict:
