@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bdexp.report.tables import PLOTS, TABLES, pivot_mean, select  # noqa: E402
+from bdexp.report.tables import PLOTS, TABLES, pivot_mean, save_figure, select  # noqa: E402
 
 LEVELS = ["s1", "s2", "s3"]
 
@@ -54,14 +54,6 @@ def nc_table(df: pd.DataFrame) -> pd.DataFrame:
     return pivot_mean(rows, ["dataset", "attack", "model", "regime"], ["metric"])
 
 
-def _save(fig, out_dir: Path, name: str) -> Path:
-    path = Path(out_dir) / f"{name}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 @PLOTS.register("mmdr_lambda")
 def lambda_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     """One panel per indicator (BA, ASR, ARO s1..s3), λ on x, a line per regime (Fig. 3)."""
@@ -80,7 +72,7 @@ def lambda_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
             ax.set_ylim(0.9, 3.1)  # ARO lives in [1, 3]
         ax.set_xlabel("λ")
     axes[0][0].legend()
-    return [_save(fig, out_dir, "mmdr_lambda")]
+    return [save_figure(fig, out_dir, "mmdr_lambda")]
 
 
 @PLOTS.register("f1_levels")
@@ -99,7 +91,7 @@ def f1_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7, loc="lower right")
         ax.set_title(f"{defense.upper()} · {attack}")
         ax.set_ylabel("F1")
-    return [_save(fig, out_dir, "f1_levels")]
+    return [save_figure(fig, out_dir, "f1_levels")]
 
 
 @PLOTS.register("nc")
@@ -118,4 +110,4 @@ def pruning_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.set_title(metric.upper())
         ax.set_ylim(-0.02, 1.02)
     axes[0][1].legend(fontsize=7)
-    return [_save(fig, out_dir, "nc_pruning")]
+    return [save_figure(fig, out_dir, "nc_pruning")]

@@ -6,6 +6,8 @@ says how many went into each cell.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from bdexp.registry import Registry
@@ -65,3 +67,14 @@ def runs_table(df: pd.DataFrame) -> pd.DataFrame:
     table = table.dropna(how="all")
     table.columns.name = None
     return table[[c for c in ("ba", "asr", "tmr") if c in table.columns]]
+
+
+def save_figure(fig, out_dir: Path, name: str) -> Path:
+    """Write a matplotlib figure as `out_dir/name.png` and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(out_dir) / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,186 @@
+"""`analysis=[shift]`: the domain-shift bound of OVL Theorem 2 on a backdoored model (SPEC §5.6
+"Domain shift", OVL §IV and Fig. 5; the formulas are lost in the text, SPEC reconstructs them).
+
+A test set T = ρ·P + (1 − ρ)·Q mixes clean images (P) with triggered non-target images (Q, the
+backdoor test set). With a_P the model's accuracy on P and a_Q ≤ a_P its accuracy on Q (w.r.t. the
+TRUE labels; ≈ 0 when the attack succeeds), Acc_T = a_Q + (a_P − a_Q)·ρ and η(P, T) ≥ ρ, so
+
+    Acc_T ≤ a_Q + (a_P − a_Q)·η(P, T) ≤ a_Q + (a_P − a_Q)·bound(P, T)        (OVL eqs. 12, 14)
+
+For each purity ρ the analysis draws T (`set_size` images, round(ρ·m) clean), a clean sample P of
+the same size disjoint from T's clean part, measures the accuracy on T and evaluates the bound with
+bdexp.analysis.overlap in input space (pixels in [0, 1], flattened), hidden space (a feature level)
+and output space (softmax probabilities by default: a bounded domain as Theorem 1 assumes), per
+norm. The clean parts of T are nested across ρ and T's triggered part likewise (common random
+numbers: the curves are smooth in ρ). Values are means over `repeats` draws.
+
+Finite samples (**gap**): bound(P, T) is a plug-in estimate, so near ρ = 1, where P and T are two
+samples of one distribution, it comes out below 1 and the measured accuracy can exceed the bound by
+sampling error alone. Two sources, each about 1/√(2m): the estimated ‖μ_P − μ_T‖ of two samples of
+one distribution is ≈ √(2·tr Σ/m) against 2D ≥ 2√(tr Σ), and the accuracies on P and on T's clean
+part are two binomial estimates (SD of the difference ≤ √(1/(2m))). `tolerance: auto` is their sum,
+√(2/m) (0.063 at m = 500; measured ρ = 1 shortfalls on the synthetic tiny run: 0.12 at m = 48,
+0.05 at m = 250, 0.035 at m = 500). A measured accuracy above a bound by more than the tolerance
+is logged as a warning and counted in the `shift_violations` record.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from bdexp.analysis import ANALYSES
+from bdexp.analysis.overlap import CENTERS, norm_name, norm_order, overlap_bound
+from bdexp.errors import ConfigError
+from bdexp.models.base import LEVELS
+from bdexp.results import record
+
+log = logging.getLogger(__name__)
+
+SPACES: tuple[str, ...] = ("input", "hidden", "output")  # OVL §IV: raw image, hidden layer, model output
+OUTPUTS: tuple[str, ...] = ("softmax", "logits")
+
+
+def _options(cfg) -> dict:
+    get = cfg.get if cfg is not None else (lambda k, d=None: d)
+    opts = {
+        "purities": [float(r) for r in (get("purities", None) or [i / 10 for i in range(11)])],
+        "spaces": [str(s) for s in (get("spaces", None) or list(SPACES))],
+        "hidden_level": str(get("hidden_level", "penult")),
+        "output": str(get("output", "softmax")),
+        "norms": list(get("norms", None) or [1, 2, "inf"]),
+        "num_radii": int(get("num_radii", 10)),
+        "center": str(get("center", "best")),
+        "set_size": int(get("set_size", 500)),
+        "repeats": int(get("repeats", 3)),
+        "tolerance": get("tolerance", "auto"),
+    }
+    tol = opts["tolerance"]
+    if not (tol == "auto" or (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol >= 0)):
+        raise ConfigError(f"analysis.shift.tolerance={tol!r}: use 'auto' (√(2/m)) or a number >= 0")
+    bad = [r for r in opts["purities"] if not 0.0 <= r <= 1.0]
+    if bad or not opts["purities"]:
+        raise ConfigError(f"analysis.shift.purities={opts['purities']}: need a non-empty list of values in [0, 1]")
+    bad = [s for s in opts["spaces"] if s not in SPACES]
+    if bad:
+        raise ConfigError(f"analysis.shift.spaces: unknown space(s) {bad}; choose from {list(SPACES)}")
+    if opts["hidden_level"] not in LEVELS:
+        raise ConfigError(f"analysis.shift.hidden_level={opts['hidden_level']!r}; choose one of {list(LEVELS)}")
+    if opts["output"] not in OUTPUTS:
+        raise ConfigError(f"analysis.shift.output={opts['output']!r}; choose one of {list(OUTPUTS)}")
+    opts["purities"] = sorted(set(opts["purities"]))
+    opts["spaces"] = list(dict.fromkeys(opts["spaces"]))
+    try:
+        opts["norms"] = list(dict.fromkeys(norm_order(n) for n in opts["norms"]))
+    except ValueError as err:
+        raise ConfigError(f"analysis.shift.norms: {err}") from None
+    if opts["center"] not in CENTERS:
+        raise ConfigError(f"analysis.shift.center={opts['center']!r}; choose one of {list(CENTERS)}")
+    for key, low in (("num_radii", 0), ("set_size", 2), ("repeats", 1)):
+        if opts[key] < low:
+            raise ConfigError(f"analysis.shift.{key}={opts[key]} must be >= {low}")
+    return opts
+
+
+def shift_draws(rng: np.random.Generator, n_clean: int, n_triggered: int, m: int, repeats: int) -> list[dict]:
+    """Per repeat: P (m clean test indices), `clean` (m more, disjoint from P: T's clean part is its
+    first round(ρ·m)) and `triggered` (m backdoor-test indices: T's triggered part is the first
+    m − round(ρ·m))."""
+    out = []
+    for _ in range(repeats):
+        perm = rng.permutation(n_clean)
+        out.append({"P": perm[:m], "clean": perm[m:2 * m], "triggered": rng.permutation(n_triggered)[:m]})
+    return out
+
+
+def mixture(draw: dict, rho: float, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """T's clean and triggered indices at purity ρ."""
+    k = int(round(rho * m))
+    return draw["clean"][:k], draw["triggered"][:m - k]
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Images as float in [0, 1] (the test set is uint8, the backdoor test set float)."""
+    return x.float().div(255) if x.dtype == torch.uint8 else x.float()
+
+
+def _spaces(exp, images: torch.Tensor, opts: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    if "input" in opts["spaces"]:
+        out["input"] = images.flatten(1)
+    if {"hidden", "output"} & set(opts["spaces"]):
+        levels = (opts["hidden_level"],) if "hidden" in opts["spaces"] else ()
+        logits, feats = exp.features(images, levels=levels)
+        if "hidden" in opts["spaces"]:
+            out["hidden"] = feats[opts["hidden_level"]].flatten(1)
+        if "output" in opts["spaces"]:
+            out["output"] = logits.float().softmax(1) if opts["output"] == "softmax" else logits.float()
+    return {s: out[s].double() for s in opts["spaces"]}  # float64 once: overlap_bound computes in it
+
+
+@ANALYSES.register("shift")
+def shift(exp, cfg) -> list[dict]:
+    """Measured accuracy and Theorem 2's bound against the purity ρ (SPEC §5.6, OVL Fig. 5)."""
+    opts = _options(cfg)
+    bd = exp.backdoor_test
+    n_clean, n_trig = len(exp.data.y_test), len(bd.y_true)
+    if not getattr(exp.attack, "poisons", True) or n_trig == 0:
+        return [record("shift_skipped", 1.0, reason="no triggered test images (attack=none?)")]
+    m = min(opts["set_size"], n_clean // 2, n_trig)  # P and T's clean part are disjoint
+    if m < 2:
+        return [record("shift_skipped", 1.0, reason=f"set size {m}: too few test images")]
+    tol = float(np.sqrt(2 / m)) if opts["tolerance"] == "auto" else float(opts["tolerance"])
+    draws = shift_draws(exp.rng("shift"), n_clean, n_trig, m, opts["repeats"])
+
+    correct_clean = (exp.pred_test.cpu() == exp.data.y_test.cpu()).numpy()
+    correct_trig = (exp.pred_backdoor.cpu() == bd.y_true.cpu()).numpy()  # w.r.t. the TRUE labels
+    a_q = float(correct_trig.mean())  # accuracy on Q: the whole backdoor test set
+
+    # Features only of the sampled images (the union over repeats), in every requested space.
+    clean_u = np.unique(np.concatenate([np.r_[d["P"], d["clean"]] for d in draws]))
+    trig_u = np.unique(np.concatenate([d["triggered"] for d in draws]))
+    images = torch.cat([_unit(exp.data.x_test[torch.as_tensor(clean_u)]), _unit(bd.x[torch.as_tensor(trig_u)])])
+    spaces = _spaces(exp, images, opts)
+
+    def rows(idx_clean: np.ndarray, idx_trig: np.ndarray) -> torch.Tensor:
+        pos = np.r_[np.searchsorted(clean_u, idx_clean), np.searchsorted(trig_u, idx_trig) + len(clean_u)]
+        return torch.as_tensor(pos.astype(np.int64))
+
+    no_trig = np.zeros(0, dtype=np.int64)
+    a_p = [float(correct_clean[d["P"]].mean()) for d in draws]  # accuracy on P, per repeat
+    acc = {rho: 0.0 for rho in opts["purities"]}
+    eta = {(rho, s, n): 0.0 for rho in opts["purities"] for s in spaces for n in opts["norms"]}
+    bound = dict(eta)
+    for draw, ap in zip(draws, a_p):
+        p_pos = rows(draw["P"], no_trig)
+        for rho in opts["purities"]:
+            tc, tt = mixture(draw, rho, m)
+            acc[rho] += float(np.r_[correct_clean[tc], correct_trig[tt]].mean()) / len(draws)
+            t_pos = rows(tc, tt)
+            for s, z in spaces.items():
+                for n in opts["norms"]:
+                    b = overlap_bound(z[p_pos], z[t_pos], n, opts["num_radii"], center=opts["center"])
+                    eta[rho, s, n] += b / len(draws)
+                    bound[rho, s, n] += (a_q + (ap - a_q) * b) / len(draws)  # OVL eq. (12)
+
+    mean_ap = float(np.mean(a_p))
+    if a_q > mean_ap:
+        log.warning("shift: accuracy on triggered images %.3f exceeds clean accuracy %.3f; Theorem 2 "
+                    "assumes a_Q <= a_P (did the attack fail?)", a_q, mean_ap)
+    out = [record("shift_set_size", m), record("shift_clean_acc", mean_ap), record("shift_trigger_acc", a_q)]
+    violations = 0
+    for rho in opts["purities"]:
+        out.append(record("shift_acc", acc[rho], rho=round(rho, 6)))
+        for s in spaces:
+            for n in opts["norms"]:
+                tags = {"rho": round(rho, 6), "space": s, "norm": norm_name(n)}
+                out.append(record("shift_overlap", eta[rho, s, n], **tags))
+                out.append(record("shift_bound", bound[rho, s, n], **tags))
+                if acc[rho] > bound[rho, s, n] + tol:
+                    violations += 1
+                    log.warning("shift: measured accuracy %.4f exceeds the Theorem 2 bound %.4f by more than "
+                                "the tolerance %.3f at rho=%g in %s space (%s)", acc[rho], bound[rho, s, n],
+                                tol, rho, s, norm_name(n))
+    out.append(record("shift_violations", violations, tolerance=tol))
+    return out

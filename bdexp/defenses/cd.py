@@ -1,0 +1,149 @@
+"""Cognitive Distillation (Huang et al., ICLR 2023; SPEC §5.5, **code**: the authors'
+detection/cognitive_distillation.py and analysis/cognitive_distillation.py).
+
+Per input x, with the model frozen, learn a one-channel mask m = (tanh(w) + 1)/2 (w starts at 1)
+that keeps the model's output while blanking as much of x as possible:
+
+    x_cp = x⊙m + (1 − m)⊙δ,   δ one random colour per image, redrawn every step
+    loss  = mean_k |f(x_cp) − f(x)|_k + α‖m‖₁ + β·TV(m),   TV = Σ squared neighbour diffs / (c·h·w)
+
+with Adam (lr 0.1, betas (0.1, 0.1)), 100 steps; f = logits (α 0.01, β 1) or, `variant: feature`,
+the last conv stage s3 (α 0.001, β 10, lr 0.05). Backdoored inputs distil to a tiny pattern:
+the suspicion score is −‖m‖₁, and the authors' rule flags ‖m‖₁ < μ − t·σ (t = 0.5, SPEC §5.5)
+with μ, σ the mean and (unbiased, as torch.std) standard deviation over the clean reserve.
+
+Batched: a whole batch of masks is optimised at once with the per-image losses *summed*, so each
+mask gets exactly its own gradient (Adam is elementwise); the authors' `.mean()` only scales every
+gradient by 1/b, which Adam undoes up to its ε. The colours are drawn per image up front, so the
+result does not depend on the batch size.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bdexp.defenses import DEFENSES
+from bdexp.defenses.input_pools import Reserve, float_batches, run_input_detector
+from bdexp.defenses.screening import DetectorOutput
+from bdexp.errors import ConfigError
+from bdexp.seeding import torch_generator
+
+VARIANTS = ("logit", "feature")
+KEYS = ("variant", "level", "steps", "lr", "betas", "alpha", "beta", "mask_init", "threshold_t", "autocast",
+        "batch_size")
+LEVELS = ("s1", "s2", "s3", "penult")
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no gradient into the weights for the duration; restores both afterwards."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def total_variation(m: torch.Tensor) -> torch.Tensor:
+    """(b,) squared-difference TV of (b, c, h, w) masks divided by c·h·w (authors' code)."""
+    tv_h = (m[:, :, 1:, :] - m[:, :, :-1, :]).pow(2).sum(dim=(1, 2, 3))
+    tv_w = (m[:, :, :, 1:] - m[:, :, :, :-1]).pow(2).sum(dim=(1, 2, 3))
+    return (tv_h + tv_w) / m[0].numel()
+
+
+def output_fn(model: nn.Module, variant: str, level: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What CD matches: the logits, or the flattened features at `level` (SPEC §5.5 feature variant)."""
+    if variant == "logit":
+        return lambda x: model(x)
+    return lambda x: model(x, features=True)[1][level]
+
+
+def distill(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, colors: torch.Tensor, *, lr: float,
+            betas: tuple[float, float], alpha: float, beta: float, mask_init: float = 1.0,
+            amp: bool = False) -> torch.Tensor:
+    """Masks (b, 1, h, w) for float images x (b, c, h, w) on one device; colors (steps, b, c) holds
+    the random colour δ of every step and image. f must belong to a frozen model."""
+    b, c, h, w = x.shape
+    use_amp = amp and x.device.type == "cuda"  # bf16 autocast only on CUDA (off by default)
+    cast = (lambda: torch.autocast("cuda", torch.bfloat16)) if use_amp else nullcontext
+    with torch.no_grad(), cast():
+        ref = f(x).float().flatten(1)
+    param = torch.full((b, 1, h, w), float(mask_init), device=x.device, dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.Adam([param], lr=lr, betas=betas)
+    for delta in colors:  # one step per colour draw
+        opt.zero_grad(set_to_none=True)
+        m = (torch.tanh(param) + 1) / 2
+        x_cp = x * m + (1 - m) * delta.view(b, c, 1, 1)
+        with cast():
+            out = f(x_cp)
+        match = (out.float().flatten(1) - ref).abs().mean(dim=1)
+        loss = match + alpha * m.abs().sum(dim=(1, 2, 3)) + beta * total_variation(m)
+        loss.sum().backward()  # summed: each mask its own gradient, independent of the batch
+        opt.step()
+    return ((torch.tanh(param) + 1) / 2).detach()
+
+
+def cd_l1_norms(model: nn.Module, x: torch.Tensor, device: torch.device, *, seed: int, tag: str, steps: int,
+                batch_size: int, variant: str = "logit", level: str = "s3", **hyper: Any) -> np.ndarray:
+    """‖m‖₁ of every image of x (uint8 or float NCHW), optimised `batch_size` at a time."""
+    n, c = len(x), x.shape[1]
+    colors = torch.rand(int(steps), n, c, generator=torch_generator(seed, f"cd/colors/{tag}"))  # δ ~ U[0,1]^c
+    norms = []
+    with frozen(model):
+        f = output_fn(model, variant, level)
+        for start, xb in float_batches(x, int(batch_size), device):
+            cb = colors[:, start:start + len(xb)].to(device=device, dtype=xb.dtype)
+            norms.append(distill(f, xb, cb, **hyper).sum(dim=(1, 2, 3)).double().cpu())
+    return torch.cat(norms).numpy() if norms else np.zeros(0)
+
+
+def _params(dcfg: Any) -> dict[str, Any]:
+    variant = str(dcfg.get("variant", "logit"))
+    if variant not in VARIANTS:
+        raise ConfigError(f"defense cd: variant={variant!r} is not one of {list(VARIANTS)}")
+    level = str(dcfg.get("level", "s3"))
+    if level not in LEVELS:
+        raise ConfigError(f"defense cd: level={level!r} is not one of {list(LEVELS)}")
+    steps = dcfg.get("steps", 100)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError(f"defense cd: steps={steps!r} must be an int >= 1")
+    betas = tuple(float(v) for v in dcfg.get("betas", (0.1, 0.1)))
+    if len(betas) != 2:
+        raise ConfigError(f"defense cd: betas={list(betas)} must be two numbers")
+    return dict(variant=variant, level=level, steps=steps, batch_size=int(dcfg.get("batch_size", 256)),
+                lr=float(dcfg.get("lr", 0.1)), betas=betas, alpha=float(dcfg.get("alpha", 0.01)),
+                beta=float(dcfg.get("beta", 1.0)), mask_init=float(dcfg.get("mask_init", 1.0)),
+                amp=bool(dcfg.get("autocast", False)))
+
+
+def build_cd(exp, reserve: Reserve, dcfg: Any):
+    """CD on the clean reserve gives μ, σ of ‖m‖₁ for the threshold rule (SPEC §5.5)."""
+    params = _params(dcfg)
+    t = float(dcfg.get("threshold_t", 0.5))
+    ref = cd_l1_norms(exp.model, reserve.x, exp.device, seed=exp.seed, tag="reserve", **params)
+    mu, sigma = float(ref.mean()), float(ref.std(ddof=1)) if len(ref) > 1 else 0.0
+
+    def score(x: torch.Tensor, tag: str) -> DetectorOutput:
+        norms = cd_l1_norms(exp.model, x, exp.device, seed=exp.seed, tag=tag, **params)
+        extra = {"mask_l1_mean": float(norms.mean()), "reserve_l1_mean": mu, "reserve_l1_std": sigma}
+        return DetectorOutput(-norms, norms < mu - t * sigma, extra)
+
+    return score
+
+
+@DEFENSES.register("cd")
+def cd(exp, cfg) -> list[dict]:
+    p = _params(cfg)
+    return run_input_detector(exp, cfg, build_cd, KEYS, variant=p["variant"],
+                              level=p["level"] if p["variant"] == "feature" else None)

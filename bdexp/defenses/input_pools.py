@@ -1,0 +1,222 @@
+"""The input-level detection protocol shared by CD, the one-class overlap detector, STRIP,
+Mahalanobis, MSP and energy (SPEC §5.5–5.7) — the evaluator side.
+
+The defender holds the frozen model and a small clean reserve: `reserve_per_class` clean test
+images per class (OVL §III-D3: "10 samples from each class"), a seeded subset of
+`exp.reserve_index`. It scores single inputs from two pools (higher = more suspicious):
+
+  train — the poisoned training set as the learner saw it; positive = poison flag
+          (CD reports detection on the poisoned training set, SPEC §5.5); WaNet noise-mode
+          "cross" samples carry no poison flag and count as clean;
+  test  — the backdoor test set: every clean test image outside the reserve (`exp.screen_index`)
+          plus every triggered non-target image (`exp.backdoor_test`) whose clean original is
+          outside the reserve; positive = triggered (OVL Table II / SPEC §5.6).
+
+`max_pool` caps a pool by a stratified seeded subsample (the poison share is kept); the draw
+depends only on the run seed, the pool and the cap, so every detector with the same cap sees
+the very same images. A detector is a `build(exp, reserve, dcfg) -> score(x_uint8, tag)`:
+`build` fits whatever it needs on the reserve once, `score` returns a `DetectorOutput` for a
+pool (`tag` names the pool, for seeded per-pool randomness). Detectors never see the labels.
+
+Records per pool (tag ``pool``): auroc, aupr, tpr95 (metrics.tpr_at_tpr95_clean: TPR when 95 %
+of the clean inputs pass), and for detectors with their own threshold rule tpr, fpr, precision,
+f1 of the flags; n, n_poison, wall_s (scoring time) and s_per_1k (seconds per 1000 inputs).
+Per run: n_reserve and fit_s (the time `build` took).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from bdexp import metrics
+from bdexp.defenses.screening import DetectorOutput
+from bdexp.errors import ConfigError
+from bdexp.results import record
+
+log = logging.getLogger(__name__)
+
+POOLS = ("train", "test")
+# keys every input detector's YAML carries (see bdexp/conf/defense/msp.yaml for their comments)
+COMMON_KEYS = frozenset({"name", "pools", "max_pool", "reserve_per_class"})
+INFO_KEY = "input_pools"
+
+Scorer = Callable[[torch.Tensor, str], DetectorOutput]
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """The defender's clean images: true labels known, never in a pool."""
+
+    x: torch.Tensor  # uint8 NCHW
+    y: torch.Tensor  # int64 true labels
+    index: np.ndarray  # positions in the clean test set
+
+
+@dataclass(frozen=True)
+class InputPool:
+    name: str
+    x: torch.Tensor  # uint8 NCHW, in a seeded shuffled order
+    labels: np.ndarray  # 1 = poisoned / triggered (evaluator only), aligned with x
+    index: np.ndarray  # position of each row in its source set: the training set (train pool);
+    #                    x_test for label 0, exp.backdoor_test for label 1 (test pool)
+    n_available: int  # pool size before the max_pool cap
+    n_poison_available: int
+
+
+def check_keys(dcfg: Any, extra: Iterable[str]) -> None:
+    """An unknown key (a typo) is an error naming the allowed keys, not a silently ignored value."""
+    allowed = COMMON_KEYS | set(extra)
+    unknown = sorted(set(dcfg.keys()) - allowed)
+    if unknown:
+        raise ConfigError(f"defense {dcfg.get('name')!r}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    pools = list(dcfg.get("pools", POOLS))
+    bad = [p for p in pools if p not in POOLS]
+    if bad or not pools:
+        raise ConfigError(f"defense {dcfg.get('name')!r}: pools={pools} must be a non-empty subset of {list(POOLS)}")
+    cap = dcfg.get("max_pool", None)
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 2):
+        raise ConfigError(f"defense {dcfg.get('name')!r}: max_pool={cap!r} must be an int >= 2 or null (all)")
+    k = dcfg.get("reserve_per_class", 10)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"defense {dcfg.get('name')!r}: reserve_per_class={k!r} must be an int >= 1")
+
+
+def clean_reserve(exp, per_class: int) -> Reserve:
+    """`per_class` images of each class from `exp.reserve_index`, the first of a seeded order (so a
+    smaller reserve is a prefix of a larger one); fewer, with a warning, where fewer exist."""
+    idx = exp.reserve_index.numpy()
+    y = exp.data.y_test.numpy()[idx]
+    rng = exp.rng("input_pools/reserve")
+    keep = []
+    for c in range(exp.data.num_classes):
+        mine = rng.permutation(idx[y == c])
+        if len(mine) < per_class:
+            log.warning("reserve: class %d has %d clean reserve images, fewer than reserve_per_class=%d "
+                        "(screening.reserve_per_class or the test set limits it)", c, len(mine), per_class)
+        keep.append(mine[:per_class])
+    pos = np.sort(np.concatenate(keep)).astype(np.int64)
+    t = torch.as_tensor(pos, dtype=torch.long)
+    return Reserve(exp.data.x_test[t], exp.data.y_test[t].clone(), pos)
+
+
+def stratified_cap(labels: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Rows of a seeded subsample of at most `cap` rows keeping the positive share (rounded, at
+    least one of each class that exists), in a shuffled order; all rows shuffled when cap is None."""
+    n = len(labels)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if cap is not None and n > cap:
+        n_pos = int(round(cap * len(pos) / n))
+        n_pos = min(max(n_pos, 1 if len(pos) else 0), len(pos), cap - (1 if len(neg) else 0))
+        pos = rng.choice(pos, n_pos, replace=False)
+        neg = rng.choice(neg, cap - n_pos, replace=False)
+    return rng.permutation(np.concatenate([pos, neg])).astype(np.int64)
+
+
+def input_pool(exp, name: str, max_pool: int | None) -> InputPool:
+    """Pool `name` capped at `max_pool`, memoized per run so detectors share the very same tensors."""
+    memo = exp.info.setdefault(INFO_KEY, {})
+    if (name, max_pool) in memo:
+        return memo[(name, max_pool)]
+    if name == "train":
+        ts = exp.train_set
+        labels = ts.poison.numpy().astype(np.int64)
+        index = np.arange(len(labels), dtype=np.int64)
+        sources = [ts.x]
+    elif name == "test":
+        bd = exp.backdoor_test
+        clean = exp.screen_index.numpy()
+        triggered = np.flatnonzero(~np.isin(bd.index.numpy(), exp.reserve_index.numpy()))
+        labels = np.r_[np.zeros(len(clean), np.int64), np.ones(len(triggered), np.int64)]
+        index = np.r_[clean, triggered].astype(np.int64)
+        sources = [exp.data.x_test, bd.x]
+    else:
+        raise ConfigError(f"unknown input pool {name!r}; choose from {list(POOLS)}")
+    n_available, n_poison_available = len(labels), int(labels.sum())
+    rows = stratified_cap(labels, max_pool, exp.rng(f"input_pools/{name}/{max_pool}"))
+    labels, index = labels[rows], index[rows]
+    if len(sources) == 1:
+        x = sources[0][torch.as_tensor(index, dtype=torch.long)]
+    else:  # test pool: clean rows from x_test, triggered rows from the backdoor test set
+        x = torch.empty((len(rows), *sources[0].shape[1:]), dtype=torch.uint8)
+        for label, src in enumerate(sources):
+            sel = np.flatnonzero(labels == label)
+            x[torch.as_tensor(sel, dtype=torch.long)] = src[torch.as_tensor(index[sel], dtype=torch.long)]
+    pool = InputPool(name, x, labels, index, n_available, n_poison_available)
+    memo[(name, max_pool)] = pool
+    return pool
+
+
+def evaluate(labels: np.ndarray, out: DetectorOutput) -> dict[str, float]:
+    """AUROC, AUPR, TPR95 of the scores (OVL §III-D2 metrics) and, with a threshold rule, the
+    flags' TPR / FPR (CD's detection rule) with precision and F1."""
+    scores = np.asarray(out.scores, dtype=np.float64)
+    if scores.shape != labels.shape or not np.all(np.isfinite(scores)):
+        raise ValueError(f"detector returned scores of shape {scores.shape} (finite: "
+                         f"{bool(np.all(np.isfinite(scores)))}) for a pool of {len(labels)}")
+    res = {"auroc": metrics.auroc(labels, scores), "aupr": metrics.aupr(labels, scores),
+           "tpr95": metrics.tpr_at_tpr95_clean(labels, scores)}
+    if out.flagged is not None:
+        flagged = np.asarray(out.flagged, dtype=bool)
+        if flagged.shape != labels.shape:
+            raise ValueError(f"detector flagged {flagged.shape} for a pool of {len(labels)}")
+        prf = metrics.detection_scores(labels, flagged)
+        res.update(tpr=float(flagged[labels == 1].mean()), fpr=float(flagged[labels == 0].mean()),
+                   precision=prf["precision"], f1=prf["f1"])
+    return res
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_input_detector(exp, dcfg: Any, build: Callable[[Any, Reserve, Any], Scorer],
+                       extra_keys: Iterable[str] = (), **tags: Any) -> list[dict]:
+    """Build the detector on the reserve once and score each configured pool (the evaluator side).
+    A pool without both clean and poisoned inputs (attack `none`) gets one `skipped` record."""
+    check_keys(dcfg, extra_keys)
+    name = str(dcfg.get("name", "detector"))
+    pools = [input_pool(exp, p, dcfg.get("max_pool", None)) for p in dcfg.get("pools", POOLS)]
+    rows: list[dict] = []
+    runnable = []
+    for pool in pools:
+        n_pos = int(pool.labels.sum())
+        if n_pos == 0 or n_pos == len(pool.labels):
+            log.warning("%s: skipping pool %s: %d poisoned of %d inputs", name, pool.name, n_pos, len(pool.labels))
+            rows.append(record("skipped", 1.0, pool=pool.name, **tags))
+        else:
+            runnable.append(pool)
+    if not runnable:
+        return rows
+    reserve = clean_reserve(exp, int(dcfg.get("reserve_per_class", 10)))
+    start = time.perf_counter()
+    score = build(exp, reserve, dcfg)
+    _sync(exp.device)
+    fit_s = time.perf_counter() - start
+    rows += [record("n_reserve", len(reserve.index), **tags), record("fit_s", fit_s, **tags)]
+    for pool in runnable:
+        start = time.perf_counter()
+        out = score(pool.x, pool.name)
+        _sync(exp.device)
+        wall = time.perf_counter() - start
+        ptags = dict(pool=pool.name, **tags)
+        rows += [record(m, v, **ptags) for m, v in evaluate(pool.labels, out).items()]
+        rows += [record("n", len(pool.labels), **ptags), record("n_poison", int(pool.labels.sum()), **ptags),
+                 record("wall_s", wall, **ptags), record("s_per_1k", 1000.0 * wall / len(pool.labels), **ptags)]
+        rows += [record(m, v, **ptags) for m, v in out.extra.items()]
+        log.info("%s on the %s pool (%d inputs, %d poisoned): AUROC %.3f in %.2f s (fit %.2f s)", name, pool.name,
+                 len(pool.labels), int(pool.labels.sum()), metrics.auroc(pool.labels, out.scores), wall, fit_s)
+    return rows
+
+
+def float_batches(x: torch.Tensor, batch_size: int, device: torch.device):
+    """(start, float [0, 1] batch on device) over uint8 or float images, in order."""
+    for start in range(0, len(x), batch_size):
+        chunk = x[start:start + batch_size].to(device, non_blocking=True)
+        yield start, (chunk.float().div_(255) if chunk.dtype == torch.uint8 else chunk.float())

@@ -1,0 +1,55 @@
+"""The input-detection table (SPEC §7 `detect`: OVL Tables II/VII, CD): rows attack × pool ×
+metric (TPR95, AUROC, AUPR), one column per detector, mean over seeds.
+
+Rows carry the pool (train = poisoned training set, test = backdoor test set) as a row level, so
+the detectors stay side by side as in OVL Table VII. A detector run at several feature levels or
+CD variants in one sweep gets one column per setting ("overlap s3", "cd feature").
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from bdexp.report.tables import TABLES, pivot_mean, select
+
+METRICS = ["tpr95", "auroc", "aupr"]  # OVL §III-D2's three metrics, in its order
+# OVL Table II's column order (Ours, STRIP, Mahalanobis, ..., MSP), then energy and CD
+DETECTORS = ["overlap", "strip", "mahalanobis", "msp", "energy", "cd", "cd_feature"]
+SETTING_TAGS = ("variant", "level")
+
+
+def method_labels(rows: pd.DataFrame) -> pd.Series:
+    """The defense name, plus the variant/level where one defense appears with several of them."""
+    label = rows["defense"].astype(str)
+    for tag in SETTING_TAGS:
+        if tag not in rows:
+            continue
+        values = rows[tag].fillna("-").astype(str)
+        several = values.groupby(rows["defense"]).transform("nunique") > 1
+        label = label.where(~several, label + " " + values)
+    return label
+
+
+def _order(labels: list[str], first: list[str]) -> list[str]:
+    rank = {name: i for i, name in enumerate(first)}
+    return sorted(labels, key=lambda s: (rank.get(s.split(" ")[0], len(rank)), s))
+
+
+@TABLES.register("detect")
+def detect_table(df: pd.DataFrame) -> pd.DataFrame:
+    """OVL Table VII layout: attack (× mode) × pool × metric rows, detector columns."""
+    rows = select(df, metric=METRICS)
+    if rows.empty or "pool" not in rows:
+        return pd.DataFrame()
+    rows = rows[rows["pool"].notna()].copy()
+    if rows.empty:
+        return pd.DataFrame()
+    rows["method"] = method_labels(rows)
+    table = pivot_mean(rows, ["dataset", "model", "regime", "attack", "attack_mode", "pool", "metric"], ["method"])
+    table = table[_order(list(table.columns), DETECTORS)]
+    table.columns.name = None
+    # metrics in OVL's order inside each (attack, pool) block
+    levels = list(table.index.names)
+    keys = [table.index.get_level_values(n) for n in levels]
+    order = sorted(range(len(table)), key=lambda i: tuple(
+        METRICS.index(k[i]) if n == "metric" else str(k[i]) for n, k in zip(levels, keys)))
+    return table.iloc[order]

@@ -1,0 +1,317 @@
+"""Input-level detectors (SPEC §5.5–5.7): the shared pool protocol, Cognitive Distillation on a
+hand-built backdoored model, STRIP / MSP / energy / Mahalanobis against direct formulas, the
+overlap detector's per-class scoring, one tiny end-to-end run, the `detect` table and the presets."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from bdexp import metrics, pipeline
+from bdexp.analysis.overlap import OverlapScorer
+from bdexp.defenses.cd import build_cd, cd_l1_norms, distill, frozen, output_fn
+from bdexp.defenses.input_pools import (INFO_KEY, InputPool, Reserve, clean_reserve, input_pool,
+                                        run_input_detector, stratified_cap)
+from bdexp.defenses.ood_scores import energy_suspicion, fit_mahalanobis, mahalanobis_min, msp_suspicion
+from bdexp.defenses.overlap_detect import build_overlap
+from bdexp.defenses.strip import strip_entropy
+from bdexp.errors import ConfigError
+from bdexp.report.detect import detect_table
+from tests.conftest import CONF_DIR, compose_cfg, with_tiny
+
+HYPER = dict(lr=0.1, betas=(0.1, 0.1), alpha=0.01, beta=1.0)  # SPEC §5.5 logit variant
+CPU = torch.device("cpu")
+
+
+class GatedToy(nn.Module):
+    """A hand-built backdoored classifier on 3×8×8 images: when the bottom-right pixel is bright
+    (the trigger) a sigmoid gate sends the logits to a fixed target vector that depends on nothing
+    else; otherwise the logits are a dense linear function of every pixel. CD's mask should keep
+    only the trigger pixel on triggered inputs and most of the image on clean ones."""
+
+    def __init__(self, k: int = 4, seed: int = 0):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(k, 3 * 8 * 8, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, x, features=False):
+        gate = torch.sigmoid(20 * (x[:, :, -1, -1].mean(1, keepdim=True) - 0.75))
+        dense = x.flatten(1) @ self.w.T
+        target = torch.zeros_like(dense)
+        target[:, 0] = 10.0
+        logits = (1 - gate) * dense + gate * target
+        return (logits, {"s3": dense}) if features else logits
+
+
+def _toy_inputs(n_clean: int, n_trig: int, seed: int = 1):
+    x = torch.rand(n_clean + n_trig, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    x[:, :, -1, -1] = 0.0
+    x[n_clean:, :, -1, -1] = 1.0  # the trigger
+    return x, np.r_[np.zeros(n_clean, int), np.ones(n_trig, int)]
+
+
+# ---------------------------------------------------------------- Cognitive Distillation
+def test_cd_distils_the_trigger_pixel_and_ranks_triggered_inputs_first():
+    model = GatedToy()
+    x, labels = _toy_inputs(8, 8)
+    colors = torch.rand(100, len(x), 3, generator=torch.Generator().manual_seed(2))
+    with frozen(model):
+        masks = distill(output_fn(model, "logit", "s3"), x, colors, **HYPER)[:, 0]
+    norms = masks.sum(dim=(1, 2)).numpy()
+    trig, clean = masks[labels == 1], masks[labels == 0]
+    assert (trig[:, -1, -1] > 0.9).all()  # the trigger pixel is kept ...
+    assert (trig.sum(dim=(1, 2)) - trig[:, -1, -1] < 1.0).all()  # ... and less than one pixel's worth besides
+    assert (clean.sum(dim=(1, 2)) > 32).all()  # clean logits need more than half the image
+    assert metrics.auroc(labels, -norms) == 1.0
+
+
+def test_cd_threshold_rule_uses_the_reserve_mean_and_std():
+    model = GatedToy()
+    x, labels = _toy_inputs(6, 6, seed=3)
+    reserve_x, _ = _toy_inputs(10, 0, seed=4)
+    exp = SimpleNamespace(model=model, device=CPU, seed=0)
+    cfg = {"steps": 60, "batch_size": 16, "threshold_t": 0.5}
+    out = build_cd(exp, Reserve(reserve_x, torch.zeros(10, dtype=torch.long), np.arange(10)), cfg)(x, "pool")
+    ref = cd_l1_norms(model, reserve_x, CPU, seed=0, tag="reserve", steps=60, batch_size=16, **HYPER)
+    norms = -out.scores
+    np.testing.assert_array_equal(out.flagged, norms < ref.mean() - 0.5 * ref.std(ddof=1))
+    assert out.flagged[labels == 1].all() and metrics.auroc(labels, out.scores) == 1.0
+    assert out.extra["reserve_l1_mean"] == pytest.approx(ref.mean())
+
+
+def test_cd_batched_equals_one_at_a_time_and_leaves_the_model_alone():
+    model = GatedToy()
+    model.train()
+    before = model.w.detach().clone()
+    x, _ = _toy_inputs(3, 2, seed=5)
+    kw = dict(seed=7, tag="t", steps=30, **HYPER)
+    one = cd_l1_norms(model, x, CPU, batch_size=1, **kw)
+    np.testing.assert_allclose(cd_l1_norms(model, x, CPU, batch_size=5, **kw), one, rtol=1e-5)
+    np.testing.assert_allclose(cd_l1_norms(model, x, CPU, batch_size=2, **kw), one, rtol=1e-5)
+    assert torch.equal(model.w, before) and model.w.grad is None
+    assert model.w.requires_grad and model.training  # frozen() restores both
+    assert not np.allclose(cd_l1_norms(model, x, CPU, batch_size=5, **{**kw, "seed": 8}), one)  # δ is seeded
+
+
+def test_cd_feature_variant_matches_features_not_logits():
+    """The toy's s3 is the dense branch, which depends on every pixel even when triggered."""
+    model = GatedToy()
+    x, _ = _toy_inputs(0, 4, seed=6)
+    kw = dict(seed=0, tag="t", steps=60, batch_size=4, lr=0.05, betas=(0.1, 0.1), alpha=0.001, beta=10.0)
+    logit = cd_l1_norms(model, x, CPU, variant="logit", **{**kw, "lr": 0.1, "alpha": 0.01, "beta": 1.0})
+    feature = cd_l1_norms(model, x, CPU, variant="feature", level="s3", **kw)
+    assert (feature > 10 * logit).all()
+
+
+# ---------------------------------------------------------------- STRIP, MSP, energy, Mahalanobis
+class ConstantLogits(nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("logits", torch.as_tensor(logits, dtype=torch.float32))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return self.logits.expand(len(x), -1)
+
+
+def test_strip_entropy_known_answers_and_blends():
+    x = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    overlays = torch.randint(0, 256, (3, 3, 4, 4), dtype=torch.uint8)
+    one_class = ConstantLogits([200.0, 0.0, 0.0, 0.0])
+    h = strip_entropy(one_class, x, overlays, CPU, batch_size=6)  # 2 inputs × 3 overlays per forward
+    assert h.shape == (5,) and np.all(np.abs(h) < 1e-12)
+    uniform = ConstantLogits([1.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(strip_entropy(uniform, x, overlays, CPU), np.log(4), rtol=1e-6)
+    seen = torch.cat(one_class.seen).view(5, 3, 3, 4, 4)
+    expect = (x.float()[:, None] / 255 + overlays.float()[None] / 255).clamp(0, 1)
+    torch.testing.assert_close(seen, expect)
+
+
+def test_msp_and_energy_match_numpy_formulas():
+    logits = np.random.default_rng(0).normal(scale=3.0, size=(50, 7))
+    t = torch.as_tensor(logits)
+    soft = np.exp(logits - logits.max(1, keepdims=True))
+    soft /= soft.sum(1, keepdims=True)
+    np.testing.assert_allclose(msp_suspicion(t), -soft.max(1))
+    np.testing.assert_allclose(msp_suspicion(t, sign=-1.0), soft.max(1))
+    for temp in (1.0, 2.5):
+        energy = -temp * np.log(np.exp(logits / temp).sum(1))  # Liu et al. eq. (7)
+        np.testing.assert_allclose(energy_suspicion(t, temp), energy)
+        np.testing.assert_allclose(energy_suspicion(t, temp, sign=-1.0), -energy)
+    # the default direction calls low confidence suspicious: a flat input outranks a confident one
+    pair = torch.tensor([[10.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    assert msp_suspicion(pair)[1] > msp_suspicion(pair)[0] and energy_suspicion(pair)[1] > energy_suspicion(pair)[0]
+
+
+@pytest.mark.parametrize("d", [5, 40])  # full rank, and singular (10 per class < d): pseudo-inverse
+def test_mahalanobis_matches_a_direct_formula(d):
+    rng = np.random.default_rng(d)
+    y = np.repeat(np.arange(3), 10)
+    feats = rng.normal(size=(30, d)) + 3 * rng.normal(size=(3, d))[y]
+    x = rng.normal(size=(20, d)) * 2
+    means = np.stack([feats[y == c].mean(0) for c in range(3)])
+    centred = feats - means[y]
+    prec = np.linalg.pinv(centred.T @ centred / len(feats))
+    direct = np.array([min((v - m) @ prec @ (v - m) for m in means) for v in x])
+    mu, p = fit_mahalanobis(feats, y)
+    np.testing.assert_allclose(mahalanobis_min(x, mu, p), direct, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ConfigError, match="covariance"):
+        fit_mahalanobis(feats, y, "graphical_lasso")
+
+
+# ---------------------------------------------------------------- pools
+def test_stratified_cap_keeps_the_poison_share():
+    labels = np.r_[np.zeros(90, int), np.ones(10, int)]
+    rows = stratified_cap(labels, 40, np.random.default_rng(0))
+    assert len(rows) == 40 == len(set(rows.tolist())) and labels[rows].sum() == 4
+    assert np.any(np.diff(labels[rows]) != 0)  # shuffled, not in blocks
+    assert sorted(stratified_cap(labels, None, np.random.default_rng(0))) == list(range(100))
+    rare = np.r_[np.zeros(999, int), 1]
+    assert rare[stratified_cap(rare, 10, np.random.default_rng(0))].sum() == 1  # never drops a class
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny backdoored run with every input detector (CD and STRIP kept cheap)."""
+    mp = pytest.MonkeyPatch()
+    seen: dict = {}
+    real_ext = pipeline.run_extensions
+
+    def capture(exp):
+        seen["exp"] = exp
+        return real_ext(exp)
+
+    mp.setattr(pipeline, "run_extensions", capture)
+    cfg = compose_cfg(with_tiny("defense=[cd,cd_feature,strip,msp,energy,mahalanobis,overlap]", "train.epochs=4",
+                                "defense.cd.steps=3", "defense.cd_feature.steps=3", "defense.strip.n_overlay=5"))
+    try:
+        out = pipeline.run(cfg, tmp_path_factory.mktemp("run"))
+    finally:
+        mp.undo()
+    return out, seen["exp"]
+
+
+def test_pools_exclude_the_reserve_and_label_poison(tiny_run):
+    _, exp = tiny_run
+    reserve = set(exp.reserve_index.tolist())
+    train = input_pool(exp, "train", 2000)
+    assert input_pool(exp, "train", 2000) is train is exp.info[INFO_KEY][("train", 2000)]  # shared by detectors
+    assert sorted(train.index.tolist()) == list(range(len(exp.train_set.y)))
+    np.testing.assert_array_equal(train.labels, exp.train_set.poison.numpy()[train.index])
+    assert torch.equal(train.x, exp.train_set.x[torch.as_tensor(train.index)])
+    assert 0 < train.labels.sum() < len(train.labels)
+
+    test = input_pool(exp, "test", 2000)
+    clean, trig = test.index[test.labels == 0], test.index[test.labels == 1]
+    bd = exp.backdoor_test
+    assert sorted(clean.tolist()) == exp.screen_index.tolist() and not reserve & set(clean.tolist())
+    kept = [i for i in range(len(bd.y_target)) if int(bd.index[i]) not in reserve]
+    assert sorted(trig.tolist()) == kept and len(kept) < len(bd.y_target)  # some triggered copies were dropped
+    assert (bd.y_true[torch.as_tensor(trig)] != exp.target).all()  # non-target images only
+    assert torch.equal(test.x[torch.as_tensor(test.labels == 0)], exp.data.x_test[torch.as_tensor(clean)])
+    assert torch.equal(test.x[torch.as_tensor(test.labels == 1)], bd.x[torch.as_tensor(trig)])
+
+    capped = input_pool(exp, "test", 20)
+    assert len(capped.x) == 20 and capped.labels.sum() == round(20 * test.labels.mean())
+    assert capped.n_available == len(test.labels) and capped.n_poison_available == test.labels.sum()
+
+    small, large = clean_reserve(exp, 2), clean_reserve(exp, 3)
+    assert set(small.index.tolist()) <= set(large.index.tolist()) <= reserve
+    assert Counter(small.y.tolist()) == {c: 2 for c in range(exp.data.num_classes)}
+    assert torch.equal(small.y, exp.data.y_test[torch.as_tensor(small.index)])
+
+
+def test_every_detector_records_both_pools(tiny_run):
+    out, exp = tiny_run
+    rows = [r for r in out["metrics"] if "pool" in r]
+    for defense in ("cd", "cd_feature", "strip", "msp", "energy", "mahalanobis", "overlap"):
+        for pool in ("train", "test"):
+            got = {r["metric"]: r["value"] for r in rows if (r["defense"], r["pool"]) == (defense, pool)}
+            expect = {"auroc", "aupr", "tpr95", "n", "n_poison", "wall_s", "s_per_1k"}
+            expect |= {"tpr", "fpr", "precision", "f1"} if defense in ("cd", "cd_feature", "strip") else set()
+            assert expect <= set(got), (defense, pool, expect - set(got))
+            p = input_pool(exp, pool, 2000)
+            assert (got["n"], got["n_poison"]) == (len(p.labels), p.labels.sum())
+            assert all(0.0 <= got[m] <= 1.0 for m in ("auroc", "aupr", "tpr95"))
+            assert got["s_per_1k"] == pytest.approx(1000 * got["wall_s"] / got["n"])
+    tagged = {(r["defense"], r.get("variant"), r.get("level")) for r in rows}
+    assert ("cd", "logit", None) in tagged and ("cd_feature", "feature", "s3") in tagged
+    assert ("overlap", None, "penult") in tagged and ("mahalanobis", None, "penult") in tagged
+
+
+def test_overlap_scores_each_input_against_its_predicted_class(tiny_run):
+    _, exp = tiny_run
+    reserve = clean_reserve(exp, 10)
+    cfg = {"name": "overlap", "level": "penult", "norm": 2, "num_radii": 10, "center": "p"}
+    pool = input_pool(exp, "test", 2000)
+    out = build_overlap(exp, reserve, cfg)(pool.x, "test")
+    logits, f = exp.features(pool.x, ("penult",))
+    rf = exp.features(reserve.x, ("penult",))[1]["penult"]
+    for i in range(0, len(pool.x), 7):
+        c = int(logits[i].argmax())
+        direct = OverlapScorer(norm=2, num_radii=10).fit(rf[reserve.y == c]).score(f["penult"][i:i + 1])
+        assert out.scores[i] == pytest.approx(-float(direct[0]))
+    with pytest.raises(ConfigError, match="norm"):
+        build_overlap(exp, reserve, {**cfg, "norm": 3})
+
+
+def test_bad_config_and_clean_pools(tiny_run):
+    _, exp = tiny_run
+    from bdexp.defenses import DEFENSES
+
+    with pytest.raises(ConfigError, match="variant"):
+        DEFENSES.get("cd")(exp, {"name": "cd", "variant": "pixels"})
+    with pytest.raises(ConfigError, match="stpes"):
+        DEFENSES.get("msp")(exp, {"name": "msp", "stpes": 3})
+    with pytest.raises(ConfigError, match="pools"):
+        DEFENSES.get("energy")(exp, {"name": "energy", "pools": ["val"]})
+    with pytest.raises(ConfigError, match="suspicious"):
+        DEFENSES.get("energy")(exp, {"name": "energy", "suspicious": "sometimes"})
+    # a pool without poisoned inputs (attack `none`) is skipped, and nothing is built
+    p = input_pool(exp, "train", 2000)
+    exp.info[INFO_KEY][("train", 7)] = InputPool("train", p.x, np.zeros_like(p.labels), p.index, len(p.labels), 0)
+
+    def never(*_):
+        raise AssertionError("a detector was built for a pool with nothing to find")
+
+    rows = run_input_detector(exp, {"name": "x", "pools": ["train"], "max_pool": 7}, never)
+    assert rows == [{"metric": "skipped", "value": 1.0, "pool": "train"}]
+
+
+# ---------------------------------------------------------------- report and presets
+def test_detect_table_layout_and_seed_mean():
+    run = dict(dataset="d", model="m", attack="patched", attack_mode="all_to_one", train="standard", regime="standard")
+    recs = []
+    for seed, v in ((0, 0.2), (1, 0.4)):
+        for defense in ("msp", "overlap"):
+            for pool in ("train", "test"):
+                for metric in ("auroc", "aupr", "tpr95", "n"):
+                    recs.append(dict(run, seed=seed, defense=defense, pool=pool, metric=metric,
+                                     value=v + (defense == "overlap")))
+    recs.append(dict(run, seed=0, metric="ba", value=0.9))  # a model-level record: not in the table
+    table = detect_table(pd.DataFrame(recs))
+    assert list(table.columns) == ["overlap", "msp"]  # OVL Table II order
+    assert list(table.index.names) == ["pool", "metric"]
+    assert list(table.loc["test"].index) == ["tpr95", "auroc", "aupr"]
+    assert table.loc[("train", "auroc"), "msp"] == pytest.approx(0.3)
+    assert table.loc[("train", "auroc"), "overlap"] == pytest.approx(1.3)
+
+
+def test_presets_compose():
+    ovl = compose_cfg(["experiment=ovl_backdoor"])
+    assert set(ovl.defense) == {"overlap", "strip", "mahalanobis", "msp", "energy", "cd"}
+    cd = compose_cfg(["experiment=cd_detect"])
+    assert (cd.defense.cd.variant, cd.defense.cd_feature.variant) == ("logit", "feature")
+    assert cd.defense.cd_feature.name == "cd" and cd.defense.cd_feature.alpha == 0.001  # SPEC §5.5 feature α
+    sweeps = {name: OmegaConf.load(Path(CONF_DIR) / "experiment" / f"{name}.yaml").hydra.sweeper.params
+              for name in ("ovl_backdoor", "cd_detect")}
+    assert sweeps["ovl_backdoor"]["attack"] == "patched,blended,warped"
+    assert sweeps["ovl_backdoor"]["attack.mode"] == "all_to_one,all_to_all"
+    assert sweeps["cd_detect"]["attack"] == "patched,blended,sig,warped"
