@@ -25,6 +25,7 @@ from bdexp.errors import ConfigError
 from bdexp.evaluate import backdoor_metrics
 from bdexp.experiment import Experiment
 from bdexp.report.summary import print_summary
+from bdexp import progress as progress_bars
 from bdexp.results import write_results
 from bdexp.training.fit import fit
 
@@ -89,6 +90,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     start = time.perf_counter()
     run_dir = Path(run_dir)
     seed_everything(int(cfg.seed))
+    progress_bars.set_enabled(bool(cfg.get("progress", True)))
     device = resolve_device(str(cfg.device))
     log.info("device %s, output %s", device, run_dir)
 

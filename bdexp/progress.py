@@ -5,6 +5,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bdexp.console import console
 
+# `progress=false` in the run config turns every bar off (pipeline.run sets this): sweeps and
+# logs piped to files then carry the log lines only.
+ENABLED = True
+
+
+def set_enabled(flag: bool) -> None:
+    global ENABLED
+    ENABLED = bool(flag)
+
 
 def make_progress() -> Progress:
     return Progress(
@@ -16,4 +25,5 @@ def make_progress() -> Progress:
         TextColumn("{task.fields[info]}"),
         console=console,
         transient=False,
+        disable=not ENABLED,
     )
