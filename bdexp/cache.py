@@ -3,13 +3,17 @@
 A model is stored under the hash of everything it depends on: the dataset, model, attack and
 training configs, the seed and the bdexp version. A sweep over defenses therefore trains each
 model once. Files are written to a temporary name and renamed, so a crash never leaves a
-half-written checkpoint, and they are loaded with ``weights_only=True``.
+half-written checkpoint, and they are loaded with ``weights_only=True``. Training a key holds a
+file lock (`lock`), so concurrent sweep jobs that need the same model train it once.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import bdexp
 
+try:  # POSIX record locks (work on NFS home directories of SLURM clusters too)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no cross-process lock, atomic writes still hold
+    fcntl = None
+
+log = logging.getLogger(__name__)
 # Keys that say where data lives or how chatty a run is, not what is computed.
 _IRRELEVANT_KEYS = {"root", "download", "debian_dir", "log_every"}
 
@@ -66,6 +76,33 @@ class ModelCache:
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.pt"
+
+    def checkpoint_path(self, key: str) -> Path | None:
+        """Where an unfinished training of `key` keeps its resumable epoch checkpoint."""
+        return self.root.parent / "checkpoints" / f"{key}.pt" if self.enabled else None
+
+    @contextlib.contextmanager
+    def lock(self, key: str):
+        """Hold an exclusive lock on `key` while training or loading it, so concurrent jobs that
+        need the same model train it once: the second waits, then loads the stored file. The OS
+        drops the lock of a killed job, and the next holder resumes from its checkpoint."""
+        if not self.enabled or fcntl is None:
+            yield
+            return
+        path = self.root.parent / "locks" / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as handle:
+            try:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                log.info("model %s is being trained by another job; waiting for it", key)
+                t0 = time.perf_counter()
+                fcntl.lockf(handle, fcntl.LOCK_EX)
+                log.info("model %s: lock released after %.0fs", key, time.perf_counter() - t0)
+            try:
+                yield
+            finally:
+                fcntl.lockf(handle, fcntl.LOCK_UN)
 
     def get(self, key: str) -> dict | None:
         """The stored {"state_dict", "meta"} or None; a corrupt file is treated as a miss."""

@@ -85,8 +85,9 @@ def clean_reference_model(cfg: DictConfig, data: ImageDataset, device: torch.dev
     return reference
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Execute one experiment and write `run_dir/results.json`; returns the results payload."""
+def run(cfg: DictConfig, run_dir: str | Path, config_hash: str | None = None) -> dict:
+    """Execute one experiment and write `run_dir/results.json`; returns the results payload.
+    `config_hash` (jobs.config_hash, computed by the CLI) lets a re-run sweep skip this job."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
     seed_everything(int(cfg.seed))
@@ -132,6 +133,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         "n_train": len(train.y),
         "n_poison": int(train.poison.sum()),
         "wall_s": time.perf_counter() - start,
+        "config_hash": config_hash,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     path = write_results(run_dir, run_info, metrics)

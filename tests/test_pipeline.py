@@ -86,7 +86,7 @@ def test_cli_bad_input_gives_one_clear_message(tmp_path):
     assert res.returncode == 2 and "source" in res.stdout
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
 def test_multirun_one_job_per_attack(tmp_path, launcher):
     sweep = tmp_path / "sweep"
     args = ["-m", *TINY, "train.epochs=1", "attack=patched,blended", "cache.enabled=false",

@@ -1,10 +1,18 @@
-"""The training loop shared by every regime: SGD + step schedule, bf16/channels_last on CUDA."""
+"""The training loop shared by every regime: SGD + step schedule, bf16/channels_last on CUDA.
+
+With a `checkpoint` path the loop saves everything the next epoch depends on (weights, optimizer
+and schedule state, the loader's shuffling/augmentation generator, torch's global RNG, history)
+every `checkpoint_every` epochs, atomically; a run killed mid-way resumes from the last saved
+epoch and ends with the same weights an uninterrupted run gets (on the same device).
+"""
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,9 +39,39 @@ def make_optimizer(model: nn.Module, cfg, steps_per_epoch: int):
     return opt, sched
 
 
+def save_checkpoint(path: Path, epoch: int, model: nn.Module, opt, sched, loader: DeviceLoader,
+                    history: dict) -> None:
+    from bdexp.cache import atomic_torch_save
+
+    sched_state = sched.state_dict()
+    sched_state["milestones"] = dict(sched_state["milestones"])  # Counter is not weights_only-safe
+    state = {"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched_state,
+             "loader_rng": loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
+             "history": history}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    atomic_torch_save(state, path)
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt, sched, loader: DeviceLoader) -> tuple[int, dict]:
+    """Restore a save_checkpoint file; returns (epochs done, history)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    state["sched"]["milestones"] = collections.Counter(state["sched"]["milestones"])
+    sched.load_state_dict(state["sched"])
+    loader.generator.set_state(state["loader_rng"])  # a CPU ByteTensor for CPU and CUDA generators
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["epoch"]), state["history"]
+
+
 def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: torch.device,
-                describe: str = "train") -> dict:
-    """Train in place; returns a history dict (per-epoch loss/acc, images/s, wall time)."""
+                describe: str = "train", checkpoint: Path | None = None, checkpoint_every: int = 1) -> dict:
+    """Train in place; returns a history dict (per-epoch loss/acc, images/s, wall time).
+    `checkpoint`: resume from this file if it exists and save to it every `checkpoint_every`
+    epochs (the caller deletes it once the finished model is stored)."""
     on_cuda = device.type == "cuda"
     if on_cuda:
         model = model.to(memory_format=torch.channels_last)
@@ -41,13 +79,21 @@ def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: tor
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and cfg.get("amp", True)
                 else nullcontext())
     opt, sched = make_optimizer(model, cfg, len(loader))
-    history = {"loss": [], "acc": [], "images_per_s": []}
+    history = {"loss": [], "acc": [], "images_per_s": [], "wall_s": 0.0}
+    first_epoch = 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        try:
+            first_epoch, history = load_checkpoint(Path(checkpoint), model, opt, sched, loader)
+            log.info("%s: resumed from %s after epoch %d of %d", describe, checkpoint, first_epoch, cfg.epochs)
+        except Exception as err:  # a checkpoint of another shape/version: start over, do not crash
+            log.warning("%s: cannot resume from %s (%s); training from scratch", describe, checkpoint, err)
     log_every = max(1, int(cfg.get("log_every", 10)))
-    start = time.perf_counter()
+    start = time.perf_counter() - float(history.get("wall_s", 0.0))
     model.train()
     with make_progress() as progress:
-        task = progress.add_task(describe, total=cfg.epochs * len(loader), info="")
-        for epoch in range(cfg.epochs):
+        task = progress.add_task(describe, total=cfg.epochs * len(loader), info="",
+                                 completed=first_epoch * len(loader))
+        for epoch in range(first_epoch, cfg.epochs):
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
@@ -76,6 +122,10 @@ def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: tor
             history["loss"].append(epoch_loss)
             history["acc"].append(correct.item() / seen)
             history["images_per_s"].append(seen / max(time.perf_counter() - t0, 1e-9))
+            history["wall_s"] = time.perf_counter() - start
+            if (checkpoint is not None and checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0
+                    and epoch + 1 < cfg.epochs):
+                save_checkpoint(Path(checkpoint), epoch + 1, model, opt, sched, loader, history)
     model.eval()
     history["wall_s"] = time.perf_counter() - start
     history["epochs"] = cfg.epochs
