@@ -109,6 +109,31 @@ def test_cd_feature_variant_matches_features_not_logits():
     assert (feature > 10 * logit).all()
 
 
+class LeakyToy(GatedToy):
+    """Like GatedToy, but a triggered input's logits still carry a share of the dense branch
+    (as in small real models): the target wins by a wide margin, the other logits move with the
+    content. Logit-matching CD must then keep the content; probability-matching CD need not."""
+
+    def forward(self, x, features=False):
+        gate = torch.sigmoid(20 * (x[:, :, -1, -1].mean(1, keepdim=True) - 0.75))
+        dense = 0.15 * x.flatten(1) @ self.w.T  # clean softmax stays soft
+        target = torch.zeros_like(dense)
+        target[:, 0] = 20.0
+        return (1 - gate) * dense + gate * (target + 0.5 * dense)
+
+
+def test_cd_probs_output_distils_the_trigger_where_logits_cannot():
+    model = LeakyToy()
+    x, labels = _toy_inputs(6, 6, seed=9)
+    kw = dict(seed=0, tag="t", steps=100, batch_size=12, lr=0.1, betas=(0.1, 0.1), beta=1.0)
+    logits = cd_l1_norms(model, x, CPU, output="logits", alpha=0.01, **kw)
+    probs = cd_l1_norms(model, x, CPU, output="probs", alpha=1e-3, **kw)
+    assert (logits[labels == 1] > 5).all()  # triggered: content kept to match the leaking logits
+    assert (probs[labels == 1] < 3).all()  # triggered: little more than the trigger pixel
+    assert (probs[labels == 0] > 40).all()  # clean probabilities still need most of the 64 px
+    assert metrics.auroc(labels, -probs) == 1.0
+
+
 # ---------------------------------------------------------------- STRIP, MSP, energy, Mahalanobis
 class ConstantLogits(nn.Module):
     def __init__(self, logits):

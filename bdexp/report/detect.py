@@ -13,7 +13,7 @@ from bdexp.report.tables import TABLES, pivot_mean, select
 
 METRICS = ["tpr95", "auroc", "aupr"]  # OVL §III-D2's three metrics, in its order
 # OVL Table II's column order (Ours, STRIP, Mahalanobis, ..., MSP), then energy and CD
-DETECTORS = ["overlap", "strip", "mahalanobis", "msp", "energy", "cd", "cd_feature"]
+DETECTORS = ["overlap", "strip", "mahalanobis", "msp", "energy", "cd", "cd_probs", "cd_feature"]
 SETTING_TAGS = ("variant", "level")
 
 
