@@ -71,12 +71,13 @@ def _stub(*, wrong_clean=0.1, right_trig=0.2, per_class=40, classes=4, empty=Fal
 CFG = {"set_size": 500, "repeats": 2, "num_radii": 10}
 
 
-def test_measured_accuracy_is_the_accuracy_of_the_drawn_mixture():
+@pytest.mark.parametrize("clean_from", ["disjoint", "p"])
+def test_measured_accuracy_is_the_accuracy_of_the_drawn_mixture(clean_from):
     exp = _stub()
-    rows = shift(exp, CFG)
+    rows = shift(exp, {**CFG, "clean_from": clean_from})
     m = int(_one(rows, "shift_set_size"))
     n_clean, n_trig = len(exp.data.y_test), len(exp.backdoor_test.y_true)
-    assert m == min(500, n_clean // 2, n_trig)  # P and T's clean part must fit side by side
+    assert m == min(500, n_clean // 2 if clean_from == "disjoint" else n_clean, n_trig)
     for metric in ("shift_bound", "shift_overlap"):
         assert {(r["rho"], r["space"], r["norm"]) for r in _by(rows, metric)} == \
             {(rho, s, n) for rho in RHOS for s in SPACES for n in NORMS}
@@ -84,9 +85,12 @@ def test_measured_accuracy_is_the_accuracy_of_the_drawn_mixture():
 
     correct_clean = (exp.pred_test == exp.data.y_test).numpy()
     correct_trig = (exp.pred_backdoor == exp.backdoor_test.y_true).numpy()
-    draws = shift_draws(numpy_rng(0, "shift"), n_clean, n_trig, m, 2)  # the analysis's own draws
+    draws = shift_draws(numpy_rng(0, "shift"), n_clean, n_trig, m, 2, clean_from)  # the analysis's own draws
     for d in draws:
-        assert not set(d["P"]) & set(d["clean"])  # P is disjoint from T's clean part
+        if clean_from == "disjoint":
+            assert not set(d["P"]) & set(d["clean"])  # P is disjoint from T's clean part
+        else:
+            assert np.array_equal(d["P"], d["clean"])
     assert _one(rows, "shift_clean_acc") == pytest.approx(np.mean([correct_clean[d["P"]].mean() for d in draws]))
     assert _one(rows, "shift_trigger_acc") == pytest.approx(correct_trig.mean())
     for rho in RHOS:
@@ -120,7 +124,8 @@ def test_a_measured_accuracy_above_the_bound_is_reported(caplog):
     different samples is < 1: with zero tolerance the check must fire (the finite-sample shortfall
     `tolerance: auto` exists for, see bdexp/analysis/shift.py)."""
     with caplog.at_level(logging.WARNING, logger="bdexp.analysis.shift"):
-        rows = shift(_stub(wrong_clean=0.0), {**CFG, "tolerance": 0, "spaces": ["input"], "norms": [2]})
+        rows = shift(_stub(wrong_clean=0.0), {**CFG, "tolerance": 0, "spaces": ["input"], "norms": [2],
+                                              "clean_from": "disjoint"})
     assert _one(rows, "shift_acc", rho=1.0) == 1.0 > _one(rows, "shift_bound", rho=1.0, space="input", norm="l2")
     count = sum(_one(rows, "shift_acc", rho=rho) > _one(rows, "shift_bound", rho=rho, space="input", norm="l2")
                 for rho in RHOS)
@@ -188,3 +193,14 @@ def test_preset_composes(extra):
     assert "dataset" in OmegaConf.load(CONF_DIR / "experiment" / "ovl_shift.yaml").hydra.sweeper.params
     if extra:
         assert cfg.dataset.train_limit == 10000
+
+
+def test_clean_part_from_p_makes_t_equal_p_at_full_purity():
+    """clean_from=p (default): T's clean images are P's own, so at ρ = 1 the samples are identical,
+    the bound is 1 in every space and norm and the accuracy on T is the accuracy on P."""
+    rows = shift(_stub(), {**CFG, "repeats": 2})
+    assert _one(rows, "shift_acc", rho=1.0) == pytest.approx(_one(rows, "shift_clean_acc"))
+    for r in _by(rows, "shift_overlap"):
+        if r["rho"] == 1.0:
+            assert r["value"] == pytest.approx(1.0)
+    assert _one(rows, "shift_violations") == 0
