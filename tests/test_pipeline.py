@@ -72,7 +72,7 @@ def test_cli_run_then_cached_rerun_then_report(tmp_path):
     assert "loaded cached model" in second.stdout + second.stderr
     written = report(tmp_path, tmp_path / "report", "runs")
     text = written["md"].read_text()
-    assert text.count("| synthetic |") == 2 and "Provenance: 2 run(s)" in text
+    assert text.count("| synthetic |") == 2 and "Provenance: 2 complete run(s)" in text
     assert written["csv"].exists() and written["tex"].exists()
 
 

@@ -30,6 +30,18 @@ def find_results(root: Path) -> list[Path]:
     return sorted(root.rglob(RESULTS_FILE))
 
 
+def run_statuses(paths: list[Path]) -> dict[str, list[str]]:
+    """Run directories grouped by their results.json status (complete, failed, unreadable)."""
+    out: dict[str, list[str]] = {}
+    for path in paths:
+        try:
+            status = json.loads(Path(path).read_text()).get("status", "complete")
+        except (OSError, json.JSONDecodeError):
+            status = "unreadable"
+        out.setdefault(status, []).append(str(Path(path).parent))
+    return out
+
+
 def collect(root: Path) -> pd.DataFrame:
     """One row per metric record, tagged with its run's identity and directory."""
     rows = []
