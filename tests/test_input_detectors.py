@@ -331,7 +331,8 @@ def test_detect_table_layout_and_seed_mean():
 
 def test_presets_compose():
     ovl = compose_cfg(["experiment=ovl_backdoor"])
-    assert set(ovl.defense) == {"overlap", "strip", "mahalanobis", "msp", "energy", "cd"}
+    assert set(ovl.defense) == {"overlap", "strip", "mahalanobis", "msp", "energy", "cd", "cd_probs"}
+    assert ovl.defense.cd_probs.output == "probs" and ovl.defense.cd_probs.alpha == 1e-4
     cd = compose_cfg(["experiment=cd_detect"])
     assert (cd.defense.cd.variant, cd.defense.cd_feature.variant) == ("logit", "feature")
     assert cd.defense.cd_feature.name == "cd" and cd.defense.cd_feature.alpha == 0.001  # SPEC §5.5 feature α
@@ -340,3 +341,11 @@ def test_presets_compose():
     assert sweeps["ovl_backdoor"]["attack"] == "patched,blended,warped"
     assert sweeps["ovl_backdoor"]["attack.mode"] == "all_to_one,all_to_all"
     assert sweeps["cd_detect"]["attack"] == "patched,blended,sig,warped"
+
+
+def test_matrix_preset_composes_every_detector():
+    m = compose_cfg(["experiment=matrix", "scale=cpu"])
+    assert set(m.defense) == {"ac", "ss", "sr", "cd", "cd_probs", "overlap", "strip", "mahalanobis", "ispl"}
+    assert list(m.defense.cd.pools) == ["test"] and m.defense.overlap.max_pool == 1000
+    params = OmegaConf.load(Path(CONF_DIR) / "experiment" / "matrix.yaml").hydra.sweeper.params
+    assert params["attack"] == "patched,blended,sig,warped,dlbd" and params["train"] == "standard,mlmmdr"
