@@ -3,7 +3,8 @@ sanitizers: each returns a keep-mask and the protocol of sanitize.py retrains an
 
 Epoch counts in the YAMLs are the paper's (for a 100-epoch schedule); they are multiplied by
 train.epochs / `reference_epochs` (at least 1), so `scale=cpu`'s 8-epoch runs scale the defense
-down with the rest of the run.
+down with the rest of the run. `reference_epochs` is the global `sanitizer_reference_epochs`: 100,
+and 40 under scale=cpu (why: conf/scale/cpu.yaml).
 """
 from __future__ import annotations
 
