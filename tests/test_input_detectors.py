@@ -349,3 +349,11 @@ def test_matrix_preset_composes_every_detector():
     assert list(m.defense.cd.pools) == ["test"] and m.defense.overlap.max_pool == 1000
     params = OmegaConf.load(Path(CONF_DIR) / "experiment" / "matrix.yaml").hydra.sweeper.params
     assert params["attack"] == "patched,blended,sig,warped,dlbd" and params["train"] == "standard,mlmmdr"
+
+
+def test_cd_probs_output_is_the_tempered_softmax():
+    model = ConstantLogits([2.0, 0.0, -2.0])
+    f = output_fn(model, "logit", "s3", "probs", 2.0)
+    np.testing.assert_allclose(f(torch.zeros(1, 1, 2, 2)).numpy(), torch.softmax(torch.tensor([[1.0, 0.0, -1.0]]), 1).numpy(),
+                               rtol=1e-6)
+    assert torch.equal(output_fn(model, "logit", "s3")(torch.zeros(1, 1, 2, 2)), model.logits.expand(1, -1))

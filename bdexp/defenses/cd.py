@@ -35,7 +35,7 @@ from bdexp.seeding import torch_generator
 
 VARIANTS = ("logit", "feature")
 OUTPUTS = ("logits", "probs")
-KEYS = ("variant", "output", "level", "steps", "lr", "betas", "alpha", "beta", "mask_init", "threshold_t", "autocast",
+KEYS = ("variant", "output", "temperature", "level", "steps", "lr", "betas", "alpha", "beta", "mask_init", "threshold_t", "autocast",
         "batch_size")
 LEVELS = ("s1", "s2", "s3", "penult")
 
@@ -63,12 +63,15 @@ def total_variation(m: torch.Tensor) -> torch.Tensor:
     return (tv_h + tv_w) / m[0].numel()
 
 
-def output_fn(model: nn.Module, variant: str, level: str, output: str = "logits"
+def output_fn(model: nn.Module, variant: str, level: str, output: str = "logits", temperature: float = 1.0
               ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What CD matches: the logits (authors' code), the softmax probabilities (`output: probs`, our
-    option, see cd_probs.yaml), or the flattened features at `level` (SPEC §5.5 feature variant)."""
+    """What CD matches: the logits (authors' code), the softmax probabilities at a temperature
+    (`output: probs`, softmax(z / temperature); our option, see cd_probs.yaml), or the flattened
+    features at `level` (SPEC §5.5 feature variant)."""
     if variant == "logit":
-        return (lambda x: model(x)) if output == "logits" else (lambda x: torch.softmax(model(x), dim=1))
+        if output == "logits":
+            return lambda x: model(x)
+        return lambda x: torch.softmax(model(x) / temperature, dim=1)
     return lambda x: model(x, features=True)[1][level]
 
 
@@ -99,13 +102,13 @@ def distill(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, colors: 
 
 def cd_l1_norms(model: nn.Module, x: torch.Tensor, device: torch.device, *, seed: int, tag: str, steps: int,
                 batch_size: int, variant: str = "logit", level: str = "s3", output: str = "logits",
-                **hyper: Any) -> np.ndarray:
+                temperature: float = 1.0, **hyper: Any) -> np.ndarray:
     """‖m‖₁ of every image of x (uint8 or float NCHW), optimised `batch_size` at a time."""
     n, c = len(x), x.shape[1]
     colors = torch.rand(int(steps), n, c, generator=torch_generator(seed, f"cd/colors/{tag}"))  # δ ~ U[0,1]^c
     norms = []
     with frozen(model):
-        f = output_fn(model, variant, level, output)
+        f = output_fn(model, variant, level, output, temperature)
         for start, xb in float_batches(x, int(batch_size), device):
             cb = colors[:, start:start + len(xb)].to(device=device, dtype=xb.dtype)
             norms.append(distill(f, xb, cb, **hyper).sum(dim=(1, 2, 3)).double().cpu())
@@ -119,6 +122,9 @@ def _params(dcfg: Any) -> dict[str, Any]:
     output = str(dcfg.get("output", "logits"))
     if output not in OUTPUTS:
         raise ConfigError(f"defense cd: output={output!r} is not one of {list(OUTPUTS)}")
+    temperature = float(dcfg.get("temperature", 1.0))
+    if not temperature > 0:
+        raise ConfigError(f"defense cd: temperature={temperature} must be > 0")
     level = str(dcfg.get("level", "s3"))
     if level not in LEVELS:
         raise ConfigError(f"defense cd: level={level!r} is not one of {list(LEVELS)}")
@@ -128,7 +134,7 @@ def _params(dcfg: Any) -> dict[str, Any]:
     betas = tuple(float(v) for v in dcfg.get("betas", (0.1, 0.1)))
     if len(betas) != 2:
         raise ConfigError(f"defense cd: betas={list(betas)} must be two numbers")
-    return dict(variant=variant, output=output, level=level, steps=steps, batch_size=int(dcfg.get("batch_size", 256)),
+    return dict(variant=variant, output=output, temperature=temperature, level=level, steps=steps, batch_size=int(dcfg.get("batch_size", 256)),
                 lr=float(dcfg.get("lr", 0.1)), betas=betas, alpha=float(dcfg.get("alpha", 0.01)),
                 beta=float(dcfg.get("beta", 1.0)), mask_init=float(dcfg.get("mask_init", 1.0)),
                 amp=bool(dcfg.get("autocast", False)))
