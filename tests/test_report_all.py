@@ -12,9 +12,9 @@ from bdexp.report.matrix import matrix_table
 from bdexp.results import write_results
 
 
-def _run(tmp, name, *, attack="patched", train="standard", seed=0, ba=0.9, asr=1.0, extra=()):
+def _run(tmp, name, *, attack="patched", train="standard", seed=0, ba=0.9, asr=1.0, extra=(), lam=None):
     run = {"dataset": "digits", "model": "convnet", "attack": attack, "attack_mode": "all_to_one", "train": train,
-           "seed": seed, "bdexp_version": "0.1.0"}
+           "seed": seed, "bdexp_version": "0.1.0", "lambda": lam}
     metrics = [{"metric": "ba", "value": ba}, {"metric": "asr", "value": asr}, *extra]
     write_results(tmp / "sweep" / name, run, metrics)
 
@@ -65,3 +65,12 @@ def test_only_failed_runs_give_a_clear_error(tmp_path):
     write_results(tmp_path / "s" / "0", {"attack": "sig", "error": {"type": "ValueError"}}, [], status="failed")
     with pytest.raises(BdexpError, match="1 failed run"):
         report(tmp_path / "s", None, "runs")
+
+
+def test_all_survives_a_sweep_with_one_lambda(tmp_path):
+    """A matrix-like sweep (one λ) once broke the mmdr_lambda plot and with it --table all."""
+    _run(tmp_path, "0", extra=_detectors(0.6, 0.9, 0.0))
+    _run(tmp_path, "1", train="mlmmdr", lam=0.3, extra=_detectors(0.5, 0.7, 0.5))
+    written = report(tmp_path / "sweep", tmp_path / "out", "all")
+    assert "mmdr_lambda:png" in written and written["mmdr_lambda:png"].exists()
+    assert "[matrix](#matrix)" in written["report"].read_text()

@@ -95,7 +95,11 @@ def report(directory: Path, out: Path | None, table: str) -> dict:
         return written
     every: dict[str, dict[str, Path]] = {}
     for name in TABLES.names():
-        written = render_one(name, frame, out, footer, quiet=True)
+        try:
+            written = render_one(name, frame, out, footer, quiet=True)
+        except Exception as err:  # one broken layout must not cost the others; say which and why
+            console.print(f"[yellow]table {name} failed: {type(err).__name__}: {err}[/]")
+            continue
         if written:
             every[name] = written
     index = write_report_index(out, every, {n: (TABLES.get(n).__doc__ or "").strip().splitlines()[0] for n in every},

@@ -61,6 +61,8 @@ def lambda_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     if table.empty:
         return []
     long = table.stack(list(range(table.columns.nlevels)), future_stack=True).rename("value").reset_index()
+    if "lambda" not in long:  # one λ in the sweep: pivot_mean dropped the constant level
+        long["lambda"] = df.loc[df["train"].isin(["mlmmdr", "slmmdr"]), "lambda"].dropna().iloc[0]
     indicators = [i for i in ["ba", "asr", "aro s1", "aro s2", "aro s3"] if i in set(long["indicator"])]
     fig, axes = plt.subplots(1, len(indicators), figsize=(3.2 * len(indicators), 3), squeeze=False)
     for ax, ind in zip(axes[0], indicators):
