@@ -15,7 +15,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from bdexp.results import RESULTS_FILE, read_results
+from bdexp.results import RESULTS_FILE, read_status
 
 
 def sweep_status(sweep_dir: Path, since: float | None = None) -> dict[str, list[tuple[Path, dict]]]:
@@ -27,8 +27,7 @@ def sweep_status(sweep_dir: Path, since: float | None = None) -> dict[str, list[
         if not path.exists():
             groups["missing"].append((job_dir, {}))
             continue
-        payload = read_results(path)
-        status = payload.get("status", "complete")
+        status, payload = read_status(path)
         if status == "complete" and since is not None and path.stat().st_mtime < since:
             status = "skipped"
         groups.setdefault(status, []).append((job_dir, payload))

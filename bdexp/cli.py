@@ -13,6 +13,7 @@ def _main(cfg: DictConfig) -> None:
     # Imports live inside: process launchers (joblib, submitit) pickle this function by value,
     # so it must not capture module globals such as the rich console (it holds a lock).
     import logging
+    import os
     from pathlib import Path
 
     import torch
@@ -35,7 +36,6 @@ def _main(cfg: DictConfig) -> None:
         return
     n_jobs = hc.launcher.get("n_jobs") if in_sweep else None
     if n_jobs is not None and int(n_jobs) < 0:  # joblib: -1 = all cores
-        import os
         n_jobs = os.cpu_count()
     threads = jobs.job_threads(cfg.get("threads"), int(n_jobs) if n_jobs else None)
     if threads is not None:

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import bdexp
-from bdexp.results import RESULTS_FILE, read_results, write_results
+from bdexp.results import RESULTS_FILE, read_status, run_identity, write_results
 
 log = logging.getLogger(__name__)
 
@@ -45,37 +45,12 @@ def config_hash(cfg: DictConfig) -> str:
 
 def completed(run_dir: Path, digest: str) -> bool:
     """True if run_dir/results.json is complete and was computed from the same config."""
-    path = Path(run_dir) / RESULTS_FILE
-    if not path.exists():
-        return False
-    try:
-        payload = read_results(path)
-    except (OSError, json.JSONDecodeError):
-        return False
-    return payload.get("status") == "complete" and payload.get("run", {}).get("config_hash") == digest
-
-
-def identity(cfg: DictConfig) -> dict:
-    """The run-level tags a report needs, read from the config alone (for failed jobs)."""
-    attack = cfg.get("attack") or {}
-    train = cfg.get("train") or {}
-    return {
-        "dataset": (cfg.get("dataset") or {}).get("name"),
-        "model": (cfg.get("model") or {}).get("name"),
-        "attack": attack.get("name"),
-        "attack_mode": attack.get("mode"),
-        "poison_rate": attack.get("poison_rate"),
-        "scenario": attack.get("scenario"),
-        "train": train.get("name"),
-        "lambda": train.get("mmd_weight"),
-        "seed": cfg.get("seed"),
-        "scale": cfg.get("scale_name", "full"),
-        "bdexp_version": bdexp.__version__,
-    }
+    status, payload = read_status(Path(run_dir) / RESULTS_FILE)
+    return status == "complete" and payload.get("run", {}).get("config_hash") == digest
 
 
 def write_failure(run_dir: Path, cfg: DictConfig, digest: str, err: BaseException) -> Path:
-    run = {**identity(cfg), "config_hash": digest,
+    run = {**run_identity(cfg), "config_hash": digest,
            "error": {"type": type(err).__name__, "message": str(err),
                      "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))}}
     try:

@@ -26,7 +26,7 @@ from bdexp.evaluate import backdoor_metrics
 from bdexp.experiment import Experiment
 from bdexp.report.summary import print_summary
 from bdexp import progress as progress_bars
-from bdexp.results import write_results
+from bdexp.results import run_identity, write_results
 from bdexp.training.fit import fit
 
 log = logging.getLogger(__name__)
@@ -108,22 +108,11 @@ def run(cfg: DictConfig, run_dir: str | Path, config_hash: str | None = None) ->
 
     history = fit_info.get("history", {})
     run_info = {
-        "dataset": cfg.dataset.name,
-        "model": cfg.model.name,
-        "attack": cfg.attack.name,
-        "attack_mode": cfg.attack.get("mode"),
+        **run_identity(cfg),
         "source": getattr(attack, "source", None),
         "target": getattr(attack, "target", None),
-        "poison_rate": cfg.attack.get("poison_rate"),
-        "scenario": cfg.attack.get("scenario"),
-        "train": cfg.train.name,
-        "lambda": cfg.train.get("mmd_weight"),
-        "kernel": cfg.train.get("kernel"),
-        "seed": int(cfg.seed),
-        "scale": cfg.get("scale_name", "full"),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "bdexp_version": bdexp.__version__,
         "torch_version": torch.__version__,
         "model_cache": fit_info["cache"],
         "model_key": fit_info["key"],

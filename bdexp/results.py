@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import bdexp
+
 RESULTS_FILE = "results.json"
 
 
@@ -35,3 +37,33 @@ def write_results(run_dir: Path, run: dict, metrics: list[dict], status: str = "
 
 def read_results(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def read_status(path: Path) -> tuple[str, dict]:
+    """(status, payload) of a results.json: "complete", "failed", ... or "unreadable" (payload {})."""
+    try:
+        payload = read_results(path)
+    except (OSError, json.JSONDecodeError):
+        return "unreadable", {}
+    return payload.get("status", "complete"), payload
+
+
+def run_identity(cfg) -> dict:
+    """The run-level tags every table groups by, read from the composed config alone (the pipeline
+    adds what needs the built attack; a failed job's record has only these)."""
+    attack = cfg.get("attack") or {}
+    train = cfg.get("train") or {}
+    return {
+        "dataset": (cfg.get("dataset") or {}).get("name"),
+        "model": (cfg.get("model") or {}).get("name"),
+        "attack": attack.get("name"),
+        "attack_mode": attack.get("mode"),
+        "poison_rate": attack.get("poison_rate"),
+        "scenario": attack.get("scenario"),
+        "train": train.get("name"),
+        "lambda": train.get("mmd_weight"),
+        "kernel": train.get("kernel"),
+        "seed": int(cfg.seed) if cfg.get("seed") is not None else None,
+        "scale": cfg.get("scale_name", "full"),
+        "bdexp_version": bdexp.__version__,
+    }

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bdexp.results import RESULTS_FILE
+from bdexp.results import RESULTS_FILE, read_status
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,7 @@ def run_statuses(paths: list[Path]) -> dict[str, list[str]]:
     """Run directories grouped by their results.json status (complete, failed, unreadable)."""
     out: dict[str, list[str]] = {}
     for path in paths:
-        try:
-            status = json.loads(Path(path).read_text()).get("status", "complete")
-        except (OSError, json.JSONDecodeError):
-            status = "unreadable"
-        out.setdefault(status, []).append(str(Path(path).parent))
+        out.setdefault(read_status(path)[0], []).append(str(Path(path).parent))
     return out
 
 

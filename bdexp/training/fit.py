@@ -38,40 +38,35 @@ def fit(cfg: DictConfig, data: ImageDataset, attack: Attack, train: PoisonedTrai
     # never loads stale weights into it.
     arch = [(name, list(t.shape)) for name, t in model.state_dict().items()]
     key = model_key(cfg, train_cfg=regime_cls.cache_identity(train_cfg), extra={**(key_extra or {}), "arch": arch})
+    # One job trains a key at a time; a concurrent job waits here, then loads the stored model.
     with cache.lock(key):
-        return _load_or_train(cfg, data, attack, train, device, cache, model, key, train_cfg, regime_cls,
-                              keep, seed, describe)
-
-
-def _load_or_train(cfg, data, attack, train, device, cache, model, key, train_cfg, regime_cls, keep, seed,
-                   describe):
-    hit = cache.get(key)
-    if hit is not None:
-        try:
-            model.load_state_dict(hit["state_dict"])
-        except RuntimeError as err:
-            log.warning("%s: cached model %s does not fit the model (%s); retraining", describe,
-                        cache.path(key), str(err).splitlines()[0])
-            hit = None
-    if hit is not None:
-        model.eval()
-        log.info("%s: loaded cached model %s (no training)", describe, cache.path(key))
-        return model, {"cache": "hit", "key": key, **hit["meta"]}
-    rows = slice(None) if keep is None else keep
-    loader = DeviceLoader(
-        train.x[rows], train.y[rows], train.poison[rows], train.cross[rows],
-        batch_size=train_cfg.batch_size, device=device, seed=seed,
-        crop_padding=cfg.dataset.augment.crop_padding, flip=cfg.dataset.augment.flip,
-        drop_last=True, batch_hook=attack.train_batch_hook,
-    )
-    regime = regime_cls(train_cfg, attack=attack)
-    checkpoint = cache.checkpoint_path(key)
-    history = train_model(model, loader, regime, train_cfg, device, describe=describe, checkpoint=checkpoint,
-                          checkpoint_every=int(cfg.get("checkpoint_every", 1)))
-    meta = {"history": history, "trained_on": len(loader.x)}
-    path = cache.put(key, model.state_dict(), meta)
-    if path is not None:
-        log.info("%s: stored model in %s", describe, path)
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
-    return model, {"cache": "miss" if cache.enabled else "disabled", "key": key, **meta}
+        hit = cache.get(key)
+        if hit is not None:
+            try:
+                model.load_state_dict(hit["state_dict"])
+            except RuntimeError as err:
+                log.warning("%s: cached model %s does not fit the model (%s); retraining", describe,
+                            cache.path(key), str(err).splitlines()[0])
+                hit = None
+        if hit is not None:
+            model.eval()
+            log.info("%s: loaded cached model %s (no training)", describe, cache.path(key))
+            return model, {"cache": "hit", "key": key, **hit["meta"]}
+        rows = slice(None) if keep is None else keep
+        loader = DeviceLoader(
+            train.x[rows], train.y[rows], train.poison[rows], train.cross[rows],
+            batch_size=train_cfg.batch_size, device=device, seed=seed,
+            crop_padding=cfg.dataset.augment.crop_padding, flip=cfg.dataset.augment.flip,
+            drop_last=True, batch_hook=attack.train_batch_hook,
+        )
+        regime = regime_cls(train_cfg, attack=attack)
+        checkpoint = cache.checkpoint_path(key)
+        history = train_model(model, loader, regime, train_cfg, device, describe=describe, checkpoint=checkpoint,
+                              checkpoint_every=int(cfg.get("checkpoint_every", 1)))
+        meta = {"history": history, "trained_on": len(loader.x)}
+        path = cache.put(key, model.state_dict(), meta)
+        if path is not None:
+            log.info("%s: stored model in %s", describe, path)
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)
+        return model, {"cache": "miss" if cache.enabled else "disabled", "key": key, **meta}
