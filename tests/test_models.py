@@ -80,29 +80,77 @@ def test_small_and_odd_sizes(name: str, size: int) -> None:
     assert all(torch.isfinite(f).all() for f in feats.values())
 
 
+def _trained_bn(model: FeatureModel, x: torch.Tensor) -> FeatureModel:
+    """`model` in eval mode with BN statistics and affine terms away from (0, 1): a BN after the
+    mask would then map a zeroed channel to ReLU(β − γμ/σ) ≠ 0, so the test sees the difference."""
+    g = torch.Generator().manual_seed(2)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data = 0.5 + torch.rand(m.weight.shape, generator=g)
+            m.bias.data = 0.1 + torch.rand(m.bias.shape, generator=g)  # β > 0: ReLU(BN(0)) > 0
+    model.train()
+    with torch.no_grad():
+        model(x)  # running statistics from real activations
+    return model.eval()
+
+
 @pytest.mark.parametrize("name", ALL_MODELS)
-def test_s3_channel_mask(name: str) -> None:
+def test_full_mask_zeroes_penult_and_leaves_fc_bias(name: str) -> None:
+    """Neuron pruning (ML-MMDR §6.2, Fig. 10) of every s3 channel leaves nothing for the classifier:
+    penult is exactly zero and every logit equals the fc bias."""
     model = make(name, 3, size=16)
+    x = images(4, 3, 16)
+    _trained_bn(model, x)
     assert model.s3_channel_mask.shape == (model.s3_channels,)
     assert torch.equal(model.s3_channel_mask, torch.ones(model.s3_channels))
-    x = images(2, 3, 16)
     with torch.no_grad():
         before, feats_before = model(x, features=True)
         model.s3_channel_mask.zero_()
         after, feats_after = model(x, features=True)
-    assert feats_before["s3"].abs().sum() > 0
+    assert feats_before["penult"].abs().sum() > 0
     assert torch.count_nonzero(feats_after["s3"]) == 0
+    assert torch.count_nonzero(feats_after["penult"]) == 0
+    torch.testing.assert_close(after, model.fc.bias.expand_as(after), rtol=0, atol=0)
     assert not torch.allclose(before, after)
 
 
-def test_partial_mask_zeroes_only_chosen_channels() -> None:
-    model = make("resnet32", 3, size=16)
-    model.s3_channel_mask[:3] = 0
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_single_masked_channel_is_zero_downstream(name: str) -> None:
+    """One pruned channel: zero in s3 and in penult (the head only pools), other channels untouched."""
+    model = make(name, 3, size=16)
+    x = images(4, 3, 16)
+    _trained_bn(model, x)
+    c = model.s3_channels
     with torch.no_grad():
-        _, feats = model(images(2, 3, 16), features=True)
-    s3 = feats["s3"].view(2, model.s3_channels, -1)
-    assert torch.count_nonzero(s3[:, :3]) == 0
-    assert torch.count_nonzero(s3[:, 3:]) > 0
+        _, full = model(x, features=True)
+        model.s3_channel_mask[1] = 0
+        _, pruned = model(x, features=True)
+    s3_full, s3_pruned = full["s3"].view(4, c, -1), pruned["s3"].view(4, c, -1)
+    assert s3_full[:, 1].abs().sum() > 0
+    assert torch.count_nonzero(s3_pruned[:, 1]) == 0
+    keep = [i for i in range(c) if i != 1]
+    torch.testing.assert_close(s3_pruned[:, keep], s3_full[:, keep], rtol=0, atol=0)
+    assert full["penult"].shape[1] == c  # penult is the pooled s3, channel for channel
+    assert torch.count_nonzero(pruned["penult"][:, 1]) == 0
+    torch.testing.assert_close(pruned["penult"][:, keep], full["penult"][:, keep], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_penult_is_pooled_s3(name: str) -> None:
+    """Nothing between the mask and the pooling changes values: penult = max-pool(s) + mean of s3.
+    The s3 channels the pruning ranks are the ones the classifier consumes."""
+    model = make(name, 3, size=32)
+    x = images(3, 3, 32)
+    _trained_bn(model, x)
+    with torch.no_grad():
+        _, feats = model(x, features=True)
+        s3 = feats["s3"].view(3, model.s3_channels, -1)
+        if name.startswith("vgg"):  # VGG's final max-pool sits in the head (2×2 -> 1×1 at 32 px)
+            expected = s3.amax(2)
+        else:
+            expected = s3.mean(2)
+    torch.testing.assert_close(feats["penult"], expected, rtol=1e-5, atol=1e-6)
+    assert bool((feats["s3"] >= 0).all())  # post-activation
 
 
 @pytest.mark.parametrize("name", ["convnet", "resnet18"])

@@ -4,6 +4,9 @@ Every model is a `FeatureModel` built from five parts, so that all families shar
 
     normalize -> stage1 -> s1 -> stage2 -> s2 -> stage3 -> s3 (* s3_channel_mask) -> head -> penult -> fc
 
+stage3 includes the last activation (e.g. PreActResNet's final BN-ReLU) and `head` only pools, so
+a channel zeroed by the mask is zero in `penult` too (neuron pruning, ML-MMDR §6.2 / Fig. 10).
+
 Features are returned from `forward` itself, not collected with hooks (SPEC §2: the ML-MMDR
 authors report that hook-based training did worse).
 """
@@ -57,7 +60,9 @@ class FeatureModel(nn.Module):
 
     def _finish(self, s3_channels: int) -> None:
         """Add the s3 pruning mask; subclasses call this once their layers exist."""
-        # Neural Cleanse neuron pruning (SPEC §5.3) zeroes entries; all ones = no effect.
+        # Neural Cleanse neuron pruning (ML-MMDR §6.2, Fig. 10) zeroes entries; all ones = no effect.
+        # Contract: stage3 ends in its last activation and `head` maps a zero channel to zero
+        # (pooling/max-pool only), so a pruned channel is zero in what `fc` consumes.
         self.register_buffer("s3_channel_mask", torch.ones(int(s3_channels)))
 
     @property

@@ -2,7 +2,8 @@
 
 CIFAR variant: a 3×3 stride-1 stem conv and no max-pool, then four layers of two blocks with base
 widths 64/128/256/512 (strides 1/2/2/2). Projection shortcuts (1×1 conv) where the shape changes.
-SPEC §2: s1 = layer2 output, s2 = layer3, s3 = layer4 before pooling, penult = pooled 512-d vector.
+ML-MMDR App. A, Table 1 (RBB/PBB block outputs): s1 = layer2 output, s2 = layer3, s3 = layer4 before
+pooling (for PreActResNet after its final BN-ReLU), penult = pooled 512-d vector.
 """
 from __future__ import annotations
 
@@ -95,12 +96,18 @@ class ResNet(FeatureModel):
             )
         )
         self.stage2 = _layer(block, w[1], w[2], blocks[2], 2)  # layer3
-        self.stage3 = _layer(block, w[2], w[3], blocks[3], 2)  # layer4
+        layer4 = _layer(block, w[2], w[3], blocks[3], 2)
         if preact:
-            # Final BN-ReLU of the pre-activation design (He et al. 2016b), applied after s3.
-            self.head = PoolFlatten(nn.BatchNorm2d(w[3]), nn.ReLU(inplace=True))
+            # The pre-activation design's final BN-ReLU (He et al. 2016b) belongs to stage3, so s3
+            # is the activated layer4 output the head pools. Neuron pruning (ML-MMDR §6.2, Fig. 10)
+            # masks s3 channels; with the BN-ReLU after the mask a "pruned" channel would become
+            # the constant ReLU(BN(0)) instead of zero.
+            self.stage3 = nn.Sequential(
+                OrderedDict(layer4=layer4, bn=nn.BatchNorm2d(w[3]), relu=nn.ReLU(inplace=True))
+            )
         else:
-            self.head = PoolFlatten()
+            self.stage3 = layer4  # ends in a block's ReLU
+        self.head = PoolFlatten()  # 0 stays 0: a pruned channel contributes nothing to penult
         self.fc = nn.Linear(w[3], num_classes)
         self._finish(w[3])
         kaiming_init(self)  # torchvision's ResNet init: convs fan_out, Linear left at default
