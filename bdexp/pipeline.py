@@ -111,6 +111,7 @@ def run(cfg: DictConfig, run_dir: str | Path, config_hash: str | None = None) ->
         **run_identity(cfg),
         "source": getattr(attack, "source", None),
         "target": getattr(attack, "target", None),
+        "poison_budget": getattr(attack, "budget_rule", None),  # which samples count toward ε (attacks/base.py)
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch_version": torch.__version__,

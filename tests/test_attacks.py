@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 import bdexp
 from bdexp.attacks import ATTACKS, Attack, BackdoorTestSet, PoisonedTrainSet, build_attack
+from bdexp.attacks.base import COMMON_DEFAULTS
 from bdexp.errors import ConfigError
 
 CONF = Path(bdexp.__file__).parent / "conf" / "attack"
@@ -40,9 +41,22 @@ def test_registry_and_yamls_match():
     for name in NAMES:
         c = OmegaConf.load(CONF / f"{name}.yaml")
         assert c.name == name
-        assert {"target", "mode", "source", "poison_rate", "inject", "label_mode"} <= set(c)
+        assert {"target", "mode", "source", "poison_rate", "budget", "inject", "label_mode"} <= set(c)
         attack = make(name)
         assert set(c) == set(attack.cfg)  # the YAML lists every key the attack takes
+
+
+def test_every_attack_yaml_declares_its_budget():
+    """ISPL's attacks count ε per class (ISPL App. B), ML-MMDR's and the generic ones over the whole
+    training set (ML-MMDR §3.2's ratio r); each YAML states its attack's default."""
+    ispl = {"dlbd", "watermark", "clbd"}
+    for path in sorted(CONF.glob("*.yaml")):
+        c = OmegaConf.load(path)
+        code_default = {**COMMON_DEFAULTS, **ATTACKS.get(c.name).options}["budget"]
+        assert c.budget == code_default == ("class" if c.name in ispl else "dataset"), c.name
+    x, y = data(n=1800)  # 180 per class
+    out = make("patched", poison_rate=0.05).poison_train(x, y)
+    assert int(out.poison.sum()) == round(0.05 * 1800) and make("patched").budget_rule.startswith("dataset:")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,5 +1,6 @@
-"""`clbd` (SPEC §1; ISPL App. B after Turner et al.): stamp(PGD(x)) on target-class images, labels
-kept; only the corner checkerboards at test time; the pipeline supplies a cached clean reference."""
+"""`clbd` (ISPL §4.1, App. B after Turner et al.): stamp(PGD(x)) on target-class images, labels
+kept; only the corner checkerboards at test time, on every non-target image by default; the pipeline
+supplies a cached clean reference."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -67,8 +68,12 @@ def test_registered_yaml_lists_every_key_and_scenario_defaults():
     c = OmegaConf.load(CONF / "clbd.yaml")
     attack = make()
     assert set(c) == set(attack.cfg)
-    assert attack.label_mode == "clean" and attack.mode == "one_to_one" and c.scenario == 0
-    assert (attack.source, attack.target) == (0, 2)  # ISPL scenario 0: (airplane, bird)
+    # ISPL §4.1 measures "misclassify an image from any non-source class": all_to_one, source null
+    assert attack.label_mode == "clean" and attack.mode == "all_to_one" and c.scenario == 0
+    assert (attack.source, attack.target) == (None, 2)  # ISPL scenario 0's target (bird)
+    assert attack.budget == "class" and "target class 2" in attack.budget_rule
+    one = make(mode="one_to_one")  # the scenario's source comes back with one_to_one
+    assert (one.source, one.target) == (0, 2)
     assert attack.eps == pytest.approx(8 / 255) and attack.step_size == pytest.approx(2 / 255)
     assert attack.steps == 10 and type(attack).needs_reference_model is True
 
@@ -124,13 +129,13 @@ def test_backdoor_test_set_is_the_stamp_only():
     x, y = data()
     attack = make()  # no reference model needed at test time
     bd = attack.backdoor_test(x, y)
-    assert torch.equal(bd.index, (y == attack.source).nonzero().flatten())  # one_to_one: source images
+    assert torch.equal(bd.index, (y != 2).nonzero().flatten())  # default: any non-target image
     assert (bd.y_target == attack.target).all() and torch.equal(bd.y_true, y[bd.index])
     mask = attack.trigger_mask()
     assert torch.equal(bd.x[:, :, ~mask], x[bd.index][:, :, ~mask])
     assert torch.equal(bd.x[:, :, mask], attack.pattern[:, mask].expand(len(bd.x), -1, -1))
-    everyone = make(mode="all_to_one").backdoor_test(x, y)  # Turner/ISPL: any non-target image
-    assert torch.equal(everyone.index, (y != 2).nonzero().flatten())
+    source_only = make(mode="one_to_one").backdoor_test(x, y)  # scenario 0's source images
+    assert torch.equal(source_only.index, (y == 0).nonzero().flatten())
 
 
 def test_append_keeps_originals_and_is_deterministic(reference):
@@ -152,6 +157,8 @@ def test_append_keeps_originals_and_is_deterministic(reference):
         ({"pgd_steps": -1}, "pgd_steps"),
         ({"pgd_eps": -0.1}, "pgd_eps"),
         ({"mode": "all_to_all"}, "label_mode"),
+        ({"budget": "dataset"}, "budget"),
+        ({"source": 0}, "source"),  # all_to_one (the default) takes no source
     ],
 )
 def test_config_errors(over, key):
@@ -162,7 +169,7 @@ def test_config_errors(over, key):
 def test_pipeline_run_end_to_end_and_shares_the_cached_reference(tiny_cfg, tmp_path):
     # On the easy synthetic data ε = 8/255 cannot make the target images hard (the clean-label
     # backdoor is not learned, as with the stamp alone); a large ε (Turner et al. went to 32/255) can.
-    over = ("attack=clbd", "attack.scenario=null", "attack.target=1", "attack.source=0", "attack.pgd_eps=0.25",
+    over = ("attack=clbd", "attack.scenario=null", "attack.target=1", "attack.pgd_eps=0.25",
             "attack.poison_rate=1.0")
     out = pipeline.run(tiny_cfg(*over, cache=True), tmp_path / "run")
     metrics = {r["metric"]: r["value"] for r in out["metrics"] if "defense" not in r and "analysis" not in r}

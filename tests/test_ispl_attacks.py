@@ -1,4 +1,5 @@
-"""ISPL's attacks (SPEC §1 `dlbd`, `watermark`): triggers, scenarios, 1-to-1 poisoning, errors."""
+"""ISPL's attacks (`dlbd`, `watermark`; ISPL §4.1, App. B): triggers, scenarios, ISPL's poison
+budget in every mode, errors."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 import bdexp
+from bdexp import pipeline
 from bdexp.attacks import ATTACKS, build_attack
 from bdexp.attacks.dlbd import SHAPES
 from bdexp.attacks.scenarios import SCENARIOS
@@ -36,6 +38,11 @@ def data(n: int = 200, c: int = 3, hw: int = 16, seed: int = 0):
     x = torch.rand(n, c, hw, hw, generator=g)
     y = (torch.arange(n) % K)[torch.randperm(n, generator=g)]
     return x, y
+
+
+def per_class(y: torch.Tensor, poison: torch.Tensor) -> list[int]:
+    """Poisoned samples per (original) class."""
+    return torch.bincount(y[poison], minlength=K).tolist()
 
 
 @pytest.mark.parametrize("name", ["dlbd", "watermark"])
@@ -120,9 +127,6 @@ def test_scenario_with_other_modes_and_explicit_values(name):
     x, y = data()
     attack = make(name, scenario=3, mode="all_to_one")
     assert attack.target == 4 and attack.source is None
-    out = attack.poison_train(x, y)
-    assert int(out.poison.sum()) == round(0.1 * len(y))
-    assert (y[out.poison] != 4).all() and (out.y[out.poison] == 4).all()
     assert torch.equal(attack.backdoor_test(x, y).index, (y != 4).nonzero().flatten())
     assert make(name, scenario=3, mode="all_to_all").target == 4
     agree = make(name, scenario=3, target=4, source=7)  # explicit values equal to the pair: fine
@@ -130,6 +134,72 @@ def test_scenario_with_other_modes_and_explicit_values(name):
     free = make(name, scenario=None, target=1, source=6)  # no scenario: any pair, any K
     assert (free.source, free.target) == (6, 1)
     assert make(name, k=5, scenario=None, target=1, source=3).source == 3
+
+
+@pytest.mark.parametrize("name", ["dlbd", "watermark"])
+@pytest.mark.parametrize("eps, each", [(0.05, 1), (0.2, 4)])
+def test_all_to_one_poisons_eps_of_one_class_spread_equally(name, eps, each):
+    """ISPL App. B: "an equal proportion of every non-target class such that the total amount of
+    poison is ε times the size of the source class" (§4.2: "an ε/9 percentage of each non-target
+    class"). 180 per class: ε/9·180 = `each` per non-target class, 9·each = ε·180 in all."""
+    x, y = data(n=1800)
+    attack = make(name, scenario=3, mode="all_to_one", poison_rate=eps)  # target 4
+    out = attack.poison_train(x, y)
+    assert per_class(y, out.poison) == [0 if c == 4 else each for c in range(K)]
+    assert int(out.poison.sum()) == 9 * each == round(eps * 180)
+    assert (out.y[out.poison] == 4).all() and torch.equal(out.y[~out.poison], y[~out.poison])
+    assert attack.budget_rule.startswith("class:") and "non-target" in attack.budget_rule
+
+
+@pytest.mark.parametrize("name", ["dlbd", "watermark"])
+def test_all_to_all_poisons_eps_of_every_class(name):
+    """ISPL App. B: "we select a cyclic permutation of the classes, then poison a ε percentage of
+    each class": 0.05·180 = 9 of every class, relabelled to the next class."""
+    x, y = data(n=1800)
+    out = make(name, scenario=3, mode="all_to_all", poison_rate=0.05).poison_train(x, y)
+    assert per_class(y, out.poison) == [9] * K
+    assert torch.equal(out.y[out.poison], (y[out.poison] + 1) % K)
+
+
+def test_all_to_one_uses_each_class_own_size():
+    """Equal proportion, not equal count: classes of 100·(c+1) images at ε = 0.09 lose
+    0.09/9·100·(c+1) = c+1 images each (none from the target)."""
+    y = torch.cat([torch.full((100 * (c + 1),), c) for c in range(K)])
+    x = torch.rand(len(y), 3, 16, 16)
+    out = make("dlbd", scenario=None, target=0, mode="all_to_one", poison_rate=0.09).poison_train(x, y)
+    assert per_class(y, out.poison) == [0] + [c + 1 for c in range(1, K)]
+
+
+def test_pipeline_all_to_one_budget_and_its_record(tiny_cfg, tmp_path):
+    """`attack=dlbd attack.mode=all_to_one attack.poison_rate=0.05` on 10 balanced classes of 180:
+    5 % of one class's size (9 images), one from each non-target class; the run info says which
+    rule produced the count."""
+    cfg = tiny_cfg("attack=dlbd", "attack.mode=all_to_one", "attack.poison_rate=0.05", "dataset.num_classes=10",
+                   "dataset.train_size=1800", "train.epochs=1")
+    out = pipeline.run(cfg, tmp_path)
+    _, attack, train, _ = pipeline.prepare(cfg)
+    assert out["run"]["n_poison"] == int(train.poison.sum()) == round(0.05 * 180)
+    assert per_class(train.y_true, train.poison) == [0 if c == attack.target else 1 for c in range(K)]
+    assert out["run"]["poison_budget"] == attack.budget_rule and "eps/(K-1)" in attack.budget_rule
+
+
+def test_dataset_budget_is_the_generic_rule_and_one_to_one_is_unchanged():
+    """budget=dataset restores the generic attacks' rule (ε·N among non-target samples); the
+    1-to-1 draw is the same under both budgets."""
+    x, y = data(n=1800)
+    out = make("dlbd", scenario=3, mode="all_to_one", poison_rate=0.05, budget="dataset").poison_train(x, y)
+    assert int(out.poison.sum()) == round(0.05 * 1800) and not out.poison[y == 4].any()
+    a = make("dlbd", scenario=3, poison_rate=0.1).poison_train(x, y)
+    b = make("dlbd", scenario=3, poison_rate=0.1, budget="dataset").poison_train(x, y)
+    assert torch.equal(a.poison, b.poison) and per_class(y, a.poison)[7] == 18 == int(a.poison.sum())
+
+
+def test_class_budget_errors():
+    x, y = data(n=200)  # 20 per class: 0.1/9·20 rounds to 0 in every class
+    with pytest.raises(ConfigError, match="rounds to 0.*budget=class"):
+        make("dlbd", scenario=3, mode="all_to_one", poison_rate=0.1).poison_train(x, y)
+    with pytest.raises(ConfigError, match="attack.budget"):
+        make("dlbd", budget="source")
 
 
 @pytest.mark.parametrize("name", ["dlbd", "watermark"])

@@ -1,9 +1,19 @@
-"""The attack contract (SPEC §1): common knobs, sample selection, and the poisoned/backdoor sets.
+"""The attack contract: common knobs, sample selection, and the poisoned/backdoor sets.
 
 A subclass declares its own config keys in ``options`` (name -> default), builds its trigger once
 in ``build`` from a seeded local generator, and implements ``apply_trigger`` (x' = G(x, b)).
 Everything else — validation of the common keys, which samples are poisoned, relabelling,
 replace/append injection and the backdoor test set — lives here so every attack shares it.
+
+How many samples are poisoned is each attack's declared `budget` (its YAML states which):
+- `dataset` (ML-MMDR's and the generic attacks): n = round(ε·N) of the whole training set N, drawn
+  at random among the candidates of the mode; one_to_one: n = round(ε·|source|).
+- `class` (ISPL's attacks, ISPL App. B and §4.2): ε is a fraction of a class. one_to_one:
+  round(ε·|source|) of the source class; all_to_one: "we poison an equal proportion of every
+  non-target class such that the total amount of poison is ε times the size of the source class"
+  ("an ε/9 percentage of each non-target class", §4.2), i.e. round(ε/(K−1)·|c|) of every
+  non-target class c; all_to_all: "poison a ε percentage of each class", round(ε·|c|) of every
+  class; label_mode=clean: round(ε·|target|) of the target class.
 """
 from __future__ import annotations
 
@@ -24,12 +34,15 @@ ATTACKS: Registry = Registry("attack")
 MODES = ("all_to_one", "one_to_one", "all_to_all")
 INJECTS = ("replace", "append")
 LABEL_MODES = ("dirty", "clean")
-# Keys every attack YAML carries, with the defaults of SPEC §1 / the task brief.
+BUDGETS = ("dataset", "class")  # what poison_rate is a fraction of (module docstring)
+# Keys every attack YAML carries, with the generic attacks' defaults (ISPL's attacks override
+# target/mode/budget in bdexp.attacks.scenarios; each YAML restates its own).
 COMMON_DEFAULTS: dict[str, Any] = {
     "target": 0,
     "mode": "all_to_one",
     "source": None,
     "poison_rate": 0.1,
+    "budget": "dataset",
     "inject": "replace",
     "label_mode": "dirty",
 }
@@ -95,6 +108,7 @@ class Attack:
         self.mode: str = merged["mode"]
         self.source: int | None = merged["source"]
         self.poison_rate: float = float(merged["poison_rate"])
+        self.budget: str = merged["budget"]
         self.inject: str = merged["inject"]
         self.label_mode: str = merged["label_mode"]
         self.build(torch.Generator().manual_seed(derive_seed(self.seed, f"trigger/{self.name}")))
@@ -104,7 +118,7 @@ class Attack:
         k = self.num_classes
         if not _is_int(c["target"]) or not 0 <= c["target"] < k:
             raise ConfigError(f"attack.target={c['target']!r} must be an int class index in [0, {k - 1}]")
-        for key, allowed in (("mode", MODES), ("inject", INJECTS), ("label_mode", LABEL_MODES)):
+        for key, allowed in (("mode", MODES), ("budget", BUDGETS), ("inject", INJECTS), ("label_mode", LABEL_MODES)):
             if c[key] not in allowed:
                 raise ConfigError(f"attack.{key}={c[key]!r} is not allowed; choose one of {list(allowed)}")
         src = c["source"]
@@ -171,37 +185,69 @@ class Attack:
             return (y + 1) % self.num_classes
         return torch.full_like(y, self.target)
 
-    def select(self, y: torch.Tensor) -> torch.Tensor:
-        """Sorted indices of the training samples to poison (SPEC §1 poison-rate semantics)."""
+    @property
+    def budget_rule(self) -> str:
+        """The selection rule this attack uses, in words (recorded in the run info)."""
+        if not self.poisons:
+            return "none"
+        if self.budget == "class":
+            if self.label_mode == "clean":
+                return f"class: round(eps*|c|) of the target class {self.target}"
+            return {"one_to_one": f"class: round(eps*|c|) of the source class {self.source}",
+                    "all_to_one": f"class: round(eps/(K-1)*|c|) of each non-target class (K={self.num_classes})",
+                    "all_to_all": "class: round(eps*|c|) of every class"}[self.mode]
+        if self.mode == "one_to_one":
+            return f"dataset: round(eps*|c|) of the source class {self.source}"
+        pool = {"clean": "target-class", "dirty": "non-target" if self.mode == "all_to_one" else "any"}
+        return f"dataset: round(eps*N) of the training set, drawn among {pool[self.label_mode]} samples"
+
+    def quotas(self, y: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """(candidate indices, how many of them to poison) per group, by the `budget` rule (see the
+        module docstring). One group for `dataset`; one per poisoned class for `class`."""
+        rate, k = self.poison_rate, self.num_classes
+        if self.budget == "class":
+            if self.label_mode == "clean":
+                classes, share = [self.target], rate
+            elif self.mode == "one_to_one":
+                classes, share = [self.source], rate
+            elif self.mode == "all_to_one":  # ISPL §4.2: "an ε/9 percentage of each non-target class"
+                classes, share = [c for c in range(k) if c != self.target], rate / (k - 1)
+            else:  # all_to_all, ISPL App. B: "poison a ε percentage of each class"
+                classes, share = list(range(k)), rate
+            groups = [(y == c).nonzero().flatten() for c in classes]
+            return [(g, int(round(share * len(g)))) for g in groups]
         if self.label_mode == "clean":
             candidates = (y == self.target).nonzero().flatten()
-            who = f"target-class ({self.target}) samples"
         elif self.mode == "all_to_one":
             candidates = (y != self.target).nonzero().flatten()
-            who = f"non-target (≠ {self.target}) samples"
         elif self.mode == "one_to_one":
             candidates = (y == self.source).nonzero().flatten()
-            who = f"source-class ({self.source}) samples"
         else:
             candidates = torch.arange(len(y))
-            who = "samples"
-        # one_to_one: rate is a fraction of the source class (ISPL's ε); otherwise of the whole set.
         base = int((y == self.source).sum()) if self.mode == "one_to_one" else len(y)
-        n = int(round(self.poison_rate * base))
-        if self.poison_rate > 0 and n == 0:
+        return [(candidates, int(round(rate * base)))]
+
+    def select(self, y: torch.Tensor) -> torch.Tensor:
+        """Sorted indices of the training samples to poison: `quotas` drawn without replacement
+        by a generator seeded from the run seed (one draw per group, in group order)."""
+        groups = self.quotas(y)
+        if self.poison_rate > 0 and sum(n for _, n in groups) == 0:
             raise ConfigError(
-                f"attack.poison_rate={self.poison_rate} of {base} samples rounds to 0 poisoned samples; "
-                "raise poison_rate or use more data"
+                f"attack.poison_rate={self.poison_rate} rounds to 0 poisoned samples under "
+                f"attack.budget={self.budget} ({self.budget_rule}; candidate group sizes "
+                f"{[len(c) for c, _ in groups]}); raise poison_rate or use more data"
             )
-        if n > len(candidates):
-            raise ConfigError(
-                f"attack.poison_rate={self.poison_rate} asks for {n} poisoned samples but only "
-                f"{len(candidates)} {who} can be poisoned (label_mode={self.label_mode}, mode={self.mode}); "
-                f"the largest feasible rate is {len(candidates) / max(base, 1):.4f}"
-            )
+        for candidates, n in groups:
+            if n > len(candidates):  # only the dataset budget can ask for more than a group holds
+                raise ConfigError(
+                    f"attack.poison_rate={self.poison_rate} asks for {n} poisoned samples ({self.budget_rule}) "
+                    f"but only {len(candidates)} samples can be poisoned (label_mode={self.label_mode}, "
+                    f"mode={self.mode}); the largest feasible rate is "
+                    f"{self.poison_rate * len(candidates) / n:.4f}"
+                )
         g = torch.Generator().manual_seed(derive_seed(self.seed, "select"))
-        chosen = candidates[torch.randperm(len(candidates), generator=g)[:n]]
-        return chosen.sort().values
+        chosen = [c[torch.randperm(len(c), generator=g)[:n]] for c, n in groups]
+        return torch.cat(chosen).sort().values
 
     def poison_train(self, x: torch.Tensor, y: torch.Tensor) -> PoisonedTrainSet:
         """Poison a training set: replace in place or append poisoned copies (SPEC §1)."""

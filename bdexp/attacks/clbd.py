@@ -1,4 +1,4 @@
-"""`clbd`: the clean-label backdoor of Turner et al. (2018/2019) as used by ISPL (SPEC §1).
+"""`clbd`: the clean-label backdoor of Turner et al. (2018/2019) as used by ISPL (§4.1, App. B).
 
 Which class is perturbed. In a clean-label attack the poisoned images keep their true label, so
 they must belong to the class the backdoor sends inputs TO: the *target*. Turner et al.'s code
@@ -9,8 +9,14 @@ the "source": "Each attack first strongly perturbs each image of the source clas
 inserts several patches (without changing the label); the attacker's objective is to make the
 learner misclassify an image from any non-source class as the source class" (ISPL §4), and
 Table 6: "The T column lists the target class (i.e., all poisoned images have label T). ε refers
-to the percentage of the target class which is poisoned." SPEC §1's "perturb source-class
-training images" uses ISPL's word; in bdexp's terms it is the *target* class that is perturbed.
+to the percentage of the target class which is poisoned." ISPL's "source class" is therefore
+bdexp's *target*: the class whose training images are perturbed.
+
+What is measured. ISPL §4.1: "the attacker's objective is to make the learner misclassify an
+image from any non-source class as the source class by applying the patches", i.e. every
+non-target test image stamped: `mode: all_to_one` is the default (its `source` stays null). The
+poisoned training set is the same in every mode; one_to_one only narrows the backdoor test set
+to one source class.
 
 Construction (ISPL App. B): "each image is perturbed independently to maximize the loss with
 respect to a reference model trained on clean data; the perturbation size is bounded by the
@@ -19,7 +25,8 @@ image. The label of the image is not changed. At test time, only the checkerboar
 placed on the image." So x_poison = stamp(PGD(x)); ``apply_trigger`` is the stamp alone.
 
 `poison_rate` is the fraction of the target class perturbed and stamped (Turner's
-`poisoning_proportion`, ISPL's ε), in every mode. The attack needs a clean reference model:
+`poisoning_proportion`, ISPL's ε), in every mode: the base class's `budget: class` rule for clean
+labels, the only budget clbd accepts. The attack needs a clean reference model:
 ``bdexp.pipeline.prepare`` trains (or loads) one and calls ``set_reference_model`` first.
 """
 from __future__ import annotations
@@ -49,6 +56,7 @@ class CleanLabelBackdoor(ScenarioAttack):
     name = "clbd"
     options = {
         **SCENARIO_OPTIONS,
+        "mode": "all_to_one",  # ISPL §4.1: "misclassify an image from any non-source class"
         "label_mode": "clean",
         "size": 3,
         "pgd_norm": "linf",
@@ -67,6 +75,11 @@ class CleanLabelBackdoor(ScenarioAttack):
             raise ConfigError(
                 "attack.label_mode must be clean for clbd (Turner et al.'s attack keeps every label); "
                 "use attack=dlbd or attack=patched for a dirty-label backdoor"
+            )
+        if self.budget != "class":
+            raise ConfigError(
+                f"attack.budget={self.budget!r}: clbd's poison_rate is always a fraction of the target class "
+                "(Turner et al.'s `poisoning_proportion`, ISPL Table 6); set attack.budget=class"
             )
         size = cfg["size"]
         if not _is_int(size) or size < 1 or 2 * size > min(h, w):
@@ -167,19 +180,6 @@ class CleanLabelBackdoor(ScenarioAttack):
         return x_adv
 
     # ---------------------------------------------------------------- poisoning
-    def select(self, y: torch.Tensor) -> torch.Tensor:
-        """round(poison_rate · |target class|) target-class samples, in every mode (Turner's
-        `poisoning_proportion`, ISPL Table 6's ε)."""
-        candidates = (y == self.target).nonzero().flatten()
-        n = int(round(self.poison_rate * len(candidates)))
-        if self.poison_rate > 0 and n == 0:
-            raise ConfigError(
-                f"attack.poison_rate={self.poison_rate} of the {len(candidates)} target-class ({self.target}) "
-                "samples rounds to 0 poisoned samples; raise poison_rate or use more data"
-            )
-        g = torch.Generator().manual_seed(derive_seed(self.seed, "select"))
-        return candidates[torch.randperm(len(candidates), generator=g)[:n]].sort().values
-
     def poison_train(self, x: torch.Tensor, y: torch.Tensor) -> PoisonedTrainSet:
         """x_poison = stamp(PGD(x)) for the chosen target-class samples; labels kept."""
         self._check_images(x, y)

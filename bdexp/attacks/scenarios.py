@@ -1,8 +1,8 @@
-"""ISPL's (source, target) scenarios, shared by the `dlbd` and `watermark` attacks (SPEC §1).
+"""ISPL's (source, target) scenarios, shared by the `dlbd`, `watermark` and `clbd` attacks.
 
 ISPL (App. B) reuses the eight CIFAR-10 pairs of Tran et al. (2018, Spectral Signatures):
 (airplane, bird), (automobile, cat), (bird, dog), (cat, dog), (cat, horse), (horse, deer),
-(ship, frog), (truck, bird). SPEC §1 lists them as class ids in the order kept here; the key
+(ship, frog), (truck, bird), kept here as CIFAR-10 class ids in that order; the key
 `scenario` (0..7) picks one. No attack is registered in this module: it only holds the table,
 the resolution of `scenario` into `source`/`target`, and a base class that applies it before the
 common validation of ``Attack.__init__`` runs.
@@ -19,16 +19,18 @@ from bdexp.attacks.base import Attack, _is_int
 from bdexp.errors import ConfigError
 from bdexp.seeding import derive_seed
 
-# (source, target) class ids, SPEC §1 order: scenario k -> SCENARIOS[k].
+# (source, target) class ids in ISPL App. B's order: scenario k -> SCENARIOS[k].
 SCENARIOS: tuple[tuple[int, int], ...] = ((0, 2), (1, 3), (3, 5), (7, 4), (2, 5), (8, 6), (9, 2), (3, 7))
 # The pairs index CIFAR-10/GTSRB class ids, so they need at least this many classes.
 MIN_CLASSES = 1 + max(max(pair) for pair in SCENARIOS)
 # Option defaults every scenario attack carries: ISPL's main setting is 1-to-1 (ISPL §4.2),
-# with `target`/`source` derived from the scenario (null in the YAML).
-SCENARIO_OPTIONS: dict[str, Any] = {"scenario": 0, "target": None, "mode": "one_to_one"}
+# with `target`/`source` derived from the scenario (null in the YAML), and ISPL's poison budget:
+# ε is a fraction of a class (ISPL App. B; bdexp.attacks.base explains the rule per mode).
+SCENARIO_OPTIONS: dict[str, Any] = {"scenario": 0, "target": None, "mode": "one_to_one", "budget": "class"}
 
 
-def resolve_scenario(raw: Mapping[str, Any], num_classes: int, attack: str) -> dict[str, Any]:
+def resolve_scenario(raw: Mapping[str, Any], num_classes: int, attack: str,
+                     default_mode: str = SCENARIO_OPTIONS["mode"]) -> dict[str, Any]:
     """Fill `target` (and `source` for one_to_one) from `scenario`; raise on a conflict.
 
     - scenario null: the user's `target`/`source`/`mode` are used as given (target required);
@@ -39,7 +41,7 @@ def resolve_scenario(raw: Mapping[str, Any], num_classes: int, attack: str) -> d
     """
     c = dict(raw)
     k = c.get("scenario", SCENARIO_OPTIONS["scenario"])
-    mode = c.get("mode", SCENARIO_OPTIONS["mode"])
+    mode = c.get("mode", default_mode)
     if k is None:
         if c.get("target") is None:
             raise ConfigError(
@@ -84,7 +86,8 @@ class ScenarioAttack(Attack):
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
         assert isinstance(raw, dict)
         # Resolve before the common validation, which needs an int target (and source for 1-to-1).
-        super().__init__(resolve_scenario(raw, num_classes, self.name), num_classes, image_shape, seed)
+        resolved = resolve_scenario(raw, num_classes, self.name, default_mode=self.options["mode"])
+        super().__init__(resolved, num_classes, image_shape, seed)
 
     @property
     def scenario(self) -> int | None:
