@@ -1,15 +1,20 @@
-"""Neural Cleanse (SPEC §5.3): the known answer on a tiny patched model, the pruning curve, the
-MAD outlier test and the batched per-class trigger synthesis."""
+"""Neural Cleanse (ML-MMDR §6.2, Figs. 8-10): the known answer on a hand-built model with a planted
+2×2 trigger and on a tiny trained patched model, the pruning ranking and curve, the MAD outlier
+test and the batched per-class trigger synthesis."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from bdexp import pipeline
 from bdexp.cache import ModelCache
 from bdexp.defenses import run_defenses
-from bdexp.defenses.nc import anomaly_index, synthesize_triggers
+from bdexp.defenses.nc import anomaly_index, synthesis_options, synthesize_triggers
+from bdexp.defenses.pruning import evaluate_pruned, rank_channels
 from bdexp.evaluate import backdoor_metrics
 from bdexp.experiment import Experiment
 from bdexp.models import build_model
@@ -24,8 +29,19 @@ NC_TINY = ["defense=[nc]", "dataset.num_classes=10", "dataset.train_size=512", "
            "defense.nc.steps=150", "defense.nc.batch_size=32"]
 
 
+NC_YAML = Path(__file__).resolve().parents[1] / "bdexp" / "conf" / "defense" / "nc.yaml"
+
+
 def _by(rows, metric):
     return [r for r in rows if r["metric"] == metric]
+
+
+def _options(**overrides) -> dict:
+    """synthesize_triggers settings from conf/defense/nc.yaml (the one place they default), overridden."""
+    cfg = OmegaConf.load(NC_YAML).nc
+    for k, v in overrides.items():
+        cfg[k] = v
+    return synthesis_options(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +84,6 @@ def test_pruning_curve_and_mask_restored(patched):
         curve = {r["prune_ratio"]: r["value"] for r in _by(rows, metric)}
         assert len(_by(rows, metric)) == len(ratios) and sorted(curve) == sorted(ratios)
         assert curve[0.0] == base[metric]  # nothing pruned = the unpruned model
-        assert all(0.0 <= v <= 1.0 for v in curve.values())
     asr = {r["prune_ratio"]: r["value"] for r in _by(rows, "asr")}
     assert min(asr.values()) < base["asr"]  # pruning the trigger-active channels hurts the backdoor
     mask = exp.model.s3_channel_mask
@@ -103,8 +118,8 @@ def test_batched_synthesis_masks_in_unit_range():
     model = build_model({"name": "convnet", "width": 0.25}, in_channels=3, num_classes=4, image_size=8,
                         mean=[0.5], std=[0.25]).eval()
     x = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
-    trig = synthesize_triggers(model, x, range(4), torch.device("cpu"), steps=15, batch_size=8,
-                               classes_per_step=3)  # groups of 3 and 1 classes
+    trig = synthesize_triggers(model, x, range(4), torch.device("cpu"), seed=0,
+                               **_options(steps=15, batch_size=8, classes_per_step=3))  # groups of 3 and 1
     assert trig.classes == [0, 1, 2, 3]
     assert trig.mask.shape == (4, 8, 8) and trig.pattern.shape == (4, 3, 8, 8)
     for t in (trig.mask, trig.pattern):
@@ -119,4 +134,132 @@ def test_no_clean_images_is_a_config_error():
     model = build_model({"name": "convnet", "width": 0.25}, in_channels=3, num_classes=4, image_size=8,
                         mean=[0.5], std=[0.25])
     with pytest.raises(ConfigError, match="reserve_per_class"):
-        synthesize_triggers(model, torch.zeros(0, 3, 8, 8), range(4), torch.device("cpu"))
+        synthesize_triggers(model, torch.zeros(0, 3, 8, 8), range(4), torch.device("cpu"), seed=0, **_options())
+
+
+# ---- a hand-built model with a planted trigger: the answer is known by construction -------------
+K_HAND, SIDE, TARGET, GAIN = 10, 16, 3, 20.0
+
+
+class PlantedTrigger(torch.nn.Module):
+    """A linear model: class c's logit is 5·(mean of x over its template T_c, |T_c| = 12 + c pixels);
+    the target's logit also gets GAIN·(mean of a 2×2 patch), so a white patch forces the target class."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.patch = torch.zeros(SIDE, SIDE, dtype=torch.bool)
+        self.patch[12:14, 12:14] = True
+        free = torch.nonzero(~self.patch.flatten()).flatten()
+        order = free[torch.randperm(len(free), generator=g)]
+        self.templates = torch.zeros(K_HAND, SIDE * SIDE, dtype=torch.bool)
+        start = 0
+        for c in range(K_HAND):  # disjoint templates, none touching the patch
+            self.templates[c, order[start:start + 12 + c]] = True
+            start += 12 + c
+        self.weight = 5.0 * self.templates.float() / self.templates.sum(1, keepdim=True)
+        self.weight[TARGET, self.patch.flatten()] = GAIN / 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.weight.T
+
+
+def _planted_images(model: PlantedTrigger, n: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean images: dim noise in [0, 0.3], the own template bright in [0.7, 1], the patch black."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(n) % K_HAND
+    x = 0.3 * torch.rand(n, 1, SIDE, SIDE, generator=g)
+    flat = x.view(n, -1)
+    for i in range(n):
+        idx = model.templates[y[i]]
+        flat[i, idx] = 0.7 + 0.3 * torch.rand(int(idx.sum()), generator=g)
+    flat[:, model.patch.flatten()] = 0.0
+    return x, y
+
+
+def test_nc_reverses_a_planted_trigger_and_flags_only_its_class():
+    model = PlantedTrigger()
+    x, y = _planted_images(model)
+    with torch.no_grad():
+        logits = model(x)
+    assert bool((logits.argmax(1) == y).all())  # the clean task is solved
+    # Known minimum for the target: a white mask of mean τ on the 4 patch pixels adds GAIN·τ, so the
+    # smallest ‖m‖₁ that flips every non-target image is 4·max_i (max_{c≠t} logit_c − logit_t) / GAIN.
+    others = logits.clone()
+    others[:, TARGET] = -np.inf
+    needed = 4 * float(((others.max(1).values - logits[:, TARGET]) / GAIN)[y != TARGET].max())
+    trig = synthesize_triggers(model, x, range(K_HAND), torch.device("cpu"), seed=0,
+                               **_options(steps=300, batch_size=32))
+    assert bool(trig.reached.all())
+    l1 = trig.l1.numpy()
+    # every batch of 32 holds ~29 non-target images, so the recorded mask needs nearly the full τ
+    assert l1[TARGET] == pytest.approx(needed, rel=0.15)
+    mask = trig.mask[TARGET]
+    assert float(mask[model.patch].sum() / mask.sum()) > 0.99  # the mass sits on the planted patch
+    patch_pixels = set(torch.nonzero(model.patch.flatten()).flatten().tolist())
+    assert set(torch.topk(mask.flatten(), 4).indices.tolist()) == patch_pixels  # IoU 1 with the patch
+    # Uninfected classes must light up (most of) their own template: ‖m‖₁ ≈ 0.7-1.0 × |T_c|.
+    for c in range(K_HAND):
+        if c == TARGET:
+            continue
+        size = 12 + c
+        assert 0.7 * size < l1[c] < 1.0 * size, c
+        assert float(trig.mask[c].flatten()[model.templates[c]].sum() / trig.mask[c].sum()) > 0.9, c
+    index, flagged = anomaly_index(l1, threshold=float(OmegaConf.load(NC_YAML).nc.anomaly_threshold))
+    assert flagged.tolist() == [c == TARGET for c in range(K_HAND)]
+    assert index[TARGET] > 3.0 and max(np.delete(index, TARGET)) < 1.5
+
+
+# ---- pruning ranks and zeroes the post-activation s3 --------------------------------------------
+
+def _preact_with_known_s3() -> torch.nn.Module:
+    """preact18 whose final BN has γ = 0: s3 channel c is the constant ReLU(β_c) for every input."""
+    torch.manual_seed(0)
+    model = build_model({"name": "preact18", "width": 0.125}, in_channels=3, num_classes=4, image_size=8,
+                        mean=[0.5], std=[0.25]).eval()
+    bn = model.stage3.bn
+    c = model.s3_channels
+    bn.weight.data.zero_()
+    bn.bias.data = torch.randperm(c, generator=torch.Generator().manual_seed(3)).float() + 1.0  # distinct, > 0
+    return model
+
+
+def test_rank_channels_uses_the_activated_s3_the_mask_zeroes():
+    model = _preact_with_known_s3()
+    x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    beta = model.stage3.bn.bias.detach()
+    ranking = rank_channels(model, x, torch.device("cpu"), batch_size=4)
+    assert ranking.tolist() == torch.argsort(beta, descending=True).tolist()  # mean of ReLU(β) = β
+    model.s3_channel_mask[ranking[:3]] = 0.0  # an already-pruned channel ranks last (activation 0)
+    again = rank_channels(model, x, torch.device("cpu"), batch_size=4)
+    assert again[-3:].tolist() == sorted(ranking[:3].tolist())  # ties keep channel order
+
+
+def test_evaluate_pruned_known_answers_and_mask_restored():
+    model = _preact_with_known_s3()
+    c = model.s3_channels
+    beta = model.stage3.bn.bias.detach()
+    model.fc.bias.data = torch.tensor([0.0, 0.0, 5.0, 0.0])  # all pruned: every input predicts class 2
+    x = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 3, 2, 2, 0, 1])
+    y_bd = torch.tensor([2, 2, 2, 1, 1, 1, 1, 1])
+    ranking = torch.argsort(beta, descending=True)
+    # unpruned: penult = β for every input, so every prediction is argmax(W β + b)
+    unpruned = int(torch.argmax(model.fc.weight.detach() @ beta + model.fc.bias.detach()))
+    rows = evaluate_pruned(model, ranking, [0.0, 1.0], x, y, x, y_bd, torch.device("cpu"), batch_size=4)
+    got = {(r["metric"], r["prune_ratio"]): r["value"] for r in rows}
+    assert got[("ba", 0.0)] == pytest.approx(float((y == unpruned).float().mean()))
+    assert got[("asr", 0.0)] == pytest.approx(float((y_bd == unpruned).float().mean()))
+    assert got[("ba", 1.0)] == pytest.approx(3 / 8) and got[("asr", 1.0)] == pytest.approx(3 / 8)
+    assert bool((model.s3_channel_mask == 1).all()) and model.s3_channel_mask.shape == (c,)
+
+
+@pytest.mark.parametrize("ratios", [[], [0.1, 1.5]])
+def test_bad_prune_ratios_are_config_errors(ratios):
+    from bdexp.errors import ConfigError
+
+    model = _preact_with_known_s3()
+    x = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(ConfigError, match="prune_ratios"):
+        evaluate_pruned(model, torch.arange(model.s3_channels), ratios, x, torch.zeros(2, dtype=torch.long),
+                        x, torch.zeros(2, dtype=torch.long), torch.device("cpu"), batch_size=2)

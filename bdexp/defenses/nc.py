@@ -1,4 +1,4 @@
-"""Neural Cleanse (Wang et al., S&P 2019) as run in ML-MMDR §6.2 (SPEC §5.3): an inspector.
+"""Neural Cleanse (Wang et al., S&P 2019) as run in ML-MMDR §6.2 / Figs. 8-10: an inspector.
 
 1. Trigger synthesis: for every class c optimise a mask m (H×W) and a pattern p (C×H×W) on the
    defender's clean reserve so that x' = (1−m)⊙x + m⊙p is classified as c, minimising
@@ -64,14 +64,24 @@ def anomaly_index(l1: Sequence[float] | np.ndarray, threshold: float = 2.0,
     return index, flagged
 
 
+def synthesis_options(cfg) -> dict:
+    """The `synthesize_triggers` settings of a `defense.nc` node (conf/defense/nc.yaml holds the defaults)."""
+    opts: dict = {k: int(cfg[k]) for k in ("steps", "batch_size", "patience")}
+    opts.update({k: float(cfg[k]) for k in ("lr", "init_cost", "cost_multiplier", "attack_threshold")})
+    opts["classes_per_step"] = None if cfg.classes_per_step is None else int(cfg.classes_per_step)
+    opts["betas"] = tuple(float(b) for b in cfg.betas)
+    if len(opts["betas"]) != 2:
+        raise ConfigError(f"defense.nc.betas must be two Adam betas like [0.5, 0.9], got {list(cfg.betas)}")
+    return opts
+
+
 def synthesize_triggers(model: nn.Module, x: torch.Tensor, classes: Sequence[int], device: torch.device, *,
-                        steps: int = 300, batch_size: int = 64, lr: float = 0.1,
-                        betas: Sequence[float] = (0.5, 0.9), init_cost: float = 1e-3,
-                        cost_multiplier: float = 1.5, patience: int = 5, attack_threshold: float = 0.99,
-                        classes_per_step: int | None = None, seed: int = 0,
-                        describe: str = "nc") -> ReversedTriggers:
+                        steps: int, batch_size: int, lr: float, betas: Sequence[float], init_cost: float,
+                        cost_multiplier: float, patience: int, attack_threshold: float,
+                        classes_per_step: int | None, seed: int, describe: str = "nc") -> ReversedTriggers:
     """Reverse-engineer one trigger (mask, pattern) per class in `classes` from clean images `x`
-    (uint8 or float [0, 1], NCHW). Groups of `classes_per_step` classes share one forward pass."""
+    (uint8 or float [0, 1], NCHW). Groups of `classes_per_step` classes (None = all) share one
+    forward pass. The settings come from `synthesis_options(cfg)` (defaults: conf/defense/nc.yaml)."""
     if int(steps) < 1 or int(batch_size) < 1 or len(x) == 0:
         raise ConfigError(f"nc: needs steps >= 1, batch_size >= 1 and clean images (got steps={steps}, "
                           f"batch_size={batch_size}, {len(x)} images; raise screening.reserve_per_class)")
@@ -190,17 +200,12 @@ def save_mask_grid(triggers: ReversedTriggers, flagged: np.ndarray, path: Path) 
 def neural_cleanse(exp, cfg) -> list[dict]:
     """Trigger synthesis + MAD test on every class, then the real-trigger pruning curve."""
     reserve = exp.reserve_index
-    if cfg.get("num_images") is not None and int(cfg.num_images) < len(reserve):
+    if cfg.num_images is not None and int(cfg.num_images) < len(reserve):
         reserve = torch.as_tensor(np.sort(exp.rng("nc/images").choice(reserve.numpy(), int(cfg.num_images),
                                                                        replace=False)))
     k = int(exp.data.num_classes)
-    trig = synthesize_triggers(
-        exp.model, exp.data.x_test[reserve], range(k), exp.device, steps=int(cfg.steps),
-        batch_size=int(cfg.batch_size), lr=float(cfg.lr), betas=tuple(cfg.get("betas", (0.5, 0.9))),
-        init_cost=float(cfg.init_cost), cost_multiplier=float(cfg.cost_multiplier), patience=int(cfg.patience),
-        attack_threshold=float(cfg.attack_threshold), classes_per_step=cfg.get("classes_per_step"),
-        seed=int(exp.rng("nc/init").integers(2**62)),
-    )
+    trig = synthesize_triggers(exp.model, exp.data.x_test[reserve], range(k), exp.device, **synthesis_options(cfg),
+                               seed=int(exp.rng("nc/init").integers(2**62)))
     l1 = trig.l1.numpy()
     index, flagged = anomaly_index(l1, float(cfg.anomaly_threshold))
     rows = []
@@ -217,8 +222,8 @@ def neural_cleanse(exp, cfg) -> list[dict]:
     log.info("nc: mask l1 %s, anomaly index %s, flagged %s (target %d)", [round(float(v), 1) for v in l1],
              [round(float(v), 2) for v in index], np.flatnonzero(flagged).tolist(), t)
     run_dir = exp.info.get("run_dir")
-    if run_dir is not None and cfg.get("figure", True):
+    if run_dir is not None and cfg.figure:
         save_mask_grid(trig, flagged, Path(run_dir) / "nc_masks.png")
-    if len(exp.backdoor_test.y_target) and cfg.get("prune", True):
+    if len(exp.backdoor_test.y_target) and cfg.prune:
         rows += pruning_curve(exp, cfg)
     return rows

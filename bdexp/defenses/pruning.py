@@ -1,7 +1,9 @@
-"""Neural Cleanse's neuron pruning with the REAL trigger (ML-MMDR §6.2, Fig. 10; SPEC §5.3).
+"""Neural Cleanse's neuron pruning with the REAL trigger (ML-MMDR §6.2, Fig. 10).
 
 A helper of `bdexp.defenses.nc` (registers nothing). The last conv stage's channels (the s3
-feature map) are ranked by their mean activation on real-triggered inputs; for each pruning
+feature map: the activated output the classifier head pools, so a zeroed channel is zero in
+the penultimate features of every model) are ranked by their mean activation on real-triggered
+inputs, read from the same masked s3 the mask acts on; for each pruning
 ratio the top-activated fraction is zeroed through the model's `s3_channel_mask` buffer and
 BA (clean test set) and ASR (backdoor test set) are measured. The mask is always restored.
 
@@ -18,16 +20,17 @@ from torch import nn
 
 from bdexp import metrics
 from bdexp.data.loader import iterate_eval
+from bdexp.errors import ConfigError
 from bdexp.evaluate import predict
 from bdexp.results import record
 
-# Fig. 10's x-axis: the fraction of s3 channels pruned.
-DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
 
 @torch.no_grad()
-def rank_channels(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """s3 channel indices sorted by mean activation on `x` (uint8 or float images), highest first."""
+def rank_channels(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
+    """s3 channel indices sorted by mean activation on `x` (uint8 or float images), highest first.
+
+    The activation is the model's returned s3 (post-activation and after the current mask),
+    i.e. exactly what `s3_channel_mask` zeroes; ties keep channel order."""
     model.eval()
     channels = int(model.s3_channels)
     total = torch.zeros(channels, dtype=torch.float64, device=device)
@@ -44,9 +47,11 @@ def rank_channels(model: nn.Module, x: torch.Tensor, device: torch.device, batch
 def prune_counts(ratios: Sequence[float], channels: int) -> list[int]:
     """Channels pruned at each ratio: round(ratio · channels)."""
     out = []
+    if len(ratios) == 0:
+        raise ConfigError("defense.nc.prune_ratios is empty; list fractions in [0, 1] (or set defense.nc.prune=false)")
     for r in ratios:
         if not 0.0 <= float(r) <= 1.0:
-            raise ValueError(f"nc: prune ratios must lie in [0, 1], got {r}")
+            raise ConfigError(f"defense.nc.prune_ratios must lie in [0, 1], got {r}")
         out.append(int(round(float(r) * channels)))
     return out
 
@@ -54,7 +59,7 @@ def prune_counts(ratios: Sequence[float], channels: int) -> list[int]:
 @torch.no_grad()
 def evaluate_pruned(model: nn.Module, ranking: torch.Tensor, ratios: Sequence[float],
                     x_clean: torch.Tensor, y_clean: torch.Tensor, x_bd: torch.Tensor, y_bd: torch.Tensor,
-                    device: torch.device, batch_size: int = 512) -> list[dict]:
+                    device: torch.device, batch_size: int) -> list[dict]:
     """BA/ASR records per ratio, pruning the first round(ratio·C) channels of `ranking`.
     The model's `s3_channel_mask` is restored to its previous value afterwards, whatever happens."""
     mask = model.s3_channel_mask
@@ -73,8 +78,10 @@ def evaluate_pruned(model: nn.Module, ranking: torch.Tensor, ratios: Sequence[fl
     return rows
 
 
-def _subset(n: int, limit, rng: np.random.Generator) -> torch.Tensor:
+def _subset(n: int, limit, rng: np.random.Generator, key: str) -> torch.Tensor:
     """All of range(n) when `limit` is None or ≥ n, else a sorted random subset of that size."""
+    if limit is not None and int(limit) < 1:
+        raise ConfigError(f"defense.nc.{key} must be a positive image count or null (= all), got {limit}")
     if limit is None or int(limit) >= n:
         return torch.arange(n)
     return torch.as_tensor(np.sort(rng.choice(n, int(limit), replace=False)), dtype=torch.long)
@@ -84,11 +91,11 @@ def pruning_curve(exp, cfg) -> list[dict]:
     """The Fig. 10 curve for an experiment: rank on `prune_images` real-triggered images, then
     BA on `eval_images` clean test images and ASR on `eval_images` backdoor test images."""
     bd = exp.backdoor_test
-    batch = int(exp.cfg.get("eval_batch_size", 512))
-    rank_idx = _subset(len(bd.y_target), cfg.get("prune_images", 500), exp.rng("nc/prune"))
+    batch = int(exp.cfg.eval_batch_size)
+    rank_idx = _subset(len(bd.y_target), cfg.prune_images, exp.rng("nc/prune"), "prune_images")
     ranking = rank_channels(exp.model, bd.x[rank_idx], exp.device, batch)
-    clean_idx = _subset(len(exp.data.y_test), cfg.get("eval_images", 2000), exp.rng("nc/eval_clean"))
-    bd_idx = _subset(len(bd.y_target), cfg.get("eval_images", 2000), exp.rng("nc/eval_bd"))
-    ratios = list(cfg.get("prune_ratios") or DEFAULT_RATIOS)
+    clean_idx = _subset(len(exp.data.y_test), cfg.eval_images, exp.rng("nc/eval_clean"), "eval_images")
+    bd_idx = _subset(len(bd.y_target), cfg.eval_images, exp.rng("nc/eval_bd"), "eval_images")
+    ratios = [float(r) for r in cfg.prune_ratios]
     return evaluate_pruned(exp.model, ranking, ratios, exp.data.x_test[clean_idx], exp.data.y_test[clean_idx],
                            bd.x[bd_idx], bd.y_target[bd_idx], exp.device, batch)
