@@ -10,7 +10,8 @@ import pytest
 
 from bdexp import metrics, pipeline
 from bdexp.defenses.ac import detect_ac
-from bdexp.defenses.screening import SkipPool, pool_counts, run_pool_detector, screening_pools
+from bdexp.defenses.screening import (DetectorOutput, SkipPool, pool_counts, run_pool_detector, score_pool,
+                                      screening_pools)
 from bdexp.defenses.sr import detect_sr, energy_rank, fit_subspace
 from bdexp.defenses.ss import detect_ss, n_removed
 from bdexp.experiment import Experiment
@@ -31,30 +32,72 @@ def _planted(n_benign: int, n_mal: int, d: int, shift: float, seed: int = 0):
     return x[order].astype(np.float32), labels[order]
 
 
-def test_ss_finds_a_planted_direction():
-    x, y = _planted(450, 50, 64, shift=8.0)
-    out = detect_ss(x, np.zeros((0, 64), np.float32), {"removal_factor": 1.0, "eps": None},
-                    assumed_ratio=0.1, rng=np.random.default_rng(0))
-    assert out.flagged.sum() == 50
-    assert metrics.detection_scores(y, out.flagged)["f1"] >= 0.9
-    assert metrics.auroc(y, out.scores) >= 0.95
-    # the SPEC default removes 1.5·ε̂·n: every planted sample goes, 75 flagged
-    out = detect_ss(x, np.zeros((0, 64), np.float32), {"removal_factor": 1.5, "eps": None},
-                    assumed_ratio=0.1, rng=np.random.default_rng(0))
-    assert out.flagged.sum() == 75 and metrics.detection_scores(y, out.flagged)["recall"] == 1.0
+def _planted_with_reserve(n_benign: int, n_mal: int, d: int, shift: float, seed: int, n_reserve: int = 50):
+    """A planted pool plus a clean reserve drawn from the benign distribution."""
+    x, y = _planted(n_benign + n_reserve, n_mal, d, shift, seed)
+    benign_rows = np.flatnonzero(y == 0)
+    reserve = x[benign_rows[:n_reserve]]
+    keep = np.setdiff1d(np.arange(len(y)), benign_rows[:n_reserve])
+    return x[keep], y[keep], reserve
+
+
+# r′ = 0.1 and 1.0: the two operating points of ML-MMDR §6.1's screening pools
+OPERATING_POINTS = [(200, 20), (100, 100)]
+
+
+@pytest.mark.parametrize("n_benign,n_mal", OPERATING_POINTS)
+@pytest.mark.parametrize("seed", range(6))
+def test_ss_oriented_by_the_reserve_separates_balanced_and_imbalanced_pools(n_benign, n_mal, seed):
+    """A separable pool: the reserve-oriented score ranks every malicious row above every benign
+    one (AUROC 1, f1_max 1) at r′ = 0.1 and at r′ = 1.0, where Tran et al.'s squared score is
+    symmetric in the two halves."""
+    x, y, reserve = _planted_with_reserve(n_benign, n_mal, 32, shift=12.0, seed=seed)
+    ratio = n_mal / (n_benign + n_mal)
+    out = detect_ss(x, reserve, {"removal_factor": 1.0}, assumed_ratio=ratio, rng=np.random.default_rng(0))
+    assert metrics.auroc(y, out.scores) == 1.0 and metrics.best_f1(y, out.scores)["f1"] == 1.0
+    # with ε̂ = the true fraction and factor 1 the rule flags exactly the malicious rows
+    assert metrics.detection_scores(y, out.flagged)["f1"] == 1.0
+    # factor 1.5 (Tran et al.) flags ⌈1.5·ε̂·n⌉: all malicious rows, precision exactly 1/1.5
+    out15 = detect_ss(x, reserve, {}, assumed_ratio=ratio, rng=np.random.default_rng(0))
+    k = n_removed(len(y), ratio, 1.5)
+    assert out15.flagged.sum() == k and metrics.detection_scores(y, out15.flagged)["recall"] == 1.0
+    assert metrics.detection_scores(y, out15.flagged)["precision"] == pytest.approx(n_mal / k)
+    assert out15.tags == {"rule": "top 1.5·eps·n", "orient": "reserve"}
+
+
+def test_ss_squared_score_cannot_split_a_balanced_pool():
+    """Why the reserve orientation exists: ((x−μ)·v)² gives both halves of a 50/50 pool the same
+    distribution of scores (AUROC near 0.5), while at r′ = 0.1 it works."""
+    x, y, reserve = _planted_with_reserve(100, 100, 32, shift=12.0, seed=0)
+    out = detect_ss(x, reserve, {"orient": "none"}, assumed_ratio=0.5, rng=np.random.default_rng(0))
+    assert 0.3 < metrics.auroc(y, out.scores) < 0.7
+    x, y, reserve = _planted_with_reserve(200, 20, 32, shift=12.0, seed=0)
+    out = detect_ss(x, reserve, {"orient": "none"}, assumed_ratio=20 / 220, rng=np.random.default_rng(0))
+    assert metrics.auroc(y, out.scores) == 1.0
+
+
+def test_ss_options_and_errors():
+    x, y, reserve = _planted_with_reserve(450, 50, 64, shift=8.0, seed=0)
     # a configured eps wins over the protocol's assumed ratio
-    out = detect_ss(x, np.zeros((0, 64), np.float32), {"removal_factor": 1.5, "eps": 0.02},
-                    assumed_ratio=0.1, rng=np.random.default_rng(0))
-    assert out.flagged.sum() == 15
+    out = detect_ss(x, reserve, {"removal_factor": 1.5, "eps": 0.02}, assumed_ratio=0.1,
+                    rng=np.random.default_rng(0))
+    assert out.flagged.sum() == 15 and out.extra["eps_assumed"] == 0.02
+    with pytest.raises(SkipPool, match="orient=none"):
+        detect_ss(x, x[:0], {}, assumed_ratio=0.1, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="orient"):
+        detect_ss(x, reserve, {"orient": "up"}, assumed_ratio=0.1, rng=np.random.default_rng(0))
 
 
 def test_ss_wide_and_tall_features_agree():
     """The n×n and d×d eigen routes give the same score (up to float error)."""
-    x, _ = _planted(30, 10, 8, shift=5.0)
-    wide = np.hstack([x, np.zeros((40, 100), np.float32)])  # d > n: Gram route
-    tall = detect_ss(x, x[:0], {}, assumed_ratio=0.2, rng=np.random.default_rng(0)).scores
-    np.testing.assert_allclose(detect_ss(wide, wide[:0], {}, assumed_ratio=0.2, rng=np.random.default_rng(0)).scores,
-                               tall, rtol=1e-3, atol=1e-3)
+    x, _, reserve = _planted_with_reserve(30, 10, 8, shift=5.0, seed=0, n_reserve=10)
+    pad = np.zeros((40, 100), np.float32)
+    wide = np.hstack([x, pad])  # d > n: Gram route
+    wide_reserve = np.hstack([reserve, pad[:10]])
+    for cfg in ({}, {"orient": "none"}):
+        tall = detect_ss(x, reserve, cfg, assumed_ratio=0.2, rng=np.random.default_rng(0)).scores
+        np.testing.assert_allclose(detect_ss(wide, wide_reserve, cfg, assumed_ratio=0.2,
+                                             rng=np.random.default_rng(0)).scores, tall, rtol=1e-3, atol=1e-3)
 
 
 def test_n_removed_rounds_up_without_float_noise():
@@ -62,39 +105,70 @@ def test_n_removed_rounds_up_without_float_noise():
     assert n_removed(15, 1 / 3, 1.5) == 8 and n_removed(10, 0.9, 1.5) == 10 and n_removed(10, 0.0, 1.5) == 0
 
 
-def test_ac_flags_the_smaller_of_two_separated_clusters():
-    """2 ICA dims here: unit-variance whitening gives every kept dim equal weight, so one planted
-    direction among 19 isotropic-noise dims is no longer "well separated" for k-means (measured:
-    F1 0.04-0.15 at 20 dims on this data); real activations are not isotropic noise."""
+@pytest.mark.parametrize("n_benign,n_mal", OPERATING_POINTS)
+@pytest.mark.parametrize("seed", range(6))
+def test_ac_reserve_rule_flags_the_malicious_cluster_at_every_ratio(n_benign, n_mal, seed):
+    """Six separated pools at r′ = 0.1 and six at r′ = 1.0: the reserve rule flags exactly the
+    planted cluster every time (the smaller-cluster rule is a coin flip at r′ = 1.0). 2 ICA dims:
+    unit-variance whitening gives every kept dim equal weight, so one planted direction among 19
+    isotropic-noise dims is not "well separated" for k-means; real activations are not isotropic."""
+    x, y, reserve = _planted_with_reserve(n_benign, n_mal, 32, shift=12.0, seed=seed)
+    cfg = {**AC_CFG, "n_components": 2, "criterion": "reserve"}
+    out = detect_ac(x, reserve, cfg, assumed_ratio=0.0, rng=np.random.default_rng(seed))
+    assert metrics.detection_scores(y, out.flagged)["f1"] == 1.0
+    assert metrics.auroc(y, out.scores) == 1.0 and out.tags == {"rule": "reserve"}
+    assert out.extra["flagged_cluster_fraction"] == pytest.approx(n_mal / len(y))
+
+
+def test_ac_reserve_rule_needs_a_reserve():
+    x, _, _ = _planted_with_reserve(100, 100, 32, shift=12.0, seed=0)
+    with pytest.raises(SkipPool, match="criterion=size"):
+        detect_ac(x, None, {**AC_CFG, "criterion": "reserve"}, assumed_ratio=0.0, rng=np.random.default_rng(0))
+
+
+def test_ac_size_and_silhouette_rules_at_an_imbalanced_pool():
+    """The relative-size and silhouette options (ML-MMDR §3.3), where they are defined: r′ = 0.1."""
     cfg = {**AC_CFG, "n_components": 2}
     x, y = _planted(180, 20, 64, shift=12.0, seed=1)
-    out = detect_ac(x, x[:0], cfg, assumed_ratio=0.1, rng=np.random.default_rng(0))
-    assert out.flagged.sum() == 20 and metrics.detection_scores(y, out.flagged)["f1"] >= 0.95
-    assert metrics.auroc(y, out.scores) >= 0.95
-    # silhouette criterion (measured: ~0.65 for these two clusters, ~0.30-0.34 for one blob)
+    out = detect_ac(x, None, cfg, assumed_ratio=0.1, rng=np.random.default_rng(0))
+    assert out.flagged.sum() == 20 and metrics.detection_scores(y, out.flagged)["f1"] == 1.0
+    assert metrics.auroc(y, out.scores) == 1.0 and out.tags == {"rule": "size"}
+    # silhouette criterion: the two planted clusters score high, one Gaussian blob low
     sil = {**cfg, "criterion": "silhouette", "silhouette_threshold": 0.5}
-    out_s = detect_ac(x, x[:0], sil, assumed_ratio=0.1, rng=np.random.default_rng(0))
+    out_s = detect_ac(x, None, sil, assumed_ratio=0.1, rng=np.random.default_rng(0))
     assert out_s.extra["silhouette"] >= 0.5 and np.array_equal(out_s.flagged, out.flagged)
     blob = np.random.default_rng(2).normal(size=(200, 64)).astype(np.float32)
-    out_b = detect_ac(blob, blob[:0], sil, assumed_ratio=0.1, rng=np.random.default_rng(0))
+    out_b = detect_ac(blob, None, sil, assumed_ratio=0.1, rng=np.random.default_rng(0))
     assert out_b.extra["silhouette"] < 0.5 and not out_b.flagged.any()
     assert out_b.scores.shape == (200,)  # the score still ranks, for AUROC
     # the relative-size rule of original AC: a 10 % cluster passes 0.35, not 0.05
-    assert detect_ac(x, x[:0], {**cfg, "max_size_fraction": 0.35}, assumed_ratio=0.1,
+    assert detect_ac(x, None, {**cfg, "max_size_fraction": 0.35}, assumed_ratio=0.1,
                      rng=np.random.default_rng(0)).flagged.sum() == 20
-    assert not detect_ac(x, x[:0], {**cfg, "max_size_fraction": 0.05}, assumed_ratio=0.1,
+    assert not detect_ac(x, None, {**cfg, "max_size_fraction": 0.05}, assumed_ratio=0.1,
                          rng=np.random.default_rng(0)).flagged.any()
     with pytest.raises(ValueError, match="criterion"):
-        detect_ac(x, x[:0], {**cfg, "criterion": "vote"}, assumed_ratio=0.1, rng=np.random.default_rng(0))
+        detect_ac(x, None, {**cfg, "criterion": "vote"}, assumed_ratio=0.1, rng=np.random.default_rng(0))
 
 
 @pytest.mark.parametrize("n,d", [(3, 50), (12, 50), (60, 5), (40, 1)])
 def test_ac_small_or_narrow_pools_run(n, d):
-    x, y = _planted(n - n // 3, n // 3, d, shift=10.0, seed=3)
-    out = detect_ac(x, x[:0], AC_CFG, assumed_ratio=0.3, rng=np.random.default_rng(0))
+    x, y, reserve = _planted_with_reserve(n - n // 3, n // 3, d, shift=10.0, seed=3, n_reserve=5)
+    out = detect_ac(x, reserve, AC_CFG, assumed_ratio=0.3, rng=np.random.default_rng(0))
     assert out.scores.shape == (n,) and np.all(np.isfinite(out.scores)) and out.flagged.dtype == bool
-    const = detect_ac(np.ones((n, d), np.float32), x[:0], AC_CFG, assumed_ratio=0.3, rng=np.random.default_rng(0))
+    const = detect_ac(np.ones((n, d), np.float32), reserve, AC_CFG, assumed_ratio=0.3, rng=np.random.default_rng(0))
     assert not const.flagged.any()
+
+
+def test_score_pool_reports_the_rule_and_the_best_threshold():
+    """f1 is the detector's own decision, f1_max the best threshold of its scores; for a detector
+    without a rule (SR) both are max-F1."""
+    labels = np.array([0, 0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
+    ruled = score_pool(labels, DetectorOutput(scores, np.array([0, 0, 1, 1, 1], bool)))
+    assert ruled["f1"] == pytest.approx(0.8) and ruled["precision"] == pytest.approx(2 / 3)
+    assert ruled["f1_max"] == 1.0 and ruled["auroc"] == 1.0
+    free = score_pool(labels, DetectorOutput(scores, None))
+    assert free["f1"] == free["f1_max"] == 1.0
 
 
 def _subspace_data(seed: int = 0, d: int = 40, rank: int = 5):
@@ -183,12 +257,17 @@ def test_protocol_records_every_defense_level_and_pool(tiny_run):
                 for ratio in (0.5, 1.0):
                     n_b, n_m = pool_counts(n, ratio, sp.n_benign_available, sp.n_malicious_available)
                     assert n_b > 0 and n_m > 0
-                    for m in ("f1", "precision", "recall", "auroc", "n_benign", "n_malicious"):
+                    for m in ("f1", "f1_max", "precision", "recall", "auroc", "n_benign", "n_malicious"):
                         assert count[(defense, m, level, n, ratio)] == 1, (defense, m, level, n, ratio)
                     got = {r["metric"]: r["value"] for r in rows if (r["defense"], r["level"], r["N"], r["r"])
                            == (defense, level, n, ratio)}
                     assert (got["n_benign"], got["n_malicious"]) == (n_b, n_m)
-                    assert all(0.0 <= got[m] <= 1.0 for m in ("f1", "precision", "recall", "auroc"))
+                    # the rule's F1 and the best-threshold F1 agree where they must, by construction
+                    if defense == "sr":  # no own rule: f1 is max-F1
+                        assert got["f1"] == got["f1_max"]
+                    if defense == "ss":  # the rule flags a top-k prefix of the scores, so f1 <= f1_max,
+                        assert got["f1"] <= got["f1_max"] + 1e-12  # and tp = precision·k = recall·n_m
+                        assert got["precision"] * got["n_flagged"] == pytest.approx(got["recall"] * n_m)
     assert sp.n_benign_available < 20  # the tiny test set really exercises "fewer if fewer exist"
     for pool in sp.pools:
         assert pool.labels.sum() == pool.n_malicious and len(pool.labels) == pool.n_benign + pool.n_malicious
@@ -234,3 +313,39 @@ def test_clean_model_pools_are_skipped(tmp_path):
     assert len(rows) == 3 * 4 and all(r["metric"] == "skipped" and r["value"] == 1.0 for r in rows)
     assert {(r["level"], r["N"], r["r"]) for r in rows} == {(lv, n, r) for lv in ("s1", "s2", "s3")
                                                             for n in (100, 500) for r in (0.1, 1.0)}
+
+
+@pytest.mark.parametrize("name,module", [("ac", "bdexp.defenses.ac"), ("ss", "bdexp.defenses.ss")])
+def test_code_defaults_match_the_yaml(name, module):
+    """A Python caller who passes a partial config gets the detector the CLI runs."""
+    import importlib
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    import bdexp
+
+    yaml = OmegaConf.load(Path(bdexp.__file__).parent / "conf" / "defense" / f"{name}.yaml")[name]
+    defaults = importlib.import_module(module).DEFAULTS
+    assert set(defaults) == set(yaml) - {"name"}
+    assert {k: yaml[k] for k in defaults} == defaults
+
+
+@pytest.mark.parametrize("preset", ["mlmmdr_f1", "mlmmdr_aro", "mlmmdr_lambda", "mlmmdr_kernels"])
+def test_mlmmdr_presets_use_the_papers_20_ica_dims(preset):
+    """ML-MMDR §6.1's AC reduces to 20 dims; the plain default stays original AC's 10."""
+    assert compose_cfg([f"experiment={preset}"]).defense.ac.n_components == 20
+    assert compose_cfg([]).defense.ac.n_components == 10
+
+
+def test_a_configured_but_unselected_defense_is_skipped(caplog):
+    """experiment=mlmmdr_f1 defense=[ss]: the preset's defense.ac settings do not bring AC back."""
+    from types import SimpleNamespace
+
+    from bdexp.defenses import run_defenses
+
+    cfg = compose_cfg(["experiment=mlmmdr_f1", "defense=[]"])
+    assert "name" not in cfg.defense.ac
+    with caplog.at_level("WARNING"):
+        assert run_defenses(SimpleNamespace(cfg=cfg)) == []
+    assert "defense.ac is configured but not selected" in caplog.text

@@ -15,7 +15,12 @@ def run_defenses(exp) -> list[dict]:
     """Run each selected defense (cfg.defense is a mapping name -> its own keys)."""
     rows: list[dict] = []
     for key, dcfg in (exp.cfg.get("defense") or {}).items():
-        name = dcfg.get("name", key)
+        if dcfg.get("name") is None:
+            # Every defense YAML sets `name`; a node without one holds settings a preset gives a
+            # defense (e.g. mlmmdr_*'s defense.ac.n_components) that this run did not select.
+            log.warning("defense.%s is configured but not selected (defense=[...] lacks it); skipped", key)
+            continue
+        name = dcfg.name
         log.info("defense %s", name)
         for row in DEFENSES.get(name)(exp, dcfg):
             rows.append({**row, "defense": row.get("defense", key)})

@@ -1,11 +1,21 @@
-"""Activation Clustering (Chen et al.; SPEC §5.2, ML-MMDR §6.1): reduce a pool's features with
-FastICA, split them with 2-means, call the smaller cluster malicious.
+"""Activation Clustering (Chen et al. 2018, arXiv:1811.03728; ML-MMDR §3.3 and §6.1): reduce a
+pool's features with FastICA, split them with 2-means, decide which cluster is malicious.
 
-ML-MMDR §6.1 uses 20 ICA dims and 2-means; SPEC §5.2 calls the smaller cluster malicious. Original
-AC used 10 dims and analysed the clusters by relative size or silhouette score: `n_components`,
-`criterion: silhouette` (flag the smaller cluster only when the silhouette score reaches
-`silhouette_threshold`) and `max_size_fraction` (flag it only when it holds at most that fraction
-of the pool) cover those.
+ML-MMDR §6.1 reduces to "vectors of length 20" and clusters with k-means; §3.3 lists the ways AC
+decides which cluster is malicious: "exclusionary reclassification, relative size comparison, or
+silhouette score". On the screening pools half of the settings are balanced (r′ = 1.0: N benign +
+N malicious), where the two clusters have the same size and "the smaller cluster" is a coin flip,
+while the paper reports AC F1 0.978 / 0.991 / 0.948 at N = 100, r′ = 1.0 (§6.1). The defender of
+this protocol holds clean target-class images (the reserve SR fits its subspace on, §6.1), so the
+default decision (`criterion: reserve`) uses them: the cluster whose mean feature lies farther
+from the reserve's mean feature is malicious. It works at every r′. The other rules are options:
+  size        the smaller cluster (relative size; IBM ART's `cluster_analysis="smaller"`), with
+              `max_size_fraction` (flag it only when it holds at most that share of the pool;
+              ART's size threshold is 0.35). A coin flip at r′ = 1.
+  silhouette  the smaller cluster, flagged only when the 2-means silhouette score reaches
+              `silhouette_threshold` (a clean pool forms no two clusters). A coin flip at r′ = 1.
+Exclusionary reclassification needs retraining without each cluster; a pool detector only has
+features, so it is not offered here.
 
 Note: unit-variance ICA sources are an orthogonal rotation of the PCA-whitened data, and k-means
 is rotation invariant, so the partition equals 2-means on the whitened top-k principal scores;
@@ -24,9 +34,19 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 
 from bdexp.defenses import DEFENSES
-from bdexp.defenses.screening import DetectorOutput, run_pool_detector
+from bdexp.defenses.screening import DetectorOutput, SkipPool, run_pool_detector
 
 _RANK_TOL = 1e-6  # eigenvalues below this fraction of the largest count as zero (float32 features)
+CRITERIA = ("reserve", "size", "silhouette")
+# Defaults of conf/defense/ac.yaml, for callers that pass a partial config (one place: that YAML).
+DEFAULTS: dict[str, Any] = {"n_components": 10, "max_iter": 200, "n_init": 100, "criterion": "reserve",
+                            "silhouette_threshold": 0.15, "max_size_fraction": None,
+                            "min_samples_per_component": 10}
+
+
+def _option(dcfg: Any, key: str) -> Any:
+    value = dcfg.get(key, None) if dcfg is not None else None
+    return DEFAULTS[key] if value is None else value
 
 
 def principal_scores(x: np.ndarray, k: int) -> np.ndarray:
@@ -50,46 +70,64 @@ def principal_scores(x: np.ndarray, k: int) -> np.ndarray:
     return (xc.double() @ vecs[:, :k]).numpy()
 
 
-def detect_ac(features: np.ndarray, reserve: np.ndarray, dcfg: Any, *, assumed_ratio: float,
+def malicious_cluster(features: np.ndarray, labels: np.ndarray, reserve: np.ndarray | None,
+                      criterion: str) -> int:
+    """Which of the two clusters (0 or 1) the rule calls malicious (see the module docstring)."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"ac.criterion must be one of {list(CRITERIA)}, got {criterion!r}")
+    sizes = np.bincount(labels, minlength=2)
+    if criterion != "reserve":
+        return int(np.argmin(sizes))  # ties (balanced pools) go to cluster 0: the coin flip
+    if reserve is None or len(reserve) == 0:
+        raise SkipPool("ac.criterion=reserve needs clean reserve images of the target class "
+                       "(raise screening.reserve_per_class, or set defense.ac.criterion=size)")
+    centre = np.asarray(reserve, dtype=np.float64).mean(0)
+    far = [np.linalg.norm(np.asarray(features[labels == c], dtype=np.float64).mean(0) - centre)
+           if sizes[c] else -np.inf for c in (0, 1)]
+    return int(np.argmax(far))
+
+
+def detect_ac(features: np.ndarray, reserve: np.ndarray | None, dcfg: Any, *, assumed_ratio: float,
               rng: np.random.Generator) -> DetectorOutput:
-    """Flag the smaller of two k-means clusters in ICA space. Scores (for AUROC): distance to the
-    larger cluster's centre minus distance to the smaller one's. Uses neither the reserve nor the
-    assumed ratio (AC needs no verified data, ML-MMDR §3.3)."""
+    """Flag one of two k-means clusters in ICA space, chosen by `criterion`. Scores (for AUROC):
+    distance to the benign cluster's centre minus distance to the malicious one's. Uses no assumed
+    ratio (AC needs no estimate of the poison rate, ML-MMDR §3.3); the reserve only with
+    `criterion: reserve`."""
     n, d = features.shape
+    criterion = str(_option(dcfg, "criterion"))
+    if criterion not in CRITERIA:
+        raise ValueError(f"ac.criterion must be one of {list(CRITERIA)}, got {criterion!r}")
+    tags = {"rule": criterion}
     # Reduce to what the pool supports. Whitening n−1 dims of n points maps them onto a regular
     # simplex (all pairwise distances equal) and k-means splits at random, so we also keep
-    # ≥ `min_samples_per_component` (5) rows per ICA dim; at the paper's pool sizes (n ≥ 110,
-    # SPEC §5.1) this never binds and the 20 dims of ML-MMDR §6.1 stand.
-    per = max(int(dcfg.get("min_samples_per_component", 5)), 1)
-    k = min(int(dcfg.get("n_components", 20)), d, n - 1, max(n // per, 1))
+    # ≥ `min_samples_per_component` rows per ICA dim (see ac.yaml for the measured reason).
+    per = max(int(_option(dcfg, "min_samples_per_component")), 1)
+    k = min(int(_option(dcfg, "n_components")), d, n - 1, max(n // per, 1))
     z = principal_scores(features, k) if k >= 1 else np.zeros((n, 0))
     if z.shape[1] == 0:  # all rows identical: nothing to separate
-        return DetectorOutput(np.zeros(n), np.zeros(n, dtype=bool))
+        return DetectorOutput(np.zeros(n), np.zeros(n, dtype=bool), tags=tags)
     seed = int(rng.integers(2**31 - 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        z = FastICA(n_components=z.shape[1], whiten="unit-variance", max_iter=int(dcfg.get("max_iter", 200)),
+        z = FastICA(n_components=z.shape[1], whiten="unit-variance", max_iter=int(_option(dcfg, "max_iter")),
                     random_state=seed).fit_transform(z)
-    km = KMeans(n_clusters=2, n_init=int(dcfg.get("n_init", 10)), random_state=seed).fit(z)
+    km = KMeans(n_clusters=2, n_init=int(_option(dcfg, "n_init")), random_state=seed).fit(z)
     labels = km.labels_
     sizes = np.bincount(labels, minlength=2)
-    small = int(np.argmin(sizes))
+    bad = malicious_cluster(features, labels, reserve, criterion)
     dist = np.linalg.norm(z[:, None, :] - km.cluster_centers_[None], axis=2)  # (n, 2)
-    scores = dist[:, 1 - small] - dist[:, small]
+    scores = dist[:, 1 - bad] - dist[:, bad]
     flag = True
-    extra: dict[str, float] = {}
+    extra: dict[str, float] = {"flagged_cluster_fraction": float(sizes[bad] / n), "ica_dims": float(z.shape[1])}
     if sizes.min() > 0 and n >= 3:
         extra["silhouette"] = float(silhouette_score(z, labels))
-    criterion = str(dcfg.get("criterion", "size"))
     if criterion == "silhouette":
-        flag = extra.get("silhouette", -1.0) >= float(dcfg.get("silhouette_threshold", 0.15))
-    elif criterion != "size":
-        raise ValueError(f"ac.criterion must be size or silhouette, got {criterion!r}")
-    max_frac = dcfg.get("max_size_fraction", None)
-    if max_frac is not None and sizes[small] / n > float(max_frac):
+        flag = extra.get("silhouette", -1.0) >= float(_option(dcfg, "silhouette_threshold"))
+    max_frac = _option(dcfg, "max_size_fraction")
+    if max_frac is not None and sizes[bad] / n > float(max_frac):
         flag = False
-    flagged = (labels == small) & flag
-    return DetectorOutput(scores, flagged, extra)
+    flagged = (labels == bad) & flag
+    return DetectorOutput(scores, flagged, extra, tags)
 
 
 @DEFENSES.register("ac")

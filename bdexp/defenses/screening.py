@@ -36,6 +36,7 @@ class DetectorOutput:
     scores: np.ndarray  # (n,) suspicion, higher = more likely malicious
     flagged: np.ndarray | None  # (n,) bool decision; None = no own rule (evaluator takes max-F1)
     extra: dict[str, float] = field(default_factory=dict)  # diagnostics recorded as extra metrics
+    tags: dict[str, str] = field(default_factory=dict)  # the decision rule used, tagged on every record
 
 
 class Detector(Protocol):
@@ -155,26 +156,29 @@ def _skipped(level: str, pool: Pool, why: str, defense: str) -> dict:
 
 def score_pool(labels: np.ndarray, out: DetectorOutput) -> dict[str, float]:
     """Precision/recall/F1 from the detector's own decision, or max-F1 over thresholds when it has
-    none (SR, ML-MMDR §6.1); AUROC from the scores always."""
+    none (SR, ML-MMDR §6.1); `f1_max` (F1 at the best threshold of the scores) and AUROC always,
+    so a detector's rule and its scores can be told apart in the tables."""
     scores = np.asarray(out.scores, dtype=np.float64)
     if scores.shape != labels.shape or not np.all(np.isfinite(scores)):
         raise ValueError(f"detector returned scores of shape {scores.shape} (finite: "
                          f"{bool(np.all(np.isfinite(scores)))}) for a pool of {len(labels)}")
+    best = {k: v for k, v in metrics.best_f1(labels, scores).items() if k != "threshold"}
     if out.flagged is not None:
         flagged = np.asarray(out.flagged, dtype=bool)
         if flagged.shape != labels.shape:
             raise ValueError(f"detector flagged {flagged.shape} for a pool of {len(labels)}")
         prf = metrics.detection_scores(labels, flagged)
     else:
-        prf = {k: v for k, v in metrics.best_f1(labels, scores).items() if k != "threshold"}
-    return {**prf, "auroc": metrics.auroc(labels, scores)}
+        prf = best
+    return {**prf, "f1_max": best["f1"], "auroc": metrics.auroc(labels, scores)}
 
 
 def run_pool_detector(exp, dcfg: Any, detect: Detector) -> list[dict]:
     """Run `detect` on every level × pool (N, r′) of SPEC §5.1 and score it (the evaluator side).
 
-    Records per level × pool, tagged ``level``, ``N`` (requested) and ``r`` (r′): f1, precision,
-    recall, auroc, n_benign, n_malicious and the detector's `extra` diagnostics; or ``skipped``
+    Records per level × pool, tagged ``level``, ``N`` (requested) and ``r`` (r′) and the detector's
+    own `tags` (its decision rule): f1, precision, recall (of that rule), f1_max, auroc, n_benign,
+    n_malicious and the detector's `extra` diagnostics; or ``skipped``
     = 1.0 when the pool has no malicious/benign images or the detector raised SkipPool."""
     name = str(dcfg.get("name", "detector"))
     start = time.perf_counter()
@@ -197,6 +201,7 @@ def run_pool_detector(exp, dcfg: Any, detect: Detector) -> list[dict]:
                 rows.append(_skipped(level, pool, str(e), name))
                 continue
             ran += 1
+            tags = {**tags, **out.tags}
             for metric, value in score_pool(pool.labels, out).items():
                 rows.append(record(metric, value, **tags))
             rows.append(record("n_benign", pool.n_benign, **tags))

@@ -61,7 +61,8 @@ def detect_sr(features: np.ndarray, reserve: np.ndarray, dcfg: Any, *, assumed_r
                        "(raise screening.reserve_per_class)")
     mean, comps = fit_subspace(reserve, float(dcfg.get("energy", 0.9)))
     scores = reconstruction_error(features, mean, comps)
-    return DetectorOutput(scores, None, {"k": float(len(comps)), "n_reserve": float(len(reserve))})
+    return DetectorOutput(scores, None, {"k": float(len(comps)), "n_reserve": float(len(reserve))},
+                          {"rule": "max-F1"})
 
 
 @DEFENSES.register("sr")

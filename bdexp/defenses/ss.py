@@ -1,6 +1,21 @@
-"""Spectral Signatures (Tran et al.; SPEC §5.2, ML-MMDR §6.1): project a pool's centred features
-on their top right singular vector; the squared projection is the outlier score and the top
-⌈removal_factor·ε̂·n⌉ are flagged, ε̂ the defender's assumed poison fraction."""
+"""Spectral Signatures (Tran et al. 2018; ML-MMDR §3.3 and §6.1): project a pool's centred features
+on their top right singular vector, score each input by its projection, flag the top
+⌈removal_factor·ε̂·n⌉ (ε̂ the defender's assumed poison fraction; Tran et al. remove 1.5 times the
+expected poison).
+
+Tran et al.'s outlier score is the squared projection ((x − μ)·v)². On a balanced pool (r′ = 1.0,
+N benign + N malicious) the two halves sit at ±a along v, so that score cannot tell them apart
+(AUROC 0.5 on a separable 100 + 100 pool), yet ML-MMDR §6.1 reports SS F1 0.985 at N = 500,
+r′ = 1.0. The defender of this protocol holds clean target-class images (the reserve), so the
+default (`orient: reserve`) scores the signed projection (x − μ)·v, oriented so that the reserve's
+mean falls on the low side: the half away from the clean data scores high at every r′, and at
+r′ = 0.1 the far tail of the benign side is no longer flagged with the poison. `orient: none`
+is Tran et al.'s squared score.
+
+Two F1 values come out of every pool (screening.score_pool): `f1` of the removal rule, whose
+precision is at most 1/removal_factor when ε̂ is the true fraction (F1 ≤ 0.8 at 1.5), and
+`f1_max` at the best threshold (how SR is scored in ML-MMDR §6.1).
+"""
 from __future__ import annotations
 
 import math
@@ -10,22 +25,56 @@ import numpy as np
 import torch
 
 from bdexp.defenses import DEFENSES
-from bdexp.defenses.screening import DetectorOutput, run_pool_detector
+from bdexp.defenses.screening import DetectorOutput, SkipPool, run_pool_detector
+
+ORIENTS = ("reserve", "none")
+# Defaults of conf/defense/ss.yaml, for callers that pass a partial config (one place: that YAML).
+DEFAULTS: dict[str, Any] = {"removal_factor": 1.5, "eps": None, "orient": "reserve"}
+
+
+def _option(dcfg: Any, key: str) -> Any:
+    value = dcfg.get(key, None) if dcfg is not None else None
+    return DEFAULTS[key] if value is None else value
+
+
+def top_direction(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(μ (d,), v (d,)): the mean and the top right singular vector of the centred (n, d) matrix.
+
+    The top eigenvector of the smaller of XcXcᵀ (n×n) and XcᵀXc (d×d) suffices: one matmul plus a
+    small symmetric eigensolve, for any width d (v = Xcᵀu/‖Xcᵀu‖ on the Gram route)."""
+    x = torch.from_numpy(np.asarray(features, dtype=np.float32))
+    mu = x.mean(0, dtype=torch.float64)
+    xc = (x - mu.float()).double()
+    n, d = xc.shape
+    if n <= d:
+        _, vecs = torch.linalg.eigh(xc @ xc.T)
+        v = xc.T @ vecs[:, -1]
+    else:
+        _, vecs = torch.linalg.eigh(xc.T @ xc)
+        v = vecs[:, -1]
+    norm = float(v.norm())
+    v = v / norm if norm > 0 else v
+    return mu.numpy(), v.numpy()
+
+
+def spectral_projection(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """((x − μ)·v per row, μ, v)."""
+    mu, v = top_direction(features)
+    proj = (np.asarray(features, dtype=np.float64) - mu) @ v
+    return proj, mu, v
 
 
 def spectral_scores(features: np.ndarray) -> np.ndarray:
-    """((x − μ)·v)² with v the top right singular vector of the centred (n, d) matrix.
+    """Tran et al.'s outlier score ((x − μ)·v)²."""
+    return spectral_projection(features)[0] ** 2
 
-    With Xc = U S Vᵀ, (Xc v₁)² = σ₁² u₁², so the top eigenpair of the smaller of XcXcᵀ (n×n) and
-    XcᵀXc (d×d) suffices: one matmul plus a small symmetric eigensolve, for any width d."""
-    x = torch.from_numpy(np.asarray(features, dtype=np.float32))
-    xc = x - x.mean(0, dtype=torch.float64).float()
-    n, d = xc.shape
-    if n <= d:
-        vals, vecs = torch.linalg.eigh((xc @ xc.T).double())
-        return (vals[-1].clamp_min(0) * vecs[:, -1] ** 2).numpy()
-    _, vecs = torch.linalg.eigh((xc.T @ xc).double())
-    return ((xc.double() @ vecs[:, -1]) ** 2).numpy()
+
+def oriented_scores(features: np.ndarray, reserve: np.ndarray) -> np.ndarray:
+    """(x − μ)·v signed so that the clean reserve's mean projects at or below 0: high = away from
+    the clean data along the top singular direction."""
+    proj, mu, v = spectral_projection(features)
+    side = float((np.asarray(reserve, dtype=np.float64).mean(0) - mu) @ v)
+    return -proj if side > 0 else proj
 
 
 def n_removed(n: int, eps: float, factor: float) -> int:
@@ -33,16 +82,28 @@ def n_removed(n: int, eps: float, factor: float) -> int:
     return int(min(max(math.ceil(factor * eps * n - 1e-9), 0), n))
 
 
-def detect_ss(features: np.ndarray, reserve: np.ndarray, dcfg: Any, *, assumed_ratio: float,
+def detect_ss(features: np.ndarray, reserve: np.ndarray | None, dcfg: Any, *, assumed_ratio: float,
               rng: np.random.Generator) -> DetectorOutput:
-    """ε̂ = `eps` when set, else the protocol's assumed_ratio r′/(1+r′) (SPEC §5.2). Uses no reserve."""
-    scores = spectral_scores(features)
-    eps = dcfg.get("eps", None)
+    """ε̂ = `eps` when set, else the protocol's assumed_ratio r′/(1+r′). The reserve orients the
+    score (`orient: reserve`) and is not used otherwise."""
+    orient = str(_option(dcfg, "orient"))
+    if orient not in ORIENTS:
+        raise ValueError(f"ss.orient must be one of {list(ORIENTS)}, got {orient!r}")
+    if orient == "reserve":
+        if reserve is None or len(reserve) == 0:
+            raise SkipPool("ss.orient=reserve needs clean reserve images of the target class "
+                           "(raise screening.reserve_per_class, or set defense.ss.orient=none)")
+        scores = oriented_scores(features, reserve)
+    else:
+        scores = spectral_scores(features)
+    eps = _option(dcfg, "eps")
     eps = float(assumed_ratio if eps is None else eps)
-    k = n_removed(len(scores), eps, float(dcfg.get("removal_factor", 1.5)))
+    factor = float(_option(dcfg, "removal_factor"))
+    k = n_removed(len(scores), eps, factor)
     flagged = np.zeros(len(scores), dtype=bool)
     flagged[np.argsort(-scores, kind="stable")[:k]] = True
-    return DetectorOutput(scores, flagged, {"n_flagged": float(k)})
+    return DetectorOutput(scores, flagged, {"n_flagged": float(k), "eps_assumed": eps},
+                          {"rule": f"top {factor:g}·eps·n", "orient": orient})
 
 
 @DEFENSES.register("ss")
