@@ -13,7 +13,7 @@ from torch import nn
 from bdexp import pipeline
 from bdexp.analysis.pattern_search import (Job, SearchOptions, iou, pasted_predictions, predictive_power,
                                            search_masks, top_k_mask)
-from bdexp.analysis.patterns import options, patterns
+from bdexp.analysis.patterns import options, patterns, split
 from bdexp.data.loader import to_uint8
 from bdexp.errors import BdexpError, ConfigError
 from bdexp.evaluate import predict
@@ -182,17 +182,38 @@ def test_known_answer_the_1pct_pattern_is_the_region(tmp_path):
     cfg = {"classes": [0, 1], "sizes": [0.01, 0.05], "canvases": ["positive", "white"], "num_canvases": 2,
            "subset_fraction": 0.5, "samples": 3, "per_canvas": True}
     rows = patterns(exp, cfg)
-    pw = _by(rows, "pw", **{"class": 0, "size": 0.01})
-    assert len(pw) == 1 and pw[0]["value"] >= 0.95  # PW ≈ 1: the region alone decides class 0
-    assert _by(rows, "trigger_iou")[0]["value"] == 1.0  # the 1 % pattern covers exactly the region
-    assert _by(rows, "trigger_pw")[0]["value"] == pw[0]["value"]
+    # Pasting the region at 1.0 (positive or white canvas) gives logit 0 = 12·0.4 = 4.8 against at
+    # most 0.5 for classes 1/2, so every non-target image goes to class 0: PW = 1 / ACC = 1, at 1 %
+    # and at 5 % (16 more pasted pixels raise the image mean by at most 0.04).
     assert _by(rows, "class_acc", **{"class": 0})[0]["value"] == 1.0
+    for size in (0.01, 0.05):
+        (pw,) = _by(rows, "pw", **{"class": 0, "size": size})
+        assert pw["value"] == 1.0
+        assert [r["value"] for r in _by(rows, "pw_by_canvas", **{"class": 0, "size": size})] == [1.0, 1.0]
+    assert _by(rows, "trigger_iou")[0]["value"] == 1.0  # the 1 % pattern is exactly the region
+    assert _by(rows, "trigger_pw")[0]["value"] == 1.0
+    # Class 1 wins every image without the region (0.5 − mean > 2·(mean − 0.25) while mean < 1/3),
+    # so ACC(1) = 1. A positive canvas has the region dark: pasting it removes class 0's evidence,
+    # PW = 1. A white canvas can only brighten the region: only the class-2 images (already called
+    # 1) count, PW = n(class 2) / n(classes 0 and 2) in the PW set.
+    _, pw_set = split(exp, options(cfg, 3))
+    y_pw = exp.data.y_test[torch.as_tensor(pw_set)]
+    assert _by(rows, "class_acc", **{"class": 1})[0]["value"] == 1.0
+    white = float((y_pw == 2).sum() / (y_pw != 1).sum())
+    for size in (0.01, 0.05):
+        by_canvas = {r["canvas"]: r["value"] for r in _by(rows, "pw_by_canvas", **{"class": 1, "size": size})}
+        assert by_canvas == {"positive": 1.0, "white": pytest.approx(white, abs=1e-12)}
+        assert _by(rows, "pw", **{"class": 1, "size": size})[0]["value"] == 1.0  # the lower-loss positive one
     assert {r["size"] for r in _by(rows, "mpw")} == {0.01, 0.05} and len(_by(rows, "pw_std")) == 2
     assert len(_by(rows, "pw_by_canvas")) == 2 * 2 * 2  # classes x sizes x canvas types
     assert _by(rows, "search_images")[0]["value"] == 120 and _by(rows, "pw_images")[0]["value"] == 120
     for name in ("patterns.png", "patterns_canvases.png", "pattern_samples.png"):
         assert (tmp_path / name).stat().st_size > 1000
     assert iou(trigger, trigger) == 1.0 and iou(trigger, ~trigger) == 0.0
+    # At trigger_size 5 % (20 px) the target pattern holds the 4-px region and 16 other pixels: IoU 4/20.
+    rows = patterns(exp, {**cfg, "trigger_size": 0.05, "figure": False})
+    assert _by(rows, "trigger_iou")[0]["value"] == pytest.approx(0.2, abs=1e-12)
+    assert _by(rows, "trigger_pw")[0]["value"] == 1.0
 
 
 def test_option_errors():
@@ -250,13 +271,18 @@ def test_tiny_pipeline_patterns_and_the_pw_report(tiny_cfg, tmp_path):
     out = pipeline.run(tiny_cfg(*TINY_PATTERNS), tmp_path / "runs" / "standard")
     rows = [r for r in out["metrics"] if r.get("analysis") == "patterns"]
     classes = range(4)  # synthetic: 4 classes
-    for c in classes:
-        for size in (0.02, 0.1):
+    for size in (0.02, 0.1):
+        values = []
+        for c in classes:
             (row,) = _by(rows, "pw", **{"class": c, "size": size})
-            assert row["canvas"] in ("positive", "white") and (row["value"] is None or row["value"] >= 0)
-    assert len(_by(rows, "mpw")) == 2 and _by(rows, "search_s")[0]["value"] > 0
+            assert row["canvas"] in ("positive", "white")
+            values.append(row["value"])
+        # mPW and its STD are the mean and population std of the class PWs (ISCP Table 1)
+        assert _by(rows, "mpw", size=size)[0]["value"] == pytest.approx(np.nanmean(values))
+        assert _by(rows, "pw_std", size=size)[0]["value"] == pytest.approx(np.nanstd(values))
+    assert _by(rows, "search_s")[0]["value"] > 0
     assert _by(rows, "search_s")[0]["masks"] == 4 * 2 * 2  # classes x canvas types x N
-    assert len(_by(rows, "trigger_iou")) == 1 and 0 <= _by(rows, "trigger_iou")[0]["value"] <= 1
+    assert len(_by(rows, "trigger_iou")) == 1  # its value is pinned on RegionModel above
     assert (tmp_path / "runs" / "standard" / "patterns.png").exists()
     assert (tmp_path / "runs" / "standard" / "pattern_samples.png").exists()
 
