@@ -69,6 +69,10 @@ def best_f1(labels, scores) -> dict[str, float]:
     precision = tp / k
     recall = tp / max(positives, 1)
     f1 = np.where(tp > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    # Only cuts a threshold can make: "flag score >= s" takes every input tied at s, so the cut
+    # must sit after the last of a group of equal scores (otherwise ties inflate the F1).
+    ranked = scores[order]
+    f1 = np.where(np.r_[ranked[1:] != ranked[:-1], True], f1, -1.0)
     i = int(np.argmax(f1))
     return {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
             "threshold": float(scores[order][i])}
