@@ -176,6 +176,19 @@ def test_strip_entropy_known_answers_and_blends():
     torch.testing.assert_close(seen, expect)
 
 
+def test_a_partial_config_takes_the_yaml_defaults():
+    """conf/defense/strip.yaml is the one place STRIP's defaults live: a config without `frr` gets
+    its 1 % rule (the code's own fallback used to be "no rule")."""
+    from bdexp.defenses.strip import build_strip
+
+    x = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8)
+    exp = SimpleNamespace(model=ConstantLogits([1.0, 0.0]), device=CPU, rng=lambda tag: np.random.default_rng(0))
+    reserve = Reserve(x, torch.zeros(6, dtype=torch.long), np.arange(6))
+    assert OmegaConf.load(Path(CONF_DIR) / "defense" / "strip.yaml").strip.frr == 0.01
+    assert build_strip(exp, reserve, {"n_overlay": 3})(x, "pool").flagged is not None
+    assert build_strip(exp, reserve, {"n_overlay": 3, "frr": None})(x, "pool").flagged is None
+
+
 def test_msp_and_energy_match_numpy_formulas():
     logits = np.random.default_rng(0).normal(scale=3.0, size=(50, 7))
     t = torch.as_tensor(logits)

@@ -16,6 +16,7 @@ import torch
 
 from bdexp.analysis import ANALYSES
 from bdexp.analysis.kernels import KERNEL_NAMES, ed2, mmd2, swd1
+from bdexp.conf import with_defaults
 from bdexp.errors import ConfigError
 from bdexp.models.base import LEVELS
 from bdexp.results import record
@@ -31,18 +32,18 @@ def rank_of_a(a: float, b: float, c: float) -> int:
 
 
 def _options(cfg) -> dict:
-    get = cfg.get if cfg is not None else (lambda k, d=None: d)
+    get = with_defaults(cfg, "analysis", "distances").get  # defaults: conf/analysis/distances.yaml
     opts = {
-        "levels": [str(lv) for lv in (get("levels", None) or ["s1", "s2", "s3"])],
-        "set_size": int(get("set_size", 500)),  # ML-MMDR §4: random samples of 500
-        "repeats": int(get("repeats", 3)),
-        "min_class_size": int(get("min_class_size", 10)),
-        "num_projections": int(get("num_projections", 100)),  # SWD1 directions L (SPEC §4 gap)
-        "kernel": str(get("kernel", "gmk_adaptive")),
-        "exclude_reserve": bool(get("exclude_reserve", False)),
+        "levels": [str(lv) for lv in (get("levels") or [])],
+        "set_size": int(get("set_size")),
+        "repeats": int(get("repeats")),
+        "min_class_size": int(get("min_class_size")),
+        "num_projections": int(get("num_projections")),
+        "kernel": str(get("kernel")),
+        "exclude_reserve": bool(get("exclude_reserve")),
     }
     bad = [lv for lv in opts["levels"] if lv not in LEVELS]
-    if bad:
+    if bad or not opts["levels"]:
         raise ConfigError(f"analysis.distances.levels: unknown level(s) {bad}; choose from {list(LEVELS)}")
     if opts["kernel"] not in KERNEL_NAMES:
         raise ConfigError(f"analysis.distances.kernel={opts['kernel']!r}; choose one of: {', '.join(KERNEL_NAMES)}")

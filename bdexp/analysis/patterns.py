@@ -31,6 +31,7 @@ import torch
 from bdexp.analysis import ANALYSES
 from bdexp.analysis.pattern_search import (Job, SearchOptions, iou, pasted_apply, pasted_predictions,
                                            predictive_power, search_masks)
+from bdexp.conf import with_defaults
 from bdexp.data.loader import iterate_eval, to_float
 from bdexp.errors import ConfigError
 from bdexp.results import record
@@ -52,6 +53,7 @@ def options(cfg, num_classes: int) -> dict:
     unknown = sorted(set(raw) - _KEYS)
     if unknown:
         raise ConfigError(f"analysis.patterns: unknown key(s) {unknown}; allowed: {sorted(_KEYS)}")
+    raw = with_defaults(cfg, "analysis", "patterns")  # defaults: conf/analysis/patterns.yaml
     get = raw.get
     classes = get("classes")
     classes = list(range(num_classes)) if classes is None else [int(c) for c in classes]
@@ -62,17 +64,17 @@ def options(cfg, num_classes: int) -> dict:
     canvases = [str(c) for c in (CANVASES if get("canvases") is None else get("canvases"))]
     opts = {
         "classes": classes, "sizes": sizes, "canvases": canvases,
-        "num_canvases": int(get("num_canvases", 5)),  # N = 5 (ISCP §4.1, App. D.3)
-        "subset_fraction": float(get("subset_fraction", 0.2)),  # D_n from 20 % of the test set (ISCP §4)
-        "pw_on": str(get("pw_on", "heldout")),
-        "exclude_reserve": bool(get("exclude_reserve", False)),
-        "select_by": str(get("select_by", "pattern")),
-        "select_images": int(get("select_images", 128)),
-        "per_canvas": bool(get("per_canvas", False)),
-        "trigger_size": float(get("trigger_size", 0.01)),  # ISCP §4.3: 1 % patterns on backdoored models
-        "figure": bool(get("figure", True)),
-        "figure_size": float(get("figure_size", 0.05)),  # ISCP Figs. 2, 9: 5 %
-        "samples": int(get("samples", 6)),
+        "num_canvases": int(get("num_canvases")),
+        "subset_fraction": float(get("subset_fraction")),
+        "pw_on": str(get("pw_on")),
+        "exclude_reserve": bool(get("exclude_reserve")),
+        "select_by": str(get("select_by")),
+        "select_images": int(get("select_images")),
+        "per_canvas": bool(get("per_canvas")),
+        "trigger_size": float(get("trigger_size")),
+        "figure": bool(get("figure")),
+        "figure_size": float(get("figure_size")),
+        "samples": int(get("samples")),
     }
     bad = [c for c in canvases if c not in CANVASES]
     if bad or not canvases:

@@ -37,6 +37,7 @@ import torch
 
 from bdexp.analysis import ANALYSES
 from bdexp.analysis.overlap import CENTERS, norm_name, norm_order, overlap_bound
+from bdexp.conf import with_defaults
 from bdexp.errors import ConfigError
 from bdexp.models.base import LEVELS
 from bdexp.results import record
@@ -49,19 +50,19 @@ CLEAN_FROM: tuple[str, ...] = ("p", "disjoint")  # where T's clean images come f
 
 
 def _options(cfg) -> dict:
-    get = cfg.get if cfg is not None else (lambda k, d=None: d)
+    get = with_defaults(cfg, "analysis", "shift").get  # defaults: conf/analysis/shift.yaml
     opts = {
-        "purities": [float(r) for r in (get("purities", None) or [i / 10 for i in range(11)])],
-        "spaces": [str(s) for s in (get("spaces", None) or list(SPACES))],
-        "hidden_level": str(get("hidden_level", "penult")),
-        "output": str(get("output", "softmax")),
-        "norms": list(get("norms", None) or [1, 2, "inf"]),
-        "num_radii": int(get("num_radii", 10)),
-        "center": str(get("center", "best")),
-        "set_size": int(get("set_size", 500)),
-        "repeats": int(get("repeats", 3)),
-        "tolerance": get("tolerance", "auto"),
-        "clean_from": str(get("clean_from", "p")),
+        "purities": [float(r) for r in get("purities") or []],
+        "spaces": [str(s) for s in get("spaces") or []],
+        "hidden_level": str(get("hidden_level")),
+        "output": str(get("output")),
+        "norms": list(get("norms") or []),
+        "num_radii": int(get("num_radii")),
+        "center": str(get("center")),
+        "set_size": int(get("set_size")),
+        "repeats": int(get("repeats")),
+        "tolerance": get("tolerance"),
+        "clean_from": str(get("clean_from")),
     }
     if opts["clean_from"] not in CLEAN_FROM:
         raise ConfigError(f"analysis.shift.clean_from={opts['clean_from']!r}; choose one of {list(CLEAN_FROM)}")
@@ -72,8 +73,8 @@ def _options(cfg) -> dict:
     if bad or not opts["purities"]:
         raise ConfigError(f"analysis.shift.purities={opts['purities']}: need a non-empty list of values in [0, 1]")
     bad = [s for s in opts["spaces"] if s not in SPACES]
-    if bad:
-        raise ConfigError(f"analysis.shift.spaces: unknown space(s) {bad}; choose from {list(SPACES)}")
+    if bad or not opts["spaces"]:
+        raise ConfigError(f"analysis.shift.spaces={opts['spaces']}: need a non-empty subset of {list(SPACES)}")
     if opts["hidden_level"] not in LEVELS:
         raise ConfigError(f"analysis.shift.hidden_level={opts['hidden_level']!r}; choose one of {list(LEVELS)}")
     if opts["output"] not in OUTPUTS:
@@ -84,6 +85,8 @@ def _options(cfg) -> dict:
         opts["norms"] = list(dict.fromkeys(norm_order(n) for n in opts["norms"]))
     except ValueError as err:
         raise ConfigError(f"analysis.shift.norms: {err}") from None
+    if not opts["norms"]:
+        raise ConfigError("analysis.shift.norms is empty; list some of 1, 2, inf")
     if opts["center"] not in CENTERS:
         raise ConfigError(f"analysis.shift.center={opts['center']!r}; choose one of {list(CENTERS)}")
     for key, low in (("num_radii", 0), ("set_size", 2), ("repeats", 1)):

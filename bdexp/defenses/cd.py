@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bdexp.conf import with_defaults
 from bdexp.defenses import DEFENSES
 from bdexp.defenses.input_pools import Reserve, float_batches, run_input_detector
 from bdexp.defenses.screening import DetectorOutput
@@ -116,34 +117,35 @@ def cd_l1_norms(model: nn.Module, x: torch.Tensor, device: torch.device, *, seed
 
 
 def _params(dcfg: Any) -> dict[str, Any]:
-    variant = str(dcfg.get("variant", "logit"))
+    dcfg = with_defaults(dcfg, "defense", "cd")  # cd_feature / cd_probs set their own values over cd.yaml's
+    variant = str(dcfg["variant"])
     if variant not in VARIANTS:
         raise ConfigError(f"defense cd: variant={variant!r} is not one of {list(VARIANTS)}")
-    output = str(dcfg.get("output", "logits"))
+    output = str(dcfg["output"])
     if output not in OUTPUTS:
         raise ConfigError(f"defense cd: output={output!r} is not one of {list(OUTPUTS)}")
-    temperature = float(dcfg.get("temperature", 1.0))
+    temperature = float(dcfg["temperature"])
     if not temperature > 0:
         raise ConfigError(f"defense cd: temperature={temperature} must be > 0")
-    level = str(dcfg.get("level", "s3"))
+    level = str(dcfg["level"])
     if level not in LEVELS:
         raise ConfigError(f"defense cd: level={level!r} is not one of {list(LEVELS)}")
-    steps = dcfg.get("steps", 100)
+    steps = dcfg["steps"]
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ConfigError(f"defense cd: steps={steps!r} must be an int >= 1")
-    betas = tuple(float(v) for v in dcfg.get("betas", (0.1, 0.1)))
+    betas = tuple(float(v) for v in dcfg["betas"])
     if len(betas) != 2:
         raise ConfigError(f"defense cd: betas={list(betas)} must be two numbers")
-    return dict(variant=variant, output=output, temperature=temperature, level=level, steps=steps, batch_size=int(dcfg.get("batch_size", 256)),
-                lr=float(dcfg.get("lr", 0.1)), betas=betas, alpha=float(dcfg.get("alpha", 0.01)),
-                beta=float(dcfg.get("beta", 1.0)), mask_init=float(dcfg.get("mask_init", 1.0)),
-                amp=bool(dcfg.get("autocast", False)))
+    return dict(variant=variant, output=output, temperature=temperature, level=level, steps=steps, batch_size=int(dcfg["batch_size"]),
+                lr=float(dcfg["lr"]), betas=betas, alpha=float(dcfg["alpha"]),
+                beta=float(dcfg["beta"]), mask_init=float(dcfg["mask_init"]),
+                amp=bool(dcfg["autocast"]))
 
 
 def build_cd(exp, reserve: Reserve, dcfg: Any):
     """CD on the clean reserve gives μ, σ of ‖m‖₁ for the threshold rule (SPEC §5.5)."""
     params = _params(dcfg)
-    t = float(dcfg.get("threshold_t", 0.5))
+    t = float(with_defaults(dcfg, "defense", "cd")["threshold_t"])
     ref = cd_l1_norms(exp.model, reserve.x, exp.device, seed=exp.seed, tag="reserve", **params)
     mu, sigma = float(ref.mean()), float(ref.std(ddof=1)) if len(ref) > 1 else 0.0
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from sklearn.covariance import EmpiricalCovariance, LedoitWolf
 
+from bdexp.conf import with_defaults
 from bdexp.defenses import DEFENSES
 from bdexp.defenses.input_pools import Reserve, run_input_detector
 from bdexp.defenses.screening import DetectorOutput
@@ -34,15 +35,15 @@ LEVELS = ("s1", "s2", "s3", "penult")
 COVARIANCES = ("empirical", "ledoit_wolf")
 
 
-def _sign(dcfg: Any) -> float:
-    direction = str(dcfg.get("suspicious", "low_confidence"))
+def _sign(dcfg: dict) -> float:
+    direction = str(dcfg["suspicious"])
     if direction not in DIRECTIONS:
         raise ConfigError(f"defense {dcfg.get('name')!r}: suspicious={direction!r} is not one of {list(DIRECTIONS)}")
     return 1.0 if direction == "low_confidence" else -1.0
 
 
 def _level(dcfg: Any) -> str:
-    level = str(dcfg.get("level", "penult"))
+    level = str(with_defaults(dcfg, "defense", "mahalanobis")["level"])
     if level not in LEVELS:
         raise ConfigError(f"defense {dcfg.get('name')!r}: level={level!r} is not one of {list(LEVELS)}")
     return level
@@ -86,12 +87,13 @@ def _logits(exp, x: torch.Tensor) -> torch.Tensor:
 
 
 def build_msp(exp, reserve: Reserve, dcfg: Any):
-    sign = _sign(dcfg)
+    sign = _sign(with_defaults(dcfg, "defense", "msp"))
     return lambda x, tag: DetectorOutput(msp_suspicion(_logits(exp, x), sign), None)
 
 
 def build_energy(exp, reserve: Reserve, dcfg: Any):
-    sign, temperature = _sign(dcfg), float(dcfg.get("temperature", 1.0))
+    dcfg = with_defaults(dcfg, "defense", "energy")
+    sign, temperature = _sign(dcfg), float(dcfg["temperature"])
     if temperature <= 0:
         raise ConfigError(f"defense energy: temperature={temperature} must be positive")
     return lambda x, tag: DetectorOutput(energy_suspicion(_logits(exp, x), temperature, sign), None)
@@ -100,7 +102,8 @@ def build_energy(exp, reserve: Reserve, dcfg: Any):
 def build_mahalanobis(exp, reserve: Reserve, dcfg: Any):
     level = _level(dcfg)
     feats = exp.features(reserve.x, (level,))[1][level].numpy()
-    means, precision = fit_mahalanobis(feats, reserve.y.numpy(), str(dcfg.get("covariance", "empirical")))
+    covariance = str(with_defaults(dcfg, "defense", "mahalanobis")["covariance"])
+    means, precision = fit_mahalanobis(feats, reserve.y.numpy(), covariance)
 
     def score(x: torch.Tensor, tag: str) -> DetectorOutput:
         return DetectorOutput(mahalanobis_min(exp.features(x, (level,))[1][level].numpy(), means, precision), None)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from bdexp.analysis.overlap import OverlapScorer  # the bound itself lives with the analyses (SPEC §5.6)
+from bdexp.conf import with_defaults
 from bdexp.defenses import DEFENSES
 from bdexp.defenses.input_pools import Reserve, run_input_detector
 from bdexp.defenses.screening import DetectorOutput
@@ -32,17 +33,16 @@ LEVELS = ("s1", "s2", "s3", "penult")
 
 
 def _level(dcfg: Any) -> str:
-    level = str(dcfg.get("level", "penult"))
+    level = str(with_defaults(dcfg, "defense", "overlap")["level"])
     if level not in LEVELS:
         raise ConfigError(f"defense overlap: level={level!r} is not one of {list(LEVELS)}")
     return level
 
 
 def build_overlap(exp, reserve: Reserve, dcfg: Any):
-    level = _level(dcfg)
+    level, dcfg = _level(dcfg), with_defaults(dcfg, "defense", "overlap")
     try:  # the scorer validates norm (1, 2, inf), num_radii and center and names the allowed values
-        make = partial(OverlapScorer, norm=dcfg.get("norm", 2), num_radii=dcfg.get("num_radii", 10),
-                       center=str(dcfg.get("center", "p")))
+        make = partial(OverlapScorer, norm=dcfg["norm"], num_radii=dcfg["num_radii"], center=str(dcfg["center"]))
         make()
     except ValueError as err:
         raise ConfigError(f"defense overlap: {err}") from None

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdexp.conf import with_defaults
 from bdexp.defenses import DEFENSES
 from bdexp.defenses.input_pools import Reserve, float_batches, run_input_detector
 from bdexp.defenses.screening import DetectorOutput
@@ -46,14 +47,15 @@ def strip_entropy(model: nn.Module, x: torch.Tensor, overlays: torch.Tensor, dev
 
 
 def build_strip(exp, reserve: Reserve, dcfg: Any):
-    n = dcfg.get("n_overlay", 100)
+    dcfg = with_defaults(dcfg, "defense", "strip")
+    n = dcfg["n_overlay"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"defense strip: n_overlay={n!r} must be an int >= 1")
-    frr = dcfg.get("frr", None)
+    frr = dcfg["frr"]
     if frr is not None and not 0.0 <= float(frr) < 1.0:
         raise ConfigError(f"defense strip: frr={frr!r} must be in [0, 1) or null")
     overlays = reserve.x[torch.as_tensor(exp.rng("strip/overlays").integers(0, len(reserve.x), n))]
-    bs = int(dcfg.get("batch_size", 4096))
+    bs = int(dcfg["batch_size"])
     threshold = None
     if frr is not None:
         threshold = float(np.quantile(strip_entropy(exp.model, reserve.x, overlays, exp.device, bs), float(frr)))
