@@ -37,11 +37,8 @@ def _by(rows, metric):
 
 
 def _options(**overrides) -> dict:
-    """synthesize_triggers settings from conf/defense/nc.yaml (the one place they default), overridden."""
-    cfg = OmegaConf.load(NC_YAML).nc
-    for k, v in overrides.items():
-        cfg[k] = v
-    return synthesis_options(cfg)
+    """synthesize_triggers settings: conf/defense/nc.yaml (the one place they default), overridden."""
+    return synthesis_options(overrides)
 
 
 @pytest.fixture(scope="module")

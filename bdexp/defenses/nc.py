@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdexp.conf import with_defaults
 from bdexp.data.loader import to_float
 from bdexp.defenses import DEFENSES
 from bdexp.defenses.pruning import pruning_curve
@@ -65,13 +66,14 @@ def anomaly_index(l1: Sequence[float] | np.ndarray, threshold: float = 2.0,
 
 
 def synthesis_options(cfg) -> dict:
-    """The `synthesize_triggers` settings of a `defense.nc` node (conf/defense/nc.yaml holds the defaults)."""
+    """The `synthesize_triggers` settings of a (partial) `defense.nc` node over conf/defense/nc.yaml."""
+    cfg = with_defaults(cfg, "defense", "nc")
     opts: dict = {k: int(cfg[k]) for k in ("steps", "batch_size", "patience")}
     opts.update({k: float(cfg[k]) for k in ("lr", "init_cost", "cost_multiplier", "attack_threshold")})
-    opts["classes_per_step"] = None if cfg.classes_per_step is None else int(cfg.classes_per_step)
-    opts["betas"] = tuple(float(b) for b in cfg.betas)
+    opts["classes_per_step"] = None if cfg["classes_per_step"] is None else int(cfg["classes_per_step"])
+    opts["betas"] = tuple(float(b) for b in cfg["betas"])
     if len(opts["betas"]) != 2:
-        raise ConfigError(f"defense.nc.betas must be two Adam betas like [0.5, 0.9], got {list(cfg.betas)}")
+        raise ConfigError(f"defense.nc.betas must be two Adam betas like [0.5, 0.9], got {list(cfg['betas'])}")
     return opts
 
 
@@ -199,15 +201,16 @@ def save_mask_grid(triggers: ReversedTriggers, flagged: np.ndarray, path: Path) 
 @DEFENSES.register("nc")
 def neural_cleanse(exp, cfg) -> list[dict]:
     """Trigger synthesis + MAD test on every class, then the real-trigger pruning curve."""
+    cfg = with_defaults(cfg, "defense", "nc")
     reserve = exp.reserve_index
-    if cfg.num_images is not None and int(cfg.num_images) < len(reserve):
-        reserve = torch.as_tensor(np.sort(exp.rng("nc/images").choice(reserve.numpy(), int(cfg.num_images),
+    if cfg["num_images"] is not None and int(cfg["num_images"]) < len(reserve):
+        reserve = torch.as_tensor(np.sort(exp.rng("nc/images").choice(reserve.numpy(), int(cfg["num_images"]),
                                                                        replace=False)))
     k = int(exp.data.num_classes)
     trig = synthesize_triggers(exp.model, exp.data.x_test[reserve], range(k), exp.device, **synthesis_options(cfg),
                                seed=int(exp.rng("nc/init").integers(2**62)))
     l1 = trig.l1.numpy()
-    index, flagged = anomaly_index(l1, float(cfg.anomaly_threshold))
+    index, flagged = anomaly_index(l1, float(cfg["anomaly_threshold"]))
     rows = []
     for c in range(k):
         rows.append(record("mask_l1", l1[c], **{"class": c}))
@@ -222,8 +225,8 @@ def neural_cleanse(exp, cfg) -> list[dict]:
     log.info("nc: mask l1 %s, anomaly index %s, flagged %s (target %d)", [round(float(v), 1) for v in l1],
              [round(float(v), 2) for v in index], np.flatnonzero(flagged).tolist(), t)
     run_dir = exp.info.get("run_dir")
-    if run_dir is not None and cfg.figure:
+    if run_dir is not None and cfg["figure"]:
         save_mask_grid(trig, flagged, Path(run_dir) / "nc_masks.png")
-    if len(exp.backdoor_test.y_target) and cfg.prune:
+    if len(exp.backdoor_test.y_target) and cfg["prune"]:
         rows += pruning_curve(exp, cfg)
     return rows
