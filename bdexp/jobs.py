@@ -25,12 +25,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import bdexp
-from bdexp.results import RESULTS_FILE, read_status, run_identity, write_results
+from bdexp.results import HASH_EXCLUDED, RESULTS_FILE, read_status, run_identity, write_results
 
 log = logging.getLogger(__name__)
-
-# Top-level keys that change how a run looks or where files go, not what it computes.
-HASH_EXCLUDED = ("progress", "cache", "device", "threads", "checkpoint_every")
 
 
 def config_hash(cfg: DictConfig) -> str:

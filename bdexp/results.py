@@ -10,6 +10,9 @@ from typing import Any
 import bdexp
 
 RESULTS_FILE = "results.json"
+# Top-level config keys that change how a run looks or where files go, not what it computes: the
+# config hash (jobs.py) leaves them out, and report tables never split rows on them.
+HASH_EXCLUDED = ("progress", "cache", "device", "threads", "checkpoint_every")
 
 
 def record(metric: str, value: float, **tags: Any) -> dict:

@@ -74,3 +74,133 @@ def test_all_survives_a_sweep_with_one_lambda(tmp_path):
     written = report(tmp_path / "sweep", tmp_path / "out", "all")
     assert "mmdr_lambda:png" in written and written["mmdr_lambda:png"].exists()
     assert "[matrix](#matrix)" in written["report"].read_text()
+
+
+# ---- cases: every swept key separates rows; not-learnt attacks credit no defense ----------------
+def _ispl_run(tmp, name, *, ispl_a, nd_a=0.9, seed=0, attack="watermark", mode="one_to_one", scenario=0,
+              eps=0.1, plain=None, device="cpu", **attack_keys):
+    """A results.json as the pipeline writes it for an ISPL preset run (identity, config, records)."""
+    source, target = {0: (0, 2), 1: (1, 3)}[scenario]
+    config = {"seed": seed, "device": device, "progress": False,
+              "attack": {"name": attack, "mode": mode, "scenario": scenario, "poison_rate": eps, **attack_keys},
+              "defense": {"nd": {"name": "nd"}, "ispl": {"name": "ispl", "alpha": 0.25}}}
+    run = {"dataset": "cifar10", "model": "preact18", "attack": attack, "attack_mode": mode, "source": source,
+           "target": target, "poison_rate": eps, "scenario": scenario, "train": "standard", "seed": seed,
+           "bdexp_version": "0.1.0", "config": config}
+    metrics = [{"metric": "ba", "value": 0.9}, *(plain or [])]
+    if nd_a is not None:
+        metrics += [{"metric": m, "value": v, "defense": "nd"} for m, v in (("c", 0.9), ("a", nd_a), ("fp", 0), ("fn", 50))]
+    metrics += [{"metric": m, "value": v, "defense": "ispl"} for m, v in (("c", 0.88), ("a", ispl_a), ("fp", 900), ("fn", 1))]
+    write_results(tmp / "sweep" / name, run, metrics)
+
+
+def test_a_watermark_sweep_reports_one_case_per_mark_and_pair(tmp_path):
+    from bdexp.report.ispl import detail_table, summary_table
+
+    for i, (mark, a) in enumerate([("peace", 0.0), ("letter_a", 0.0), ("bullet_holes", 0.5), ("colour_patch", 0.5)]):
+        _ispl_run(tmp_path, str(i), ispl_a=a, mark=mark)
+    # a second seed of `peace` on another device: the same case (seed and device never split)
+    _ispl_run(tmp_path, "4", ispl_a=0.004, mark="peace", seed=1, device="cuda")
+    frame = collect(tmp_path / "sweep")
+    summary = summary_table(frame)
+    assert summary.loc[0.1, ("cifar10", "watermark", "one_to_one")] == "2 / 4"  # was "0 / 1" (medians merged)
+    detail = detail_table(frame)
+    assert "attack.mark" in detail.index.names and len(detail) == 4
+    assert detail.xs("peace", level="attack.mark")[("ispl", "a")].item() == pytest.approx(0.002)  # median of 2 seeds
+    assert detail.xs("bullet_holes", level="attack.mark")[("ispl", "a")].item() == pytest.approx(0.5)
+
+
+def test_two_clbd_pgd_settings_give_two_rows(tmp_path):
+    from bdexp.report.ispl import detail_table
+
+    _ispl_run(tmp_path, "0", ispl_a=0.0, attack="clbd", pgd_eps=0.0314, pgd_norm="linf")
+    _ispl_run(tmp_path, "1", ispl_a=0.3, attack="clbd", pgd_eps=0.0627, pgd_norm="linf")
+    detail = detail_table(collect(tmp_path / "sweep"))
+    assert list(detail.index.names) == ["attack", "pair", "eps", "attack.pgd_eps"]
+    assert detail[("ispl", "a")].tolist() == [0.0, 0.3]
+    assert "attack.pgd_norm" not in detail.index.names  # the same in both runs: not a case
+
+
+def test_a_defense_is_not_credited_against_an_attack_never_learnt(tmp_path):
+    from bdexp.report.ispl import detail_table, summary_table
+
+    _ispl_run(tmp_path, "0", ispl_a=0.005, nd_a=0.0, scenario=0)  # CPU-scale DLBD with crop+flip: ND TMR 0.000
+    _ispl_run(tmp_path, "1", ispl_a=0.0, nd_a=0.8, scenario=1)  # learnt, and ISPL+B removed it
+    frame = collect(tmp_path / "sweep")
+    summary = summary_table(frame)
+    assert summary.iloc[0, 0] == "1 / 1 (1 left out)"  # not "2 / 2"
+    assert any("1 left out" in n and "ND's TMR < 0.05" in n for n in summary.attrs["notes"])
+    detail = detail_table(frame)
+    marks = detail[("undefended attack", "")]
+    assert marks.loc[("watermark", "0/2", 0.1)] == "not learnt (ND TMR 0.000)"
+    assert marks.loc[("watermark", "1/3", 0.1)] == ""
+    assert pd.isna(detail.loc[("watermark", "0/2", 0.1), ("ispl", "a")])  # not credited
+    assert detail.loc[("watermark", "0/2", 0.1), ("nd", "a")] == 0.0  # the evidence stays
+    written = report(tmp_path / "sweep", tmp_path / "out", "ispl_summary")
+    assert "1 left out" in written["md"].read_text()
+
+
+def test_without_nd_the_runs_own_tmr_then_asr_decide(tmp_path):
+    from bdexp.report.ispl import summary_table
+
+    _ispl_run(tmp_path, "0", ispl_a=0.0, nd_a=None, scenario=0, plain=[{"metric": "asr", "value": 0.03}])
+    _ispl_run(tmp_path, "1", ispl_a=0.0, nd_a=None, scenario=1,
+              plain=[{"metric": "asr", "value": 0.03}, {"metric": "tmr", "value": 0.2}])  # TMR first: learnt
+    assert summary_table(collect(tmp_path / "sweep")).iloc[0, 0] == "1 / 1 (1 left out)"
+
+
+def test_matrix_leaves_out_runs_whose_attack_was_not_learnt(tmp_path):
+    _run(tmp_path, "0", seed=0, asr=0.9, extra=_detectors(0.8, 0.9, 0.0))
+    _run(tmp_path, "1", seed=1, asr=0.1, extra=_detectors(0.2, 0.5, 0.4))  # ASR 0.1: not learnt
+    _run(tmp_path, "2", attack="blended", asr=0.2, extra=_detectors(0.6, 0.6, 0.1))
+    table = matrix_table(collect(tmp_path / "sweep"))
+    assert table.loc[("patched", "standard"), "ac s3"] == pytest.approx(0.85)  # seed 0 only (0.8 / 0.9 pools)
+    assert table.loc[("patched", "standard"), "ASR"] == pytest.approx(0.5)  # context keeps every run
+    assert table.loc[("patched", "standard"), "undefended attack"] == "1 of 2 runs not learnt"
+    assert pd.isna(table.loc[("blended", "standard"), "cd"])
+    assert table.loc[("blended", "standard"), "undefended attack"] == "not learnt (ASR 0.200)"
+    assert any("1 left out" in n and "ASR < 0.5" in n for n in table.attrs["notes"])
+
+
+def test_f1_levels_leave_out_unlearnt_runs(tmp_path):
+    from bdexp.report.mmdr import f1_table
+
+    f1 = lambda v: [{"metric": "f1", "value": v, "defense": "ac", "level": "s3", "N": 100, "r": 1.0}]  # noqa: E731
+    _run(tmp_path, "0", seed=0, asr=1.0, extra=f1(0.9))
+    _run(tmp_path, "1", seed=1, asr=0.05, extra=f1(0.1))
+    table = f1_table(collect(tmp_path / "sweep"))
+    assert table.iloc[0][(100, 1.0, "s3")] == pytest.approx(0.9)
+    assert table.iloc[0][("undefended attack", "", "")] == "1 of 2 runs not learnt"
+
+
+def test_matrix_conflicting_threat_models_and_detectors_from_the_records(tmp_path):
+    extra = _detectors(0.6, 0.9, 0.3) + [
+        {"metric": "auroc", "value": 0.7, "defense": "foo", "pool": "test"},  # an input detector bdexp may add
+        {"metric": "auroc", "value": 0.4, "defense": "bar", "level": "s3", "N": 100, "r": 1.0},  # a pool detector
+    ]
+    _run(tmp_path, "0", extra=extra)
+    _run(tmp_path, "1", train="mlmmdr", lam=0.3,
+         extra=extra + [{"metric": "threat_model_conflict", "value": 1.0, "defense": "ispl"}])
+    table = matrix_table(collect(tmp_path / "sweep"))
+    assert list(table.columns) == ["BA", "ASR", "ac s3", "bar s3", "cd", "foo", "ispl TMR"]
+    assert table.loc[("patched", "ML"), "ispl TMR"] == "n/a (threat models differ)"
+    assert table.loc[("patched", "standard"), "ispl TMR"] == pytest.approx(0.3)
+    assert table.loc[("patched", "ML"), "foo"] == pytest.approx(0.7)
+    assert any("ISPL's defender" in n for n in table.attrs["notes"])
+    md = report(tmp_path / "sweep", tmp_path / "out", "matrix")["md"].read_text()
+    assert "n/a (threat models differ)" in md and "0.3000" in md
+
+
+def test_keys_an_attack_already_determines_add_no_rows(tmp_path):
+    """A sweep over attacks varies attack.size/attack.alpha with the attack: no extra levels; a
+    swept poison rate does split."""
+    for i, (attack, keys) in enumerate([("patched", {"size": 3}), ("blended", {"alpha": 0.2})]):
+        for j, rate in enumerate((0.05, 0.1)):
+            run = {"dataset": "digits", "model": "convnet", "attack": attack, "attack_mode": "all_to_one",
+                   "train": "standard", "seed": 0, "poison_rate": rate,
+                   "config": {"seed": 0, "attack": {"name": attack, "poison_rate": rate, **keys}}}
+            write_results(tmp_path / "sweep" / f"{i}{j}", run, [{"metric": "ba", "value": 0.9}, {"metric": "asr", "value": 1.0},
+                                                                 *_detectors(0.5 + 0.1 * j, 0.9, 0.0)])
+    table = matrix_table(collect(tmp_path / "sweep"))
+    assert list(table.index.names) == ["attack", "regime", "poison_rate"]
+    assert table.loc[("patched", "standard", 0.1), "ac s3"] == pytest.approx(0.65)

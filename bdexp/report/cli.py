@@ -35,8 +35,9 @@ def seed_spread(table: str, frame: pd.DataFrame, mean: pd.DataFrame) -> pd.DataF
     seeds = sorted(frame["seed"].dropna().unique().tolist()) if "seed" in frame else []
     if table in NO_SEED_SPREAD or len(seeds) < 2:
         return None
-    parts = [TABLES.get(table)(frame[frame["seed"] == s]) for s in seeds]
-    parts = [p for p in parts if not p.empty and all(pd.api.types.is_numeric_dtype(t) for t in p.dtypes)]
+    # text cells (row markers, "n/a (threat models differ)") have no spread: NaN in the per-seed tables
+    parts = [TABLES.get(table)(frame[frame["seed"] == s]).apply(pd.to_numeric, errors="coerce") for s in seeds]
+    parts = [p for p in parts if not p.empty]
     if len(parts) < 2:
         return None
     stacked = pd.concat(parts, keys=range(len(parts)), names=["_seed"])
@@ -62,6 +63,7 @@ def render_one(table: str, frame: pd.DataFrame, out: Path, footer: str, quiet: b
     df = TABLES.get(table)(frame)
     if df.empty:
         return {}
+    footer = "\n\n".join([*df.attrs.get("notes", []), footer])  # the table's own notes first
     std = seed_spread(table, frame, df)
     written = write_table(df, out, table, footer, std=std)
     if table in PLOTS:

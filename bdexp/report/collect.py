@@ -7,13 +7,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from bdexp.results import RESULTS_FILE, read_status
+from bdexp.results import HASH_EXCLUDED, RESULTS_FILE, read_status
 
 log = logging.getLogger(__name__)
 
 # Run-level identity copied onto every metric row, so any table is a pivot of one frame.
 RUN_COLUMNS = ("dataset", "model", "attack", "attack_mode", "source", "target", "poison_rate", "scenario",
                "train", "lambda", "kernel", "seed", "scale", "bdexp_version")
+# Config keys that never tell two cases apart: the seed (tables aggregate over it) and the keys
+# that only change how a run looks or where its files go.
+NOT_A_CASE = ("seed", "hydra", *HASH_EXCLUDED)
 
 
 def regime_label(train: str | None, lam: float | None) -> str | None:
@@ -38,20 +41,56 @@ def run_statuses(paths: list[Path]) -> dict[str, list[str]]:
     return out
 
 
+def flatten_config(node, prefix: str = "") -> dict[str, object]:
+    """Dotted keys of a nested config ("attack.mark"); lists become JSON text and null "null", so
+    the values of two runs compare as plain scalars."""
+    out: dict[str, object] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if not prefix and key in NOT_A_CASE:
+            continue
+        if isinstance(value, dict):
+            out.update(flatten_config(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(value, sort_keys=True, default=str)
+        else:
+            out[name] = "null" if value is None else value
+    return out
+
+
+def swept_keys(configs: list[dict[str, object]]) -> list[str]:
+    """Dotted config keys with two or more different values among `configs`, in config order. A key
+    some runs lack (e.g. a defense not selected there) is compared only among the runs that have it."""
+    seen: dict[str, set] = {}
+    for flat in configs:
+        for key, value in flat.items():
+            seen.setdefault(key, set()).add(json.dumps(value, default=str))
+    return [key for key, values in seen.items() if len(values) > 1]
+
+
 def collect(root: Path) -> pd.DataFrame:
-    """One row per metric record, tagged with its run's identity and directory."""
-    rows = []
+    """One row per metric record, tagged with its run's identity and directory, plus one column per
+    config key the complete runs disagree on (dotted name, e.g. `attack.mark`; see tables.case_keys)."""
+    runs = []
     for path in find_results(root):
         try:
             payload = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             log.warning("skipping unreadable %s: %s", path, err)
             continue
+        runs.append((path, payload))
+    configs = {str(path.parent): flatten_config(payload.get("run", {}).get("config") or {})
+               for path, payload in runs if payload.get("status", "complete") == "complete" and payload.get("metrics")}
+    swept = swept_keys(list(configs.values()))
+    rows = []
+    for path, payload in runs:
         run = payload.get("run", {})
         ident = {k: run.get(k) for k in RUN_COLUMNS}
         ident["regime"] = regime_label(run.get("train"), run.get("lambda"))
         ident["run_dir"] = str(path.parent)
         ident["status"] = payload.get("status", "complete")
+        flat = configs.get(ident["run_dir"], {})
+        ident.update({key: flat[key] for key in swept if key in flat})
         for rec in payload.get("metrics", []):
             rows.append({**ident, **rec})
     return pd.DataFrame(rows)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bdexp.report.tables import TABLES, pivot_mean, select
+from bdexp.report.tables import MARK_COLUMN, TABLES, learnt_runs, pivot_mean, select
 
 METRICS = ["tpr95", "auroc", "aupr"]  # OVL §III-D2's three metrics, in its order
 # OVL Table II's column order (Ours, STRIP, Mahalanobis, ..., MSP), then energy and CD
@@ -36,7 +36,8 @@ def _order(labels: list[str], first: list[str]) -> list[str]:
 
 @TABLES.register("detect")
 def detect_table(df: pd.DataFrame) -> pd.DataFrame:
-    """OVL Table VII layout: attack (× mode) × pool × metric rows, detector columns."""
+    """OVL Table VII layout: attack (× mode) × pool × metric rows, detector columns; runs whose
+    ASR shows the backdoor was not learnt are left out and their rows marked (tables.LEARNT_MIN)."""
     rows = select(df, metric=METRICS)
     if rows.empty or "pool" not in rows:
         return pd.DataFrame()
@@ -44,8 +45,10 @@ def detect_table(df: pd.DataFrame) -> pd.DataFrame:
     if rows.empty:
         return pd.DataFrame()
     rows["method"] = method_labels(rows)
-    table = pivot_mean(rows, ["dataset", "model", "regime", "attack", "attack_mode", "pool", "metric"], ["method"])
-    table = table[_order(list(table.columns), DETECTORS)]
+    table = pivot_mean(rows, ["dataset", "model", "regime", "attack", "attack_mode", "pool", "metric"], ["method"],
+                       learnt=learnt_runs(df, "asr"))
+    marked = [c for c in table.columns if c == MARK_COLUMN]
+    table = table[_order([c for c in table.columns if c != MARK_COLUMN], DETECTORS) + marked]
     table.columns.name = None
     # metrics in OVL's order inside each (attack, pool) block
     levels = list(table.index.names)

@@ -11,9 +11,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bdexp.report.tables import PLOTS, TABLES, save_figure, select  # noqa: E402
+from bdexp.report.tables import PLOTS, TABLES, prepare, save_figure, select  # noqa: E402
 
-# One block of rows per trained model; levels constant over the frame are dropped.
+# One block of rows per trained model, plus every other key the sweep varies (tables.case_keys);
+# levels constant over the frame are dropped.
 BLOCK = ["dataset", "model", "regime", "attack"]
 
 
@@ -21,11 +22,16 @@ def _size_label(size: float) -> str:
     return f"{100 * float(size):g}%"
 
 
-def _tidy(rows: pd.DataFrame) -> pd.DataFrame:
+def _tidy(rows: pd.DataFrame, block: list[str]) -> pd.DataFrame:
     rows = rows.copy()
-    for col in BLOCK:
+    for col in block:
         rows[col] = rows[col].fillna("-") if col in rows else "-"
     return rows
+
+
+def _block(table: pd.DataFrame) -> list[str]:
+    """The block levels of a per_class table: everything but the extra tags and the class."""
+    return [n for n in table.index.names if n not in ("canvas", "class")]
 
 
 def _drop_constant(table: pd.DataFrame, levels: list[str]) -> pd.DataFrame:
@@ -38,9 +44,10 @@ def per_class(df: pd.DataFrame, metric: str = "pw", extra: tuple[str, ...] = ())
     rows = select(df, metric=metric, analysis="patterns")
     if rows.empty:
         return pd.DataFrame()
-    rows = _tidy(rows)
+    rows, index = prepare(rows, [*BLOCK, *extra, "class"], ["size"])
+    block = [*BLOCK, *index[len(BLOCK) + len(extra) + 1:]]
     rows["class"] = rows["class"].astype(int)
-    return rows.pivot_table(index=[*BLOCK, *extra, "class"], columns="size", values="value", aggfunc="mean")
+    return rows.pivot_table(index=[*block, *extra, "class"], columns="size", values="value", aggfunc="mean")
 
 
 @TABLES.register("pw")
@@ -50,21 +57,23 @@ def pw_table(df: pd.DataFrame) -> pd.DataFrame:
     table = per_class(df)
     if table.empty:
         return table
+    block = _block(table)
     acc = select(df, metric="class_acc", analysis="patterns")
-    acc = (_tidy(acc).astype({"class": int}).groupby([*BLOCK, "class"])["value"].mean()
+    acc = (_tidy(acc, block).astype({"class": int}).groupby([*block, "class"])["value"].mean()
            if not acc.empty else pd.Series(dtype=float))
     blocks = []
-    for key, part in table.groupby(level=BLOCK, sort=True):
-        part = part.droplevel(BLOCK).sort_index()
+    for key, part in table.groupby(level=block, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        part = part.droplevel(block).sort_index()
         part["acc"] = [acc.get((*key, c), np.nan) for c in part.index]
         summary = pd.DataFrame([part.mean(), part.std(ddof=0)], index=["mPW", "STD"])  # ISCP Table 1: population STD
         part.index = part.index.astype(str)
         out = pd.concat([part, summary])
-        out.index = pd.MultiIndex.from_tuples([(*key, c) for c in out.index], names=[*BLOCK, "class"])
+        out.index = pd.MultiIndex.from_tuples([(*key, c) for c in out.index], names=[*block, "class"])
         blocks.append(out)
     table = pd.concat(blocks)
     table.columns = [_size_label(c) if c != "acc" else "acc" for c in table.columns]
-    return _drop_constant(table, BLOCK)
+    return _drop_constant(table, block)
 
 
 @TABLES.register("pw_canvas")
@@ -74,9 +83,10 @@ def pw_canvas_table(df: pd.DataFrame) -> pd.DataFrame:
     table = per_class(df, "pw_by_canvas", extra=("canvas",))
     if table.empty:
         return table
-    table = table.groupby(level=[*BLOCK, "canvas"]).mean()
+    block = _block(table)
+    table = table.groupby(level=[*block, "canvas"]).mean()
     table.columns = [_size_label(c) for c in table.columns]
-    return _drop_constant(table, BLOCK)
+    return _drop_constant(table, block)
 
 
 @TABLES.register("pw_trigger")
@@ -84,24 +94,25 @@ def pw_trigger_table(df: pd.DataFrame) -> pd.DataFrame:
     """ISCP Fig. 7 middle: per model, the target class's PW at the trigger size (1 %; the recovered
     trigger on a backdoored model, the natural pattern on a clean one), the mean PW of all classes
     at that size, and the IoU of the recovered pattern with the real trigger (patch attacks)."""
-    rows = _tidy(select(df, analysis="patterns", metric=["pw", "trigger_pw", "trigger_iou"]))
+    rows = select(df, analysis="patterns", metric=["pw", "trigger_pw", "trigger_iou"])
     if rows.empty:
         return pd.DataFrame()
+    rows, block = prepare(rows, BLOCK, [])  # one output row per block: cases split blocks
     trig = rows[rows["metric"] == "trigger_iou"]
     size = float(trig["size"].iloc[0]) if len(trig) else 0.01
     rows = rows[np.isclose(rows["size"].astype(float), size)]
     per_run = []
-    for key, part in rows.groupby([*BLOCK, "run_dir"], sort=True):
+    for key, part in rows.groupby([*block, "run_dir"], sort=True):
         pw = part[part["metric"] == "pw"]
         target = pw[pw["class"].astype(int) == int(part["target"].fillna(0).iloc[0])]["value"]
         given = part[part["metric"] == "trigger_pw"]["value"]
         iou = part[part["metric"] == "trigger_iou"]["value"]
-        per_run.append({**dict(zip(BLOCK, key)),
+        per_run.append({**dict(zip(block, key)),
                         "target_pw": given.mean() if len(given) else target.mean(),
                         "mpw": pw["value"].mean(), "trigger_iou": iou.mean()})
-    out = pd.DataFrame(per_run).groupby(BLOCK).mean(numeric_only=True).dropna(how="all")
+    out = pd.DataFrame(per_run).groupby(block).mean(numeric_only=True).dropna(how="all")
     out.columns = [f"{c} ({_size_label(size)})" for c in out.columns]
-    return _drop_constant(out, BLOCK) if isinstance(out.index, pd.MultiIndex) else out
+    return _drop_constant(out, block) if isinstance(out.index, pd.MultiIndex) else out
 
 
 def _lines(ax, table: pd.DataFrame, group: list[str]) -> None:
@@ -123,7 +134,8 @@ def pw_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     if table.empty:
         return []
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
-    varying = [lv for lv in BLOCK if table.index.get_level_values(lv).nunique() > 1] or BLOCK
+    block = _block(table)
+    varying = [lv for lv in block if table.index.get_level_values(lv).nunique() > 1] or block
     _lines(ax, table, varying)
     return [save_figure(fig, out_dir, "pw")]
 
@@ -135,6 +147,6 @@ def pw_canvas_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     if table.empty:
         return []
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
-    varying = [lv for lv in BLOCK if table.index.get_level_values(lv).nunique() > 1]
+    varying = [lv for lv in _block(table) if table.index.get_level_values(lv).nunique() > 1]
     _lines(ax, table, [*varying, "canvas"])
     return [save_figure(fig, out_dir, "pw_canvas")]

@@ -1,13 +1,20 @@
-"""ISPL's tables (SPEC §7): ispl_detail (Table 2) and ispl_summary (Table 1)."""
+"""ISPL's tables: ispl_detail (App. D.2 Table 2) and ispl_summary (Table 1).
+
+A case is one (ε, attack, pair) plus every key the sweep varies besides the seed (tables.case_keys:
+the watermark's mark, CLBD's PGD settings, ...); each case is its seeds' median, as ISPL reports.
+Runs whose undefended model did not learn the backdoor (tables.LEARNT_MIN, basis "tmr": ND's TMR)
+are not credited to any defense (tables.leave_out)."""
 from __future__ import annotations
 
 import pandas as pd
 
-from bdexp.report.tables import TABLES, select
+from bdexp.report.tables import (MARK_COLUMN, TABLES, leave_out, learnt_runs, note_left_out, pivot_mean, prepare,
+                                 select)
 
 # Table 2's column order; a method absent from the sweep is left out.
 METHODS = ["oracle", "nd", "ss_train", "ac_train", "itlm", "ispl"]
 SUCCESS_TMR = 0.01  # ISPL Table 1: a defense succeeds when the TMR is below 1 %
+SUMMARY_COLUMNS = ["dataset", "attack", "attack_mode"]  # Table 1's columns (dataset · attack · mode)
 
 
 def _sanitizer_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -22,27 +29,40 @@ def _sanitizer_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 @TABLES.register("ispl_detail")
 def detail_table(df: pd.DataFrame) -> pd.DataFrame:
-    """ISPL Table 2: per source/target pair and ε, C / A / FP / FN of every method (median over seeds,
-    as ISPL reports)."""
+    """ISPL Table 2: per source/target pair and ε (and every other swept key), C / A / FP / FN of
+    every method (median over seeds, as ISPL reports); rows whose undefended attack was not learnt
+    are marked and their defenses' cells leave those runs out."""
     rows = _sanitizer_rows(df)
     if rows.empty:
         return pd.DataFrame()
-    table = rows.pivot_table(index=["attack", "pair", "eps"], columns=["defense", "metric"], values="value",
-                             aggfunc="median")
+    table = pivot_mean(rows, ["attack", "pair", "eps"], ["defense", "metric"], learnt=learnt_runs(df, "tmr"),
+                       basis="tmr", aggfunc="median", drop_constant=False)
     order = [(m, k) for m in METHODS for k in ("c", "a", "fp", "fn") if (m, k) in table.columns]
-    return table[order]
+    return table[order + [c for c in table.columns if c[0] == MARK_COLUMN]]
 
 
 @TABLES.register("ispl_summary")
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
-    """ISPL Table 1: successes / total per ε (rows) and attack · mode (columns) for ISPL+B, a
-    success being a median TMR below 1 %."""
+    """ISPL Table 1: successes / cases per ε (rows) and dataset · attack · mode (columns) for ISPL+B,
+    a success being a median TMR below 1 %; every other swept key (pair, mark, ...) makes separate
+    cases. Cases whose undefended attack was not learnt are not counted ("(k left out)")."""
     rows = _sanitizer_rows(df)
     rows = rows[(rows["defense"] == "ispl") & (rows["metric"] == "a")] if not rows.empty else rows
     if rows.empty:
         return pd.DataFrame()
-    per_case = rows.groupby(["eps", "attack", "attack_mode", "pair"])["value"].median().reset_index()
-    per_case["success"] = per_case["value"] < SUCCESS_TMR
-    counts = per_case.groupby(["eps", "attack", "attack_mode"])["success"].agg(["sum", "count"])
-    counts["cell"] = counts["sum"].astype(int).astype(str) + " / " + counts["count"].astype(str)
-    return counts["cell"].unstack(["attack", "attack_mode"])
+    rows, case = prepare(rows, ["eps", *SUMMARY_COLUMNS, "pair"], [])
+    rows, marks = leave_out(rows, learnt_runs(df, "tmr"), case)
+    cell = ["eps", *SUMMARY_COLUMNS]
+    per_case = rows.groupby(case)["value"].median().lt(SUCCESS_TMR).rename("success").reset_index()
+    counts = per_case.groupby(cell)["success"].agg(["sum", "count"])
+    counts["left"] = 0
+    gone = [key for key, mark in marks.items() if mark.startswith("not learnt")]  # cases with no learnt run
+    if gone:
+        left = pd.Series(1, index=pd.MultiIndex.from_tuples(gone, names=case)).groupby(level=cell).sum()
+        counts = counts.reindex(counts.index.union(left.index), fill_value=0)
+        counts.index.names = cell
+        counts["left"] = left.reindex(counts.index, fill_value=0)
+    counts["cell"] = [f"{int(s)} / {int(n)}" + (f" ({int(k)} left out)" if k else "")
+                      for s, n, k in zip(counts["sum"], counts["count"], counts["left"])]
+    table = counts["cell"].unstack(SUMMARY_COLUMNS)
+    return note_left_out(table, marks, "tmr", unit="case", where='"(k left out)" in the cells')

@@ -4,56 +4,90 @@ ML-MMDR, built to beat difference-based detectors, also evade CD, the overlap de
 
 Cells (one number per detector, mean over seeds):
   - BA, ASR: the model's own clean accuracy and attack success rate (context);
-  - AC, SS, SR (ML-MMDR's test-time screening pools, SPEC §5.1–5.3): AUROC at the last conv stage
-    `s3`, averaged over the pools (N, r′) that could be formed;
-  - input detectors (CD and its variants, overlap, STRIP, Mahalanobis, MSP, energy; SPEC §5.5–5.7):
-    AUROC on the backdoor test set (pool "test", OVL's setting);
-  - sanitizers (ISPL, ITLM, SS/AC as training-set sanitizers; SPEC §5.4): the TMR (or ASR) of the
-    model retrained on what the sanitizer kept — lower is better there, higher AUROC elsewhere.
+  - pool detectors (every defense with AUROC records on ML-MMDR's test-time screening pools, §6.1:
+    AC, SS, SR, ...): AUROC at the last conv stage `s3`, averaged over the pools (N, r′) formed;
+  - input detectors (every defense with AUROC records on a named pool: CD and its variants,
+    overlap, STRIP, Mahalanobis, MSP, energy; OVL §III-D3): AUROC on the backdoor test set (pool
+    "test", OVL's setting);
+  - sanitizers (every defense with the sanitizer protocol's A/FP records but ND and Oracle: ISPL,
+    ITLM, SS/AC as training-set sanitizers; ISPL §4): the TMR (or ASR) of the model retrained on
+    what the sanitizer kept — lower is better there, higher AUROC elsewhere.
+Rows also split on every other swept key (tables.case_keys). Runs whose ASR is below
+tables.LEARNT_MIN credit no detector (their detector cells leave them out, column "undefended
+attack" marks the row). A sanitizer whose threat model does not compose with the run's training
+regime (record `threat_model_conflict`) reads CONFLICT instead of a number.
 """
 from __future__ import annotations
 
 import pandas as pd
 
-from bdexp.report.tables import TABLES, select
+from bdexp.report.detect import method_labels
+from bdexp.report.tables import MARK_COLUMN, REFERENCES, TABLES, add_note, learnt_runs, pivot_mean, select
 
+# Known detectors keep this order; others found in the records follow, alphabetically.
 POOL_DETECTORS = ["ac", "ss", "sr"]
 INPUT_DETECTORS = ["cd", "cd_probs", "cd_feature", "overlap", "strip", "mahalanobis", "msp", "energy"]
 SANITIZERS = ["ispl", "itlm", "ss_train", "ac_train"]
 POOL_LEVEL = "s3"  # ML-MMDR's headline level: the last conv stage
 INPUT_POOL = "test"  # the backdoor test set
+ROWS = ["attack", "regime"]
+CONFLICT = "n/a (threat models differ)"
+CONFLICT_NOTE = (f"{CONFLICT}: the sanitizer retrains as ISPL's defender (§3.1.1: \"The defender is given only "
+                 "the poisoned dataset\"), while the run's regime is an attacker's training (ML-MMDR §3.1: \"the "
+                 "attacker has complete control over the training data and the training procedure\"); no "
+                 "number measures both threat models at once.")
 
 
-def _column(rows: pd.DataFrame, suffix: str) -> pd.DataFrame:
-    if rows.empty:
-        return pd.DataFrame()
-    rows = rows.assign(column=rows["defense"] + suffix)
-    return rows.pivot_table(index=["attack", "regime"], columns="column", values="value", aggfunc="mean")
+def _ordered(found, known: list[str]) -> list[str]:
+    found = set(found)
+    return [d for d in known if d in found] + sorted(found - set(known))
+
+
+def _long(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Every record the matrix shows, with its `column` label, and the columns in order."""
+    parts, order = [], []
+    plain = select(df, metric=["ba", "asr"], plain=True)
+    if not plain.empty:
+        parts.append(plain.assign(column=plain["metric"].str.upper()))
+        order += ["BA", "ASR"]
+    auroc = select(df, metric="auroc")
+    if not auroc.empty and "N" in auroc and "level" in auroc:  # the screening pools
+        pool = auroc[auroc["N"].notna() & (auroc["level"] == POOL_LEVEL)]
+        parts.append(pool.assign(column=pool["defense"] + f" {POOL_LEVEL}"))
+        order += [f"{d} {POOL_LEVEL}" for d in _ordered(pool["defense"], POOL_DETECTORS)]
+    if not auroc.empty and "pool" in auroc:  # the input detectors
+        inputs = auroc[auroc["pool"] == INPUT_POOL]
+        inputs = inputs.assign(column=method_labels(inputs))
+        parts.append(inputs)
+        order += sorted(set(inputs["column"]), key=lambda c: (_ordered(inputs["defense"], INPUT_DETECTORS)
+                                                             .index(c.split(" ")[0]), c))
+    protocol = select(df, metric=["a", "fp"])  # the sanitizer protocol's records (defenses/sanitize.py)
+    names = _ordered(set(protocol["defense"].dropna()) - set(REFERENCES), SANITIZERS) if not protocol.empty else []
+    sanit = select(df, metric="a", defense=names)
+    if sanit.empty:
+        sanit = select(df, metric="asr", defense=names)
+    parts.append(sanit.assign(column=sanit["defense"] + " TMR"))
+    order += [f"{s} TMR" for s in names]
+    parts = [p for p in parts if not p.empty]
+    return (pd.concat(parts) if parts else pd.DataFrame()), order
 
 
 @TABLES.register("matrix")
 def matrix_table(df: pd.DataFrame) -> pd.DataFrame:
     """Attack × regime rows; BA, ASR, then AUROC per detector and TMR per sanitizer."""
-    parts = []
-    plain = select(df, metric=["ba", "asr"], plain=True)
-    if not plain.empty:
-        parts.append(plain.assign(column=plain["metric"].str.upper())
-                     .pivot_table(index=["attack", "regime"], columns="column", values="value", aggfunc="mean"))
-    pool = select(df, metric="auroc", defense=POOL_DETECTORS)
-    if not pool.empty and "level" in pool:
-        parts.append(_column(pool[pool["level"] == POOL_LEVEL], f" {POOL_LEVEL}"))
-    inputs = select(df, metric="auroc", defense=INPUT_DETECTORS)
-    if not inputs.empty and "pool" in inputs:
-        parts.append(_column(inputs[inputs["pool"] == INPUT_POOL], ""))
-    sanit = select(df, metric="a", defense=SANITIZERS)
-    if sanit.empty:
-        sanit = select(df, metric="asr", defense=SANITIZERS)
-    parts.append(_column(sanit, " TMR"))
-    parts = [p for p in parts if not p.empty]
-    if not parts or all(p.columns.tolist() in (["BA", "ASR"], ["ASR", "BA"], ["BA"]) for p in parts):
+    rows, order = _long(df)
+    if rows.empty or set(rows["column"]) <= {"BA", "ASR"}:
         return pd.DataFrame()
-    table = pd.concat(parts, axis=1)
-    order = ["BA", "ASR"] + [f"{d} {POOL_LEVEL}" for d in POOL_DETECTORS] + INPUT_DETECTORS + [f"{s} TMR" for s in SANITIZERS]
-    table = table[[c for c in order if c in table.columns]]
+    conflict = select(df, metric="threat_model_conflict")
+    conflict = conflict[conflict["value"] > 0]
+    # a conflicting run puts +inf into its sanitizer's cell, so the cell's mean is inf whatever else
+    # it holds; no AUROC or TMR is infinite
+    rows = pd.concat([rows, conflict.assign(column=conflict["defense"] + " TMR", value=float("inf"))])
+    table = pivot_mean(rows, ROWS, ["column"], learnt=learnt_runs(df, "asr"), drop_constant=False)
+    table = table[[c for c in order if c in table.columns] + [c for c in table.columns if c == MARK_COLUMN]]
     table.columns.name = None
+    hit = table.isin([float("inf")])
+    if hit.any().any():
+        table = table.astype(object).mask(hit, CONFLICT)
+        add_note(table, CONFLICT_NOTE)
     return table

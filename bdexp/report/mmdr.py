@@ -9,7 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bdexp.report.tables import PLOTS, TABLES, pivot_mean, save_figure, select  # noqa: E402
+from bdexp.report.tables import (PLOTS, TABLES, leave_out, learnt_runs, pivot_mean, prepare, save_figure,  # noqa: E402
+                                 select)
 
 LEVELS = ["s1", "s2", "s3"]
 
@@ -41,9 +42,11 @@ def lambda_table(df: pd.DataFrame) -> pd.DataFrame:
 
 @TABLES.register("f1_levels")
 def f1_table(df: pd.DataFrame) -> pd.DataFrame:
-    """ML-MMDR Figs. 5–7: F1 per defense × regime × attack, columns (N, r′) × level."""
+    """ML-MMDR Figs. 5–7: F1 per defense × regime × attack, columns (N, r′) × level; runs whose
+    ASR shows the backdoor was not learnt are left out and their rows marked (tables.LEARNT_MIN)."""
     rows = select(df, metric="f1", defense=["ac", "ss", "sr"], level=LEVELS)
-    return pivot_mean(rows, ["dataset", "model", "defense", "regime", "attack"], ["N", "r", "level"])
+    return pivot_mean(rows, ["dataset", "model", "defense", "regime", "attack"], ["N", "r", "level"],
+                      learnt=learnt_runs(df, "asr"))
 
 
 @TABLES.register("nc")
@@ -51,7 +54,7 @@ def nc_table(df: pd.DataFrame) -> pd.DataFrame:
     """ML-MMDR Fig. 8: Neural Cleanse ℓ1 of the infected vs uninfected classes, the target's
     anomaly index and whether NC flagged it; pruning curves are the figure."""
     rows = select(df, defense="nc", metric=["infected_l1", "uninfected_l1", "target_anomaly_index", "target_flagged"])
-    return pivot_mean(rows, ["dataset", "attack", "model", "regime"], ["metric"])
+    return pivot_mean(rows, ["dataset", "attack", "model", "regime"], ["metric"], learnt=learnt_runs(df, "asr"))
 
 
 @PLOTS.register("mmdr_lambda")
@@ -84,14 +87,18 @@ def f1_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     rows = select(df, metric="f1", defense=["ac", "ss", "sr"], level=LEVELS)
     if rows.empty:
         return []
-    panels = sorted(rows.groupby(["defense", "attack"]).groups)
+    rows, panel = prepare(rows, ["defense", "attack"], ["level", "regime"])
+    rows, _ = leave_out(rows, learnt_runs(df, "asr"), panel)  # as f1_table: learnt attacks only
+    if rows.empty:
+        return []
+    panels = sorted(rows.groupby(panel).groups)
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3), squeeze=False)
-    for ax, (defense, attack) in zip(axes[0], panels):
-        part = rows[(rows["defense"] == defense) & (rows["attack"] == attack)]
+    for ax, key in zip(axes[0], panels):
+        part = rows[(rows[panel] == pd.Series(key, index=panel)).all(axis=1)]
         bars = part.pivot_table(index="level", columns="regime", values="value", aggfunc="mean")
         bars.plot.bar(ax=ax, rot=0, ylim=(0, 1.05))
         ax.legend(fontsize=7, loc="lower right")
-        ax.set_title(f"{defense.upper()} · {attack}")
+        ax.set_title(" · ".join([key[0].upper(), *map(str, key[1:])]), fontsize=9)
         ax.set_ylabel("F1")
     return [save_figure(fig, out_dir, "f1_levels")]
 
@@ -102,12 +109,12 @@ def pruning_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     rows = select(df, defense="nc", metric=["ba", "asr"])
     if rows.empty or "prune_ratio" not in rows:
         return []
-    rows = rows.dropna(subset=["prune_ratio"]).fillna({"regime": "-"})
+    rows, line = prepare(rows.dropna(subset=["prune_ratio"]), ["model", "regime", "attack"], ["metric", "prune_ratio"])
     fig, axes = plt.subplots(1, 2, figsize=(7, 3), squeeze=False)
     for ax, metric in zip(axes[0], ["ba", "asr"]):
-        for (model, regime, attack), part in rows[rows["metric"] == metric].groupby(["model", "regime", "attack"]):
+        for key, part in rows[rows["metric"] == metric].groupby(line):
             curve = part.groupby("prune_ratio")["value"].mean()
-            ax.plot(curve.index, curve.values, marker=".", label=f"{model} {regime} {attack}")
+            ax.plot(curve.index, curve.values, marker=".", label=" ".join(map(str, key)))
         ax.set_xlabel("pruned fraction of s3 channels")
         ax.set_title(metric.upper())
         ax.set_ylim(-0.02, 1.02)

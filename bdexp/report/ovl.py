@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bdexp.report.tables import PLOTS, TABLES, pivot_mean, save_figure, select  # noqa: E402
+from bdexp.report.tables import PLOTS, TABLES, pivot_mean, prepare, save_figure, select  # noqa: E402
 
 SPACES = ["input", "hidden", "output"]
 NORMS = ["l1", "l2", "linf"]
@@ -43,7 +43,9 @@ def shift_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     bound = select(df, metric="shift_bound", analysis="shift")
     if acc.empty or bound.empty:
         return []
-    keys = [k for k in RUN_KEYS if k in bound and bound[k].nunique(dropna=False) > 1]
+    bound, keys = prepare(bound, RUN_KEYS, ["rho", "space", "norm"])  # run keys plus the swept ones
+    acc = acc.assign(**{k: acc[k].astype(object).where(acc[k].notna(), "-") if k in acc else "-" for k in keys})
+    keys = [k for k in keys if bound[k].nunique() > 1]
     settings = [g if isinstance(g, tuple) else (g,) for g in bound.groupby(keys).groups] if keys else [()]
     spaces = sorted(set(bound["space"]), key=lambda s: _order(s, SPACES))
     fig, axes = plt.subplots(len(settings), len(spaces), figsize=(3.4 * len(spaces), 3 * len(settings)), squeeze=False)

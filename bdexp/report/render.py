@@ -46,7 +46,7 @@ def write_table(df: pd.DataFrame, out_dir: Path, name: str, footer: str = "",
     atomic_write_text(paths["md"], f"## {name}\n\n" + to_markdown(shown) + (f"\n{footer}\n" if footer else ""))
     atomic_write_text(paths["csv"], df.to_csv())
     atomic_write_text(paths["tex"], df.to_latex(float_format="%.4f", na_rep="--")
-                      + (f"% {footer}\n" if footer else ""))
+                      + "".join(f"% {line}\n" for line in footer.splitlines() if line))
     if std is not None:
         paths["std_csv"] = out_dir / f"{name}_std.csv"
         atomic_write_text(paths["std_csv"], std.to_csv())

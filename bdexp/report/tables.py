@@ -3,6 +3,14 @@
 Every table is a function of the long frame (one row per metric record, tagged with its run's
 identity, see collect.py). Values of repeated runs (seeds) are averaged; `seeds` in the footer
 says how many went into each cell.
+
+Two rules hold in every table:
+  - **cases**: a cell never merges runs that differ in anything but the seed. `case_keys` finds
+    the run tags and swept config keys (collect.py) that vary inside a table's cells and the
+    table adds them as row levels (ISPL's watermark marks, CLBD's PGD settings, ...).
+  - **learnt attacks**: a defense is credited only against a backdoor its undefended model learnt
+    (`LEARNT_MIN`); on the other runs the defenses' records are left out, the rows say so in the
+    column MARK_COLUMN and a note under the table counts them (`leave_out`).
 """
 from __future__ import annotations
 
@@ -11,13 +19,39 @@ from pathlib import Path
 import pandas as pd
 
 from bdexp.registry import Registry
+from bdexp.report.collect import RUN_COLUMNS
 
-# name -> function(long_frame) -> DataFrame
+# name -> function(long_frame) -> DataFrame; a table may carry notes for its footer in
+# `table.attrs["notes"]` (a list of lines, see add_note)
 TABLES: Registry = Registry("table")
 # name -> function(long_frame, out_dir) -> list of written PNG paths (optional per table)
 PLOTS: Registry = Registry("plot")
 
 RUN_INDEX = ["dataset", "model", "attack", "attack_mode", "train", "seed"]
+# Run tags a table may split rows on, ML-MMDR's regime name before the keys it is made of; the seed
+# is what tables aggregate over and the version is provenance (footer), not a case.
+CASE_TAGS = [tag for c in RUN_COLUMNS if c not in ("seed", "bdexp_version")
+             for tag in (("regime", c) if c == "train" else (c,))]
+
+# A defense is credited only against a backdoor its undefended model learnt (issue 12 item 11):
+# for runs whose undefended measure is below its minimum here, the records of the defenses are
+# left out of what a table counts or averages, and the table says how many.
+LEARNT_MIN = {
+    # TMR (ISPL eq. 7) of the undefended model (ISPL's ND). ISPL Table 2's Oracle columns, trained
+    # without poison, reach at most 0.9 %, and ISPL App. D.2 names 5 % as its looser success
+    # threshold ("setting the threshold to 5% increases the number of successful scenarios to
+    # 142"): an undefended model below 5 % already "succeeds" there, so a defense has nothing left
+    # to remove. 22 of Table 2's 24 ND entries reach 5 % (1/3 and 8/6 at ε = 5 %: 1.4 %, 3.0 %).
+    "tmr": 0.05,
+    # ASR of the run's own model (ML-MMDR, OVL and the matrix). ML-MMDR §5 reports an average ASR of
+    # 0.993 (RBT) and 0.992 (ML-MMDR); below one half most triggered inputs keep their class, so the
+    # backdoor was not learnt (CPU-scale Fashion-MNIST DLBD with crop + flip: ASR 0.035).
+    "asr": 0.5,
+}
+# The sanitizer protocol's baselines (ISPL Table 2's ND and Oracle) describe the undefended attack
+# and the clean ideal; they are never credited, so they stay in the tables for every run.
+REFERENCES = ("nd", "oracle")
+MARK_COLUMN = "undefended attack"
 
 
 def select(df: pd.DataFrame, *, metric=None, defense=None, analysis=None, plain: bool = False, **equal) -> pd.DataFrame:
@@ -36,22 +70,140 @@ def select(df: pd.DataFrame, *, metric=None, defense=None, analysis=None, plain:
     return out
 
 
-def pivot_mean(df: pd.DataFrame, index: list[str], columns: list[str], values: str = "value") -> pd.DataFrame:
-    """Mean over repeated runs (seeds) of `values`, rows `index`, columns `columns`; index levels
-    that are constant across the frame are dropped so tables stay narrow."""
-    if df.empty:
-        return pd.DataFrame()
+def case_keys(rows: pd.DataFrame, cell: list[str]) -> list[str]:
+    """The run tags (CASE_TAGS) and swept config keys (collect.py's dotted columns) that differ
+    between runs falling into one cell `cell` (the table's row and column keys): the levels a
+    table must add to its rows so that no cell merges two cases. A key the cell already determines
+    (attack.patch_size under `attack`, poison_rate under ISPL's `eps`) is not added."""
+    candidates = [c for c in CASE_TAGS if c in rows] + [c for c in rows.columns if "." in str(c)]
+    groups = [rows[c].astype(str) for c in cell if c in rows]
+    keys: list[str] = []
+    for col in candidates:
+        if col in cell or rows[col].nunique() < 2:
+            continue
+        if not groups or (rows[col].groupby(groups).nunique() > 1).any():
+            keys.append(col)
+            groups.append(rows[col].astype(str))
+    return keys
+
+
+def learnt_runs(df: pd.DataFrame, basis: str = "asr") -> pd.DataFrame:
+    """Per run_dir: which measure of the undefended model was read, its value and whether the
+    attack was learnt (value >= LEARNT_MIN). basis "tmr" (ISPL's tables): ND's A (TMR) where
+    defense nd ran, else the run's own TMR (the model ND keeps), else its ASR; basis "asr"
+    (ML-MMDR, OVL, the matrix): the run's ASR. Runs with no such record are not listed (and are
+    credited: there is nothing to say they failed)."""
+    out: dict[str, tuple[str, float, bool]] = {}
+    if df.empty or "run_dir" not in df:
+        return pd.DataFrame(columns=["measure", "value", "learnt"])
+    plain = select(df, metric=["tmr", "asr"], plain=True)
+    sources = [("ASR", plain[plain["metric"] == "asr"], "asr")]
+    if basis == "tmr":
+        sources = [("ND TMR", select(df, metric="a", defense="nd"), "tmr"),
+                   ("TMR", plain[plain["metric"] == "tmr"], "tmr"), *sources]
+    for label, part, kind in sources:
+        for run, value in part.dropna(subset=["value"]).groupby("run_dir")["value"].first().items():
+            out.setdefault(run, (label, float(value), float(value) >= LEARNT_MIN[kind]))
+    return pd.DataFrame.from_dict(out, orient="index", columns=["measure", "value", "learnt"])
+
+
+def rule_text(basis: str) -> str:
+    if basis == "tmr":
+        return (f"ND's TMR < {LEARNT_MIN['tmr']:g}; where ND was not run the run's own TMR, "
+                f"else its ASR < {LEARNT_MIN['asr']:g}")
+    return f"the run's ASR < {LEARNT_MIN['asr']:g}"
+
+
+def leave_out(rows: pd.DataFrame, learnt: pd.DataFrame | None, group: list[str]) -> tuple[pd.DataFrame, pd.Series]:
+    """`rows` without the credited records (a defense other than REFERENCES) of runs whose attack
+    was not learnt, and per `group` key (the table's row) that lost any, the marker for its row:
+    "not learnt (ND TMR 0.000)" when no run of the row learnt it, "1 of 3 runs not learnt" when some
+    did. `group` columns must hold no NaN (see prepare)."""
+    none = pd.Series(dtype=object)
+    if learnt is None or learnt.empty or rows.empty or "run_dir" not in rows or "defense" not in rows:
+        return rows, none
+    ok = rows["run_dir"].map(learnt["learnt"]).fillna(True).astype(bool)
+    credited = rows["defense"].notna() & ~rows["defense"].isin(REFERENCES)
+    drop = credited & ~ok
+    if not drop.any():
+        return rows, none
+    total = rows[credited].groupby(group)["run_dir"].nunique()
+    marks = {}
+    for key, runs in rows[drop].groupby(group)["run_dir"]:
+        runs = runs.unique()
+        worst = learnt.loc[runs]
+        marks[key] = (f"not learnt ({worst['measure'].iloc[0]} {worst['value'].max():.3f})"
+                      if len(runs) == total[key] else f"{len(runs)} of {total[key]} runs not learnt")
+    return rows[~drop], pd.Series(marks, dtype=object)
+
+
+def add_note(table: pd.DataFrame, line: str) -> pd.DataFrame:
+    """A line for the table's footer (rendered under it by bdexp-report)."""
+    table.attrs.setdefault("notes", []).append(line)
+    return table
+
+
+def note_left_out(table: pd.DataFrame, marks: pd.Series, basis: str, unit: str = "row",
+                  where: str = f"column '{MARK_COLUMN}'") -> pd.DataFrame:
+    """The footer line for `leave_out`'s markers: how many rows lost every run, how many some."""
+    if marks.empty:
+        return table
+    full = int(marks.str.startswith("not learnt").sum())
+    return add_note(table, f"Undefended attack not learnt ({rule_text(basis)}): {full} left out ({unit}s with no run "
+                           f"that learnt it), {len(marks) - full} with some runs left out; no defense is credited "
+                           f"with those runs ({where}).")
+
+
+def mark_rows(table: pd.DataFrame, marks: pd.Series, basis: str) -> pd.DataFrame:
+    """Rows for marked keys the table lost entirely (blank cells), the MARK_COLUMN and the note."""
+    if marks.empty:
+        return table
+    missing = marks.index.difference(table.index)
+    if len(missing):
+        if isinstance(table.index, pd.MultiIndex):
+            missing = pd.MultiIndex.from_tuples(list(missing), names=table.index.names)
+        else:
+            missing = pd.Index(list(missing), name=table.index.name)
+        table = pd.concat([table, pd.DataFrame(index=missing, columns=table.columns, dtype=float)]).sort_index()
+    label = (MARK_COLUMN, *[""] * (table.columns.nlevels - 1)) if table.columns.nlevels > 1 else MARK_COLUMN
+    table[label] = [marks.get(k, "") for k in table.index]
+    return note_left_out(table, marks, basis)
+
+
+def prepare(df: pd.DataFrame, index: list[str], columns: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """A copy of `df` ready to pivot: integer tags as integers, the case keys appended to `index`
+    (see case_keys), and "-" where a row/column tag is missing."""
     df = df.copy()
     for col in ("N", "prune_ratio"):  # integer-valued tags come back as floats next to NaN
         if col in df and df[col].notna().any() and (df[col].dropna() % 1 == 0).all():
             df[col] = df[col].astype("Int64")
-    for col in index + columns:
+    index = list(index) + case_keys(df, list(index) + list(columns))
+    for col in index + list(columns):
         if col not in df:
             df[col] = "-"
-        df[col] = df[col].fillna("-")
-    table = df.pivot_table(index=index, columns=columns, values=values, aggfunc="mean")
-    if isinstance(table.index, pd.MultiIndex) and table.index.nlevels > 1:
-        keep = [name for name, level in zip(table.index.names, table.index.levels) if len(level) > 1]
+        df[col] = df[col].astype(object).where(df[col].notna(), "-")
+    return df, index
+
+
+def pivot_mean(df: pd.DataFrame, index: list[str], columns: list[str], values: str = "value", *,
+               learnt: pd.DataFrame | None = None, basis: str = "asr", aggfunc: str = "mean",
+               drop_constant: bool = True) -> pd.DataFrame:
+    """Mean (or `aggfunc`) over repeated runs (seeds) of `values`, rows `index` plus the case keys,
+    columns `columns`. With `learnt` (learnt_runs(df, basis)) the defense records of runs that did
+    not learn the attack are left out and their rows marked (leave_out). Index levels constant
+    across the frame are dropped (`drop_constant`) so tables stay narrow."""
+    if df.empty:
+        return pd.DataFrame()
+    df, index = prepare(df, index, columns)
+    df, marks = leave_out(df, learnt, index)
+    if not df.empty:
+        table = df.pivot_table(index=index, columns=columns, values=values, aggfunc=aggfunc)
+    else:  # every run left out: the marked rows alone say so
+        table = pd.DataFrame(index=pd.MultiIndex.from_tuples([], names=index) if len(index) > 1
+                             else pd.Index([], name=index[0]))
+    table = mark_rows(table, marks, basis)
+    if drop_constant and isinstance(table.index, pd.MultiIndex) and table.index.nlevels > 1:
+        keep = [name for name in table.index.names if table.index.get_level_values(name).nunique() > 1]
         drop = [n for n in table.index.names if n not in keep]
         if keep and drop:
             table = table.droplevel(drop)
@@ -60,9 +212,13 @@ def pivot_mean(df: pd.DataFrame, index: list[str], columns: list[str], values: s
 
 @TABLES.register("runs")
 def runs_table(df: pd.DataFrame) -> pd.DataFrame:
-    """BA / ASR / TMR per run (model-level metrics: records without defense/analysis tags)."""
+    """BA / ASR / TMR per run (model-level metrics: records without defense/analysis tags), with
+    the swept keys that tell the runs apart."""
     plain = select(df, metric=["ba", "asr", "tmr"], plain=True)
-    table = plain.pivot_table(index=RUN_INDEX + ["run_dir"], columns="metric", values="value",
+    if plain.empty:
+        return pd.DataFrame()
+    plain, index = prepare(plain, RUN_INDEX, ["metric"])
+    table = plain.pivot_table(index=index + ["run_dir"], columns="metric", values="value",
                               aggfunc="first", dropna=False)
     table = table.dropna(how="all")
     table.columns.name = None
