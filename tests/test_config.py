@@ -73,3 +73,24 @@ def test_a_built_wheel_ships_every_config(tmp_path):
     shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
     expected = {"bdexp/conf/" + str(p.relative_to(CONF_DIR)) for p in CONF_DIR.rglob("*.yaml")}
     assert expected <= shipped, f"missing from the wheel: {sorted(expected - shipped)}"
+
+
+ISPL_PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("ispl_*.yaml"))
+
+
+@pytest.mark.parametrize("preset", ISPL_PRESETS)
+def test_ispl_presets_train_without_augmentation_at_cpu_scale_only(preset):
+    """ISPL's small triggers are not learnt at scale=cpu with crop + flip (conf/ispl_scale/cpu.yaml);
+    at full scale the dataset's augmentation (ISPL's setting) stays, and the command line wins."""
+    full = compose_cfg([f"experiment={preset}"])
+    dataset = OmegaConf.load(CONF_DIR / "dataset" / f"{full.dataset.name}.yaml")
+    assert full.dataset.augment == dataset.augment and full.dataset.augment.crop_padding > 0
+    cpu = compose_cfg([f"experiment={preset}", "scale=cpu"])
+    assert (cpu.dataset.augment.crop_padding, cpu.dataset.augment.flip) == (0, False)
+    assert cpu.dataset.train_limit == 10000  # scale=cpu itself still applies
+    assert compose_cfg([f"experiment={preset}", "scale=cpu", "dataset.augment.crop_padding=2"]).dataset.augment.crop_padding == 2
+    assert compose_cfg(["scale=cpu"]).dataset.augment.crop_padding > 0  # only the ISPL presets
+
+
+def test_ispl_gtsrb_uses_app_c_alpha():
+    assert compose_cfg(["experiment=ispl_gtsrb"]).defense.ispl.alpha == 0.25  # ISPL App. C: "set to 1/4"
