@@ -173,6 +173,22 @@ def test_f1_levels_leave_out_unlearnt_runs(tmp_path):
     assert table.iloc[0][("undefended attack", "", "")] == "1 of 2 runs not learnt"
 
 
+def test_f1_levels_say_which_f1_a_row_shows(tmp_path):
+    """SS's removal rule and its best-threshold F1 are separate rows, labelled; SR has only max-F1."""
+    from bdexp.report.mmdr import f1_table
+
+    tags = {"level": "s3", "N": 100, "r": 1.0}
+    extra = [{"metric": "f1", "value": 0.8, "defense": "ss", "rule": "top 1.5·eps·n", **tags},
+             {"metric": "f1_max", "value": 1.0, "defense": "ss", "rule": "top 1.5·eps·n", **tags},
+             {"metric": "f1", "value": 0.95, "defense": "sr", "rule": "max-F1", **tags},
+             {"metric": "f1_max", "value": 0.95, "defense": "sr", "rule": "max-F1", **tags}]
+    _run(tmp_path, "0", extra=extra)
+    table = f1_table(collect(tmp_path / "sweep"))
+    cell = {key: row[(100, 1.0, "s3")] for key, row in table.iterrows()}
+    by_label = {(k[table.index.names.index("defense")], k[table.index.names.index("f1")]): v for k, v in cell.items()}
+    assert by_label == {("ss", "rule: top 1.5·eps·n"): 0.8, ("ss", "max-F1"): 1.0, ("sr", "max-F1"): 0.95}
+
+
 def test_matrix_conflicting_threat_models_and_detectors_from_the_records(tmp_path):
     extra = _detectors(0.6, 0.9, 0.3) + [
         {"metric": "auroc", "value": 0.7, "defense": "foo", "pool": "test"},  # an input detector bdexp may add

@@ -1,4 +1,5 @@
-"""ML-MMDR's tables and figures (SPEC §7): aro, distances, mmdr_lambda, f1_levels, nc."""
+"""ML-MMDR's tables and figures: aro (Table 2), distances (App. Tables 2-3), mmdr_lambda (Fig. 3),
+f1_levels (Figs. 5-7), nc (Figs. 8, 10)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,9 +45,24 @@ def lambda_table(df: pd.DataFrame) -> pd.DataFrame:
 def f1_table(df: pd.DataFrame) -> pd.DataFrame:
     """ML-MMDR Figs. 5–7: F1 per defense × regime × attack, columns (N, r′) × level; runs whose
     ASR shows the backdoor was not learnt are left out and their rows marked (tables.LEARNT_MIN)."""
-    rows = select(df, metric="f1", defense=["ac", "ss", "sr"], level=LEVELS)
-    return pivot_mean(rows, ["dataset", "model", "defense", "regime", "attack"], ["N", "r", "level"],
+    rows = f1_rows(df)
+    return pivot_mean(rows, ["dataset", "model", "defense", "f1", "regime", "attack"], ["N", "r", "level"],
                       learnt=learnt_runs(df, "asr"))
+
+
+def f1_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """F1 records of AC, SS and SR with a column `f1` saying which F1 a row is: "rule: <name>" for
+    the detector's own decision (AC's cluster choice, SS's top-⌈1.5·ε̂·n⌉ removal), "max-F1" for the
+    best threshold over the scores (SR's only F1, as ML-MMDR §6.1 scores it; `f1_max` of the others)."""
+    rows = select(df, metric=["f1", "f1_max"], defense=["ac", "ss", "sr"], level=LEVELS)
+    if rows.empty:
+        return rows
+    rows = rows[~((rows["defense"] == "sr") & (rows["metric"] == "f1_max"))].copy()
+    rule = rows["rule"] if "rule" in rows else pd.Series(None, index=rows.index, dtype=object)
+    own = (rows["metric"] == "f1") & (rows["defense"] != "sr")
+    rows["f1"] = "max-F1"
+    rows.loc[own, "f1"] = "rule: " + rule[own].fillna("default").astype(str)
+    return rows
 
 
 @TABLES.register("nc")
@@ -82,12 +98,12 @@ def lambda_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
 
 @PLOTS.register("f1_levels")
 def f1_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Bars of F1 per level, grouped by regime, one panel per (defense, attack) (Figs. 5–7);
-    F1 averaged over the (N, r′) settings."""
-    rows = select(df, metric="f1", defense=["ac", "ss", "sr"], level=LEVELS)
+    """Bars of F1 per level, grouped by regime, one panel per (defense, which F1, attack)
+    (Figs. 5–7); F1 averaged over the (N, r′) settings."""
+    rows = f1_rows(df)
     if rows.empty:
         return []
-    rows, panel = prepare(rows, ["defense", "attack"], ["level", "regime"])
+    rows, panel = prepare(rows, ["defense", "f1", "attack"], ["level", "regime"])
     rows, _ = leave_out(rows, learnt_runs(df, "asr"), panel)  # as f1_table: learnt attacks only
     if rows.empty:
         return []
