@@ -1,13 +1,19 @@
 """The training loop shared by every regime: SGD + step schedule, bf16/channels_last on CUDA.
 
+The optimizer and its learning-rate schedule are one `Optimization` object. A call of
+`train_model` trains epochs [done, done + cfg.epochs) of it, so a caller that keeps the object
+with its model (ISPL's self-training, whose training set changes every few epochs while the
+model, the momentum buffers and the schedule carry on: ISPL App. C) runs one schedule across
+several calls. The learning rate is a function of the absolute epoch, not of the step count, so
+the segments may have different numbers of steps per epoch.
+
 With a `checkpoint` path the loop saves everything the next epoch depends on (weights, optimizer
-and schedule state, the loader's shuffling/augmentation generator, torch's global RNG, history)
-every `checkpoint_every` epochs, atomically; a run killed mid-way resumes from the last saved
-epoch and ends with the same weights an uninterrupted run gets (on the same device).
+state, the loader's shuffling/augmentation generator, torch's global RNG, history) every
+`checkpoint_every` epochs, atomically; a run killed mid-way resumes from the last saved epoch
+and ends with the same weights an uninterrupted run gets (on the same device).
 """
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import time
@@ -18,34 +24,62 @@ import torch
 from torch import nn
 
 from bdexp.data.loader import DeviceLoader
-from bdexp.errors import TrainingDiverged
+from bdexp.errors import ConfigError, TrainingDiverged
 from bdexp.progress import make_progress
 
 log = logging.getLogger(__name__)
 
-
-def make_optimizer(model: nn.Module, cfg, steps_per_epoch: int):
-    """SGD with momentum and a step schedule; milestones are fractions of `cfg.epochs`
-    so shrinking the epochs (scale=cpu) keeps the shape of the paper's schedule."""
-    opt = torch.optim.SGD(
-        model.parameters(),
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        nesterov=bool(cfg.get("nesterov", False)),
-    )
-    milestones = sorted({max(1, round(f * cfg.epochs)) * steps_per_epoch for f in cfg.milestones})
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.gamma)
-    return opt, sched
+# step: cfg.lr, multiplied by cfg.gamma at each milestone; constant: cfg.lr throughout.
+SCHEDULES = ("step", "constant")
 
 
-def save_checkpoint(path: Path, epoch: int, model: nn.Module, opt, sched, loader: DeviceLoader,
+def milestone_epochs(fractions, total_epochs: int) -> list[int]:
+    """The epochs at whose start the rate drops: fractions of `total_epochs` (at least 1, each
+    once), so shrinking the epochs (scale=cpu) keeps the shape of the paper's schedule."""
+    return sorted({max(1, round(float(f) * int(total_epochs))) for f in fractions})
+
+
+class Optimization:
+    """SGD with momentum and a learning-rate schedule over `total_epochs` epochs (default
+    cfg.epochs). `epochs_done` counts the epochs trained so far, across `train_model` calls."""
+
+    def __init__(self, model: nn.Module, cfg, total_epochs: int | None = None, schedule: str = "step"):
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"learning-rate schedule {schedule!r} is unknown; choose one of {list(SCHEDULES)}")
+        self.opt = torch.optim.SGD(
+            model.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=bool(cfg.get("nesterov", False)),
+        )
+        self.schedule = schedule
+        self.total_epochs = int(cfg.epochs if total_epochs is None else total_epochs)
+        self.milestones = milestone_epochs(cfg.milestones, self.total_epochs) if schedule == "step" else []
+        self.base_lr, self.gamma = float(cfg.lr), float(cfg.gamma)
+        self.epochs_done = 0
+
+    def lr(self, epoch: int) -> float:
+        """The rate during (0-based, absolute) `epoch`."""
+        return self.base_lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+
+    def begin_epoch(self, epoch: int) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr(epoch)
+
+    def state_dict(self) -> dict:
+        return {"opt": self.opt.state_dict(), "epochs_done": self.epochs_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.epochs_done = int(state["epochs_done"])
+
+
+def save_checkpoint(path: Path, optim: Optimization, model: nn.Module, loader: DeviceLoader,
                     history: dict) -> None:
     from bdexp.cache import atomic_torch_save
 
-    sched_state = sched.state_dict()
-    sched_state["milestones"] = dict(sched_state["milestones"])  # Counter is not weights_only-safe
-    state = {"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched_state,
+    state = {"epoch": optim.epochs_done, "model": model.state_dict(), "optim": optim.state_dict(),
              "loader_rng": loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
              "history": history}
     if torch.cuda.is_available():
@@ -53,23 +87,25 @@ def save_checkpoint(path: Path, epoch: int, model: nn.Module, opt, sched, loader
     atomic_torch_save(state, path)
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt, sched, loader: DeviceLoader) -> tuple[int, dict]:
-    """Restore a save_checkpoint file; returns (epochs done, history)."""
+def load_checkpoint(path: Path, model: nn.Module, optim: Optimization, loader: DeviceLoader) -> dict:
+    """Restore a save_checkpoint file into model, optim (epochs_done included) and loader;
+    returns the history."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
-    opt.load_state_dict(state["opt"])
-    state["sched"]["milestones"] = collections.Counter(state["sched"]["milestones"])
-    sched.load_state_dict(state["sched"])
+    optim.load_state_dict(state["optim"])
     loader.generator.set_state(state["loader_rng"])  # a CPU ByteTensor for CPU and CUDA generators
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["epoch"]), state["history"]
+    return state["history"]
 
 
 def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: torch.device,
-                describe: str = "train", checkpoint: Path | None = None, checkpoint_every: int = 1) -> dict:
-    """Train in place; returns a history dict (per-epoch loss/acc, images/s, wall time).
+                describe: str = "train", checkpoint: Path | None = None, checkpoint_every: int = 1,
+                optimization: Optimization | None = None) -> dict:
+    """Train in place for cfg.epochs epochs; returns a history dict (per-epoch loss/acc/lr,
+    images/s, wall time). `optimization`: continue this optimizer and schedule (epochs
+    [optimization.epochs_done, + cfg.epochs) of it); None = a fresh cfg.epochs-epoch step schedule.
     `checkpoint`: resume from this file if it exists and save to it every `checkpoint_every`
     epochs (the caller deletes it once the finished model is stored)."""
     on_cuda = device.type == "cuda"
@@ -78,23 +114,28 @@ def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: tor
     step_model = torch.compile(model) if cfg.get("compile", False) else model
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and cfg.get("amp", True)
                 else nullcontext())
-    opt, sched = make_optimizer(model, cfg, len(loader))
-    history = {"loss": [], "acc": [], "images_per_s": [], "wall_s": 0.0}
-    first_epoch = 0
+    optim = optimization if optimization is not None else Optimization(model, cfg)
+    first_epoch = optim.epochs_done
+    end_epoch = first_epoch + int(cfg.epochs)
+    history = {"loss": [], "acc": [], "lr": [], "images_per_s": [], "wall_s": 0.0}
     if checkpoint is not None and Path(checkpoint).exists():
         try:
-            first_epoch, history = load_checkpoint(Path(checkpoint), model, opt, sched, loader)
-            log.info("%s: resumed from %s after epoch %d of %d", describe, checkpoint, first_epoch, cfg.epochs)
+            history = load_checkpoint(Path(checkpoint), model, optim, loader)
+            log.info("%s: resumed from %s after epoch %d of %d", describe, checkpoint, optim.epochs_done, end_epoch)
         except Exception as err:  # a checkpoint of another shape/version: start over, do not crash
             log.warning("%s: cannot resume from %s (%s); training from scratch", describe, checkpoint, err)
+            optim.epochs_done = first_epoch
+    resumed = optim.epochs_done - first_epoch
+    history.setdefault("lr", [])
     log_every = max(1, int(cfg.get("log_every", 10)))
     start = time.perf_counter() - float(history.get("wall_s", 0.0))
     model.train()
     with make_progress() as progress:
         task = progress.add_task(describe, total=cfg.epochs * len(loader), info="",
-                                 completed=first_epoch * len(loader))
-        for epoch in range(first_epoch, cfg.epochs):
+                                 completed=resumed * len(loader))
+        for epoch in range(optim.epochs_done, end_epoch):
             t0 = time.perf_counter()
+            optim.begin_epoch(epoch)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
@@ -103,10 +144,9 @@ def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: tor
                     batch.x = batch.x.contiguous(memory_format=torch.channels_last)
                 with autocast:
                     loss, logits = regime.loss(step_model, batch)
-                opt.zero_grad(set_to_none=True)
+                optim.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
-                sched.step()
+                optim.opt.step()
                 loss_sum += loss.detach().float() * len(batch.y)
                 correct += (logits.detach().argmax(1) == batch.y).sum()
                 seen += len(batch.y)
@@ -114,18 +154,20 @@ def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: tor
                     mean_loss = loss_sum.item() / seen
                     _check_finite(mean_loss, epoch, step, cfg)
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
-                    progress.update(task, info=f"ep {epoch + 1}/{cfg.epochs} loss {mean_loss:.3f} "
+                    progress.update(task, info=f"ep {epoch + 1}/{optim.total_epochs} loss {mean_loss:.3f} "
                                     f"acc {correct.item() / seen:.3f} {rate:,.0f} img/s")
                 progress.advance(task)
             epoch_loss = loss_sum.item() / seen
             _check_finite(epoch_loss, epoch, len(loader) - 1, cfg)
+            optim.epochs_done = epoch + 1
             history["loss"].append(epoch_loss)
             history["acc"].append(correct.item() / seen)
+            history["lr"].append(optim.lr(epoch))
             history["images_per_s"].append(seen / max(time.perf_counter() - t0, 1e-9))
             history["wall_s"] = time.perf_counter() - start
             if (checkpoint is not None and checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0
-                    and epoch + 1 < cfg.epochs):
-                save_checkpoint(Path(checkpoint), epoch + 1, model, opt, sched, loader, history)
+                    and epoch + 1 < end_epoch):
+                save_checkpoint(Path(checkpoint), optim, model, loader, history)
     model.eval()
     history["wall_s"] = time.perf_counter() - start
     history["epochs"] = cfg.epochs
