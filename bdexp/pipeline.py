@@ -14,7 +14,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import bdexp
-import bdexp.conf
 from bdexp.attacks import build_attack
 from bdexp.attacks.base import Attack, BackdoorTestSet, PoisonedTrainSet
 from bdexp.cache import ModelCache
@@ -27,6 +26,7 @@ from bdexp.experiment import Experiment
 from bdexp.report.summary import print_summary
 from bdexp import progress as progress_bars
 from bdexp.results import run_identity, write_results
+from bdexp.training.defender import regime_train_cfg
 from bdexp.training.fit import fit
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,7 @@ def clean_reference_model(cfg: DictConfig, data: ImageDataset, device: torch.dev
     ref_cfg = copy.deepcopy(cfg)
     with open_dict(ref_cfg):
         ref_cfg.attack = {"name": "none"}
-    standard = OmegaConf.load(Path(bdexp.conf.__file__).parent / "train" / "standard.yaml")
-    ref_train = OmegaConf.merge(standard, {k: v for k, v in cfg.train.items() if k in standard and k != "name"})
+    ref_train = regime_train_cfg(cfg.train, "standard")
     clean_attack = build_attack(ref_cfg.attack, data.num_classes, data.image_shape, int(cfg.seed))
     clean = clean_attack.poison_train(to_float(data.x_train), data.y_train)
     clean.x = to_uint8(clean.x)

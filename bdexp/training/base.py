@@ -15,7 +15,12 @@ REGIMES: Registry = Registry("training regime")
 class Regime:
     """Cross-entropy over the whole batch; subclasses add terms (MMD, adversarial examples).
 
-    `attack` is there for regimes that model the attacker (ML-MMDR needs the target class)."""
+    `attack` is there for regimes that model the attacker (ML-MMDR needs the target class).
+    `reads_poison_flags`: the loss reads `batch.poison` (which rows the attacker poisoned), so
+    only the attacker can train with it; a defender's retraining refuses such a regime
+    (training/defender.py)."""
+
+    reads_poison_flags: bool = False
 
     def __init__(self, cfg, attack=None):
         self.cfg = cfg

@@ -15,6 +15,7 @@ from bdexp.data.base import ImageDataset
 from bdexp.data.loader import DeviceLoader, to_float
 from bdexp.models import build_model
 from bdexp.training.base import REGIMES
+from bdexp.training.defender import DefenderLoader, check_defender_regime
 from bdexp.training.loop import train_model
 
 log = logging.getLogger(__name__)
@@ -22,10 +23,17 @@ log = logging.getLogger(__name__)
 
 def fit(cfg: DictConfig, data: ImageDataset, attack: Attack, train: PoisonedTrainSet, device: torch.device,
         cache: ModelCache, *, train_cfg: DictConfig | None = None, keep: torch.Tensor | None = None,
-        key_extra: dict | None = None, describe: str = "train") -> tuple[torch.nn.Module, dict]:
+        key_extra: dict | None = None, describe: str = "train", defender: bool = False
+        ) -> tuple[torch.nn.Module, dict]:
     """Build the model and train it on `train` (optionally only rows in `keep`), or load it from
-    the cache when an identical model was trained before. Returns (model, info)."""
+    the cache when an identical model was trained before. Returns (model, info).
+    `defender`: the defender trains (training/defender.py): no poison flags, no attack hook, and
+    a regime that reads the flags is refused."""
     train_cfg = train_cfg if train_cfg is not None else cfg.train
+    if defender:
+        check_defender_regime(train_cfg.name, "the defender's train.name")
+        if bool(train.cross.any()):  # the attack's batch hook is off: not the attacker's model
+            key_extra = {**(key_extra or {}), "attack_batch_hook": "off"}
     seed = int(cfg.seed)
     x_f = to_float(train.x if keep is None else train.x[keep])
     mean = x_f.mean(dim=(0, 2, 3)).tolist()
@@ -53,13 +61,14 @@ def fit(cfg: DictConfig, data: ImageDataset, attack: Attack, train: PoisonedTrai
             log.info("%s: loaded cached model %s (no training)", describe, cache.path(key))
             return model, {"cache": "hit", "key": key, **hit["meta"]}
         rows = slice(None) if keep is None else keep
-        loader = DeviceLoader(
-            train.x[rows], train.y[rows], train.poison[rows], train.cross[rows],
-            batch_size=train_cfg.batch_size, device=device, seed=seed,
-            crop_padding=cfg.dataset.augment.crop_padding, flip=cfg.dataset.augment.flip,
-            drop_last=True, batch_hook=attack.train_batch_hook,
-        )
-        regime = regime_cls(train_cfg, attack=attack)
+        common = dict(batch_size=train_cfg.batch_size, device=device, seed=seed, drop_last=True,
+                      crop_padding=cfg.dataset.augment.crop_padding, flip=cfg.dataset.augment.flip)
+        if defender:
+            loader = DefenderLoader(train.x[rows], train.y[rows], **common)
+        else:
+            loader = DeviceLoader(train.x[rows], train.y[rows], train.poison[rows], train.cross[rows],
+                                  batch_hook=attack.train_batch_hook, **common)
+        regime = regime_cls(train_cfg, attack=None if defender else attack)
         checkpoint = cache.checkpoint_path(key)
         history = train_model(model, loader, regime, train_cfg, device, describe=describe, checkpoint=checkpoint,
                               checkpoint_every=int(cfg.get("checkpoint_every", 1)))

@@ -32,6 +32,7 @@ class MMDRegime(Regime):
     """Cross-entropy on benign and malicious rows plus λ · mean MMD² over feature levels."""
 
     default_levels: tuple[str, ...] = ("s1", "s2", "s3")
+    reads_poison_flags = True  # X1/X2 are split by batch.poison (Alg. 1 l. 9-10): the attacker trains
 
     @classmethod
     def cache_identity(cls, cfg) -> dict:
