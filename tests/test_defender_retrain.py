@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from torch.optim.lr_scheduler import MultiStepLR
 
 from bdexp import pipeline
 from bdexp.data.loader import DeviceLoader
@@ -17,6 +18,7 @@ from bdexp.training.defender import DefenderLoader, PoisonFlagsHidden, defender_
 from bdexp.training.loop import train_model
 from bdexp.training.mmdr import MMDRegime
 from tests.conftest import compose_cfg, with_tiny
+from tests.test_ispl_core import sgd_steps  # noqa: F401  (fixture)
 
 CONFLICT = "threat models do not compose"
 
@@ -127,3 +129,52 @@ def test_wanet_noise_mode_is_an_attacker_trained_model(tiny_cfg, tmp_path):
                                 "defense=[nd]", "train.epochs=1"), tmp_path)
     assert _values(_by_defense(out, "nd"))["threat_model_conflict"] == 1.0
 
+
+def test_epoch_indexed_schedule_matches_per_step_multisteplr(sgd_steps):  # noqa: F811
+    """The loop sets the lr per epoch from the absolute epoch; for an ordinary run it is exactly
+    the per-step MultiStepLR it replaced (milestones = round(f · epochs) epochs, deduplicated)."""
+    torch.manual_seed(0)
+    x = (torch.rand(96, 1, 16, 16) * 255).to(torch.uint8)
+    y = torch.randint(0, 4, (96,))
+    cfg = compose_cfg(with_tiny("train.epochs=5", "train.milestones=[0.4,0.5,0.8]")).train  # epochs 2, 2, 4
+    model = build_model(compose_cfg(with_tiny("model.width=0.25")).model, in_channels=1, num_classes=4,
+                        image_size=16, mean=[0.5], std=[0.25])
+    loader = DeviceLoader(x, y, batch_size=32, device=torch.device("cpu"), seed=0, drop_last=True)
+    history = train_model(model, loader, Regime(cfg), cfg, torch.device("cpu"))
+    dummy = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=cfg.lr)  # not SGD: the spy counts SGD steps
+    reference = MultiStepLR(dummy, milestones=[2 * len(loader), 4 * len(loader)], gamma=cfg.gamma)
+    want = []
+    for _ in range(5 * len(loader)):
+        want.append(dummy.param_groups[0]["lr"])
+        dummy.step()
+        reference.step()
+    assert [lr for _, lr in sgd_steps] == pytest.approx(want, rel=1e-12)
+    assert history["lr"] == pytest.approx([cfg.lr, cfg.lr, cfg.lr * 0.1, cfg.lr * 0.1, cfg.lr * 0.01])
+
+
+def test_itlm_rounds_are_fresh_defender_models_with_their_own_step_schedule(sgd_steps):  # noqa: F811
+    """ITLM under a train=mlmmdr run: every round a fresh model (ISPL App. C: "a fresh model
+    beginning each iteration") trained with plain cross-entropy and the run's step schedule over
+    that round's epochs; α from the ε the defender is told (App. C: 96 % at ε = 10 %)."""
+    from types import SimpleNamespace
+
+    from bdexp.data.synthetic import synthetic
+    from bdexp.defenses.ispl import itlm_fraction, itlm_keep
+
+    cfg = compose_cfg(with_tiny("train=mlmmdr", "train.epochs=4", "defense=[itlm]", "attack.poison_rate=0.1"))
+    data = synthetic({"num_classes": 4, "train_size": 64, "test_size": 4, "split_seed": 0})
+    exp = SimpleNamespace(cfg=cfg, seed=0, device=torch.device("cpu"),
+                          train_set=SimpleNamespace(x=data.x_train, y=data.y_train))
+    keep, info = itlm_keep(exp, cfg.defense.itlm)
+    assert info["keep_fraction"] == pytest.approx(0.96) and int(keep.sum()) == round(0.96 * 64)
+    # paper epochs 80, 40, 40 at 4/100 of the length: 3, 2, 2; milestones 0.5, 0.7 of each round:
+    # epoch 2 of 3 (round(1.5) = round(2.1) = 2) and epoch 1 of 2
+    lr = cfg.train.lr
+    first = [lr] * 2 * 2 + [lr * 0.1] * 2  # 64 rows, batch 32: 2 steps per epoch
+    later = [lr] * 1 + [lr * 0.1] * 1  # round(0.96 · 64) = 61 rows: 1 step per epoch
+    assert [s for _, s in sgd_steps] == pytest.approx(first + later + later, rel=1e-9)
+    optimizers = [o for o, _ in sgd_steps]
+    assert len({id(o) for o in optimizers}) == 3
+    with pytest.raises(ConfigError, match="defense.itlm.eps"):
+        itlm_fraction({"keep_fraction": None, "eps": 1.5})
+    assert itlm_fraction({"keep_fraction": None, "eps": 0.2}) == pytest.approx(0.92)

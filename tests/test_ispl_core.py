@@ -24,7 +24,7 @@ class CentroidTrainer:
         self.f, self.y, self.k = np.asarray(f, float), np.asarray(y), k
         self.calls: list[tuple[int, int, bool]] = []
 
-    def fit(self, index, epochs, seed, init_state=None, describe=""):
+    def fit(self, index, epochs, seed, init_state=None, describe="", schedule="step", schedule_epochs=None):
         self.calls.append((len(index), epochs, init_state is not None))
         rows = np.asarray(index)
         return np.array([self.f[rows][self.y[rows] == c].mean() if (self.y[rows] == c).any() else np.inf
@@ -42,7 +42,7 @@ class FixedTrainer:
         self.pred, self.k, self.conf = np.asarray(pred), k, conf
         self.calls: list[tuple[int, int, bool]] = []
 
-    def fit(self, index, epochs, seed, init_state=None, describe=""):
+    def fit(self, index, epochs, seed, init_state=None, describe="", schedule="step", schedule_epochs=None):
         self.calls.append((len(index), epochs, init_state is not None))
         return "model"
 
@@ -252,3 +252,110 @@ def test_known_answer_clusters_are_pure_and_boosting_removes_the_plant():
     assert concentration >= 0.8
     assert removed >= 0.9
     assert kept_clean >= 0.9
+
+
+# ---- inner training schedules (App. C) with a real tiny ConvNet --------------------------------------
+
+LR = 0.1
+STEP_CFG = {"lr": LR, "momentum": 0.9, "weight_decay": 0.0, "milestones": [0.5, 0.75], "gamma": 0.1,
+            "batch_size": 16, "log_every": 1000}
+
+
+class RecordingTrainer(TensorTrainer):
+    """A TensorTrainer that also records each fit's (rows, epochs)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[int, int]] = []
+
+    def fit(self, index, epochs, seed, init_state=None, describe="", **kw):
+        self.calls.append((len(index), int(epochs)))
+        return super().fit(index, epochs, seed, init_state=init_state, describe=describe, **kw)
+
+
+@pytest.fixture
+def sgd_steps(monkeypatch):
+    """Every SGD step as (optimizer, lr it used); the optimizers are kept so `is` compares them."""
+    steps: list[tuple[torch.optim.Optimizer, float]] = []
+    original = torch.optim.SGD.step
+
+    def spy(self, *args, **kwargs):
+        steps.append((self, self.param_groups[0]["lr"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    return steps
+
+
+def tiny_trainer(n: int = 64):
+    data = synthetic({"num_classes": 4, "train_size": n, "test_size": 4, "split_seed": 0})
+    trainer = RecordingTrainer(data.x_train, data.y_train, {"name": "convnet", "width": 0.25}, STEP_CFG,
+                               torch.device("cpu"))
+    return trainer, data.y_train.numpy()
+
+
+def steps_per_epoch(rows: int, batch: int = 16) -> int:
+    return rows // batch if rows > batch else 1  # DeviceLoader with drop_last=True
+
+
+def expected_lrs(calls, lr_of_epoch) -> list[float]:
+    """The lr of every step when the calls' epochs are consecutive epochs of one schedule."""
+    out, epoch = [], 0
+    for rows, epochs in calls:
+        for _ in range(epochs):
+            out += [lr_of_epoch(epoch)] * steps_per_epoch(rows)
+            epoch += 1
+    return out
+
+
+def test_self_training_is_one_step_schedule_across_segments(sgd_steps):
+    """st_epochs 8 in segments of 3 (3 + 3 + 2): milestones 0.5 and 0.75 of the WHOLE 8 epochs are
+    absolute epochs 4 and 6 — inside the second and at the start of the third segment — and one
+    optimizer (momentum buffers included) runs throughout. (Per-segment schedules, the old
+    behaviour, would drop the lr at epoch 2 of every segment instead.)"""
+    trainer, y = tiny_trainer()
+    cfg = {"st_epochs": 8, "st_interval": 3, "st_momentum": 0.8, "st_smooth": "probs", "st_schedule": "step"}
+    self_train(trainer, np.ones(len(y), bool), y, cfg, np.random.default_rng(0))
+    assert [e for _, e in trainer.calls] == [3, 3, 2]
+    want = expected_lrs(trainer.calls, lambda e: LR * (1.0 if e < 4 else 0.1 if e < 6 else 0.01))
+    assert [lr for _, lr in sgd_steps] == pytest.approx(want, rel=1e-9)
+    assert all(opt is sgd_steps[0][0] for opt, _ in sgd_steps)
+
+
+def test_weak_learners_and_ispl_iterations_train_at_a_constant_rate(sgd_steps):
+    trainer, y = tiny_trainer()
+    clusters = [np.arange(0, 40), np.arange(24, 64)]
+    boost(trainer, clusters, y, {"learner_epochs": 4, "learner_schedule": "constant", "vote_rule": "code"},
+          np.random.default_rng(0))
+    assert [lr for _, lr in sgd_steps] == [LR] * (2 * 4 * steps_per_epoch(40))
+    learners = [opt for opt, _ in sgd_steps]
+    assert learners[0] is not learners[-1]  # each weak learner a fresh model and optimizer
+    # the step option: milestones at epochs 2 and 3 of each learner's own 4 epochs
+    sgd_steps.clear()
+    boost(trainer, clusters[:1], y, {"learner_epochs": 4, "learner_schedule": "step", "vote_rule": "code"},
+          np.random.default_rng(0))
+    assert [lr for _, lr in sgd_steps] == pytest.approx(
+        [LR * g for g in (1, 1, 0.1, 0.01) for _ in range(steps_per_epoch(40))], rel=1e-9)
+
+    # A cluster's 5 ISPL iterations (warm-up 2, then 1 each): one model, one optimizer, lr constant.
+    sgd_steps.clear()
+    trainer.calls.clear()
+    ispl_cluster(trainer, np.arange(len(y)), y, 0.25,
+                 {"warmup_epochs": 2, "iter_epochs": 1, "iter_schedule": "constant"}, np.random.default_rng(0))
+    assert [e for _, e in trainer.calls] == [2, 1, 1, 1, 1]
+    assert [lr for _, lr in sgd_steps] == [LR] * len(expected_lrs(trainer.calls, lambda e: LR))
+    assert all(opt is sgd_steps[0][0] for opt, _ in sgd_steps)
+
+
+def test_schedule_defaults_match_ispl_yaml():
+    """Every key the library falls back on has the same value in conf/defense/ispl.yaml."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    import bdexp
+
+    yaml = OmegaConf.load(Path(bdexp.__file__).parent / "conf" / "defense" / "ispl.yaml")["ispl"]
+    assert set(DEFAULTS) == set(yaml) - {"name", "retrain_regime", "reference_epochs"}
+    assert {k: yaml[k] for k in DEFAULTS} == DEFAULTS
+    assert (yaml.iter_schedule, yaml.learner_schedule, yaml.st_schedule) == ("constant", "constant", "step")

@@ -73,7 +73,8 @@ def boost(trainer: Trainer, clusters: list[np.ndarray], y: np.ndarray, cfg: Any,
     num_classes = int(y.max()) + 1 if n else 0
     for j, cluster in enumerate(clusters):
         model = trainer.fit(cluster, epochs, int(rng.integers(2**31)),
-                            describe=f"{tag} weak learner {j + 1}/{len(clusters)}")
+                            describe=f"{tag} weak learner {j + 1}/{len(clusters)}",
+                            schedule=str(option(cfg, "learner_schedule")), schedule_epochs=epochs)
         lp = trainer.log_probs(model, everything)
         num_classes = max(num_classes, lp.shape[1])
         preds[j] = lp.argmax(1)
@@ -106,8 +107,11 @@ def self_train(trainer: Trainer, keep: np.ndarray, y: np.ndarray, cfg: Any, rng:
     model = None
     for s in range(segments):
         epochs = min(interval, total - s * interval)
+        # One training of `total` epochs: the model, its optimizer and lr schedule carry on
+        # across segments; only the training subset changes (App. C: "a fresh model for 100 epochs").
         model = trainer.fit(index, epochs, int(rng.integers(2**31)), init_state=model,
-                            describe=f"{tag} self-training {s + 1}/{segments}")
+                            describe=f"{tag} self-training {s + 1}/{segments}",
+                            schedule=str(option(cfg, "st_schedule")), schedule_epochs=total)
         if s == segments - 1:
             break
         lp = trainer.log_probs(model, everything)

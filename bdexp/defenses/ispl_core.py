@@ -20,10 +20,14 @@ Config keys (default; source; the authors' public code where it differs):
   iter_epochs    4      SGD epochs per ISPL iteration (App. C; also the code).
   warmup_epochs  8      epochs of the first ISPL iteration (App. C "warm-up ... of 8 epochs").
                         One model is trained on across a cluster's iterations (θ_t ← A(S′,
-                        θ_{t−1}), Alg. 1 l. 5, as in the code); each iteration is one
-                        `train_model` call, so the SGD momentum buffer and the lr schedule
-                        (milestones are fractions of that call's epochs) restart per iteration
-                        [code: one optimizer and schedule across the iterations].
+                        θ_{t−1}), Alg. 1 l. 5, as in the code), and with it one optimizer: the
+                        SGD momentum buffers and the lr schedule carry on from one iteration
+                        to the next (as in the code); only the training subset changes.
+  iter_schedule  constant  lr schedule of a cluster's iterations: constant (the defender
+                        regime's lr throughout; our reading of App. C's "standard SGD, trained
+                        for 4 epochs per iteration", which names no decay) | step (the regime's
+                        milestones as fractions of the cluster's whole warmup + (N−1)·iter
+                        epochs, one schedule across the iterations).
   beta_start     3.0    β_1 = beta_start·p, then linearly down to p over `anneal_iters`
   anneal_iters   2      iterations: 3p → 2p → p → p … (App. C); β is capped at 1.
                         [code: β_t = min(3, max(1, N−2−t))·p, i.e. it starts at (N−2)p]
@@ -31,6 +35,9 @@ Config keys (default; source; the authors' public code where it differs):
                         c of the pool ("the top p/8 samples per class", App. C).
                         [code: β_t/8 per class, annealed with β]
   learner_epochs 40     epochs of each weak learner, a fresh model on its cluster (App. C).
+  learner_schedule constant  lr schedule of a weak learner: constant (the authors' code trains
+                        weak learners at a constant rate; App. C: "trained for 40 epochs on its
+                        respective subset") | step (milestones as fractions of learner_epochs).
   vote_rule      paper  paper: keep a sample if the modal vote of the weak learners equals its
                         label (ties at random) or it is in the lower half of its class by loss
                         (App. C); the loss is the weak learners' mean cross-entropy (our reading:
@@ -46,13 +53,19 @@ Config keys (default; source; the authors' public code where it differs):
                         set used for the last `st_interval` epochs is the result (App. C "the
                         samples used for training in the last epoch") [code: one more update
                         after the last epoch]. Each segment of st_interval epochs is one
-                        `train_model` call that continues the model (as in the code).
+                        `train_model` call that continues the model (as in the code), its
+                        optimizer and its lr schedule: one training of st_epochs epochs whose
+                        training subset changes every st_interval epochs.
+  st_schedule    step   lr schedule of self-training: step (the defender regime's milestones as
+                        fractions of the whole st_epochs, at absolute epochs: App. C trains "a
+                        fresh model for 100 epochs", i.e. one ordinary training run) | constant.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any, Protocol, Sequence
 
@@ -60,10 +73,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bdexp.data.loader import DeviceLoader, iterate_eval, to_uint8
+from bdexp.data.loader import iterate_eval, to_uint8
 from bdexp.models import build_model
 from bdexp.training.base import Regime
-from bdexp.training.loop import train_model
+from bdexp.training.defender import DefenderLoader
+from bdexp.training.loop import Optimization, train_model
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +86,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 8, "beta_start": 3.0, "anneal_iters": 2, "class_floor": 0.125,
     "learner_epochs": 40, "vote_rule": "paper", "self_training": True, "st_interval": 5,
     "st_momentum": 0.8, "st_smooth": "probs", "st_epochs": 100,
+    "iter_schedule": "constant", "learner_schedule": "constant", "st_schedule": "step",
 }
 
 
@@ -86,8 +101,11 @@ class Trainer(Protocol):
     training set whose given labels the trainer holds."""
 
     def fit(self, index: np.ndarray, epochs: int, seed: int, init_state: Any = None,
-            describe: str = "") -> Any:
-        """Train a fresh model (or continue `init_state`, a model returned earlier) on `index`."""
+            describe: str = "", schedule: str = "step", schedule_epochs: int | None = None) -> Any:
+        """Train a fresh model (or continue `init_state`, a model returned earlier, with its
+        optimizer) on `index` for `epochs` epochs. A fresh model gets a new optimizer whose lr
+        `schedule` ("step" | "constant") spans `schedule_epochs` epochs (None: this call's
+        epochs); later calls that continue it run the next epochs of that schedule."""
 
     def log_probs(self, model: Any, index: np.ndarray) -> np.ndarray:
         """(len(index), K) log-softmax outputs, without augmentation."""
@@ -118,15 +136,18 @@ def channel_stats(x_uint8: torch.Tensor, chunk: int = 4096) -> tuple[list[float]
 
 
 class TensorTrainer:
-    """`Trainer` on device-resident uint8 images: build_model + DeviceLoader + train_model (CE).
+    """`Trainer` on device-resident uint8 images: build_model + DefenderLoader + train_model.
 
-    `train_cfg` holds lr, momentum, weight_decay, milestones (fractions of each call's epochs),
-    gamma, batch_size (and optionally nesterov, amp, log_every); epochs come per call."""
+    `train_cfg` holds lr, momentum, weight_decay, milestones (fractions of a schedule's
+    `schedule_epochs`), gamma, batch_size (and optionally nesterov, amp, log_every); epochs come
+    per call. `regime`: the loss (a Regime class; plain cross-entropy by default), built without
+    the attack; batches carry no poison flags (training/defender.py). Each model's
+    `Optimization` is kept with it, so a call that continues a model continues its optimizer."""
 
     def __init__(self, x_uint8: torch.Tensor, y: torch.Tensor | np.ndarray, model_cfg: Any,
                  train_cfg: Any, device: torch.device, crop_padding: int = 0, flip: bool = False,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 eval_batch_size: int = 512, num_classes: int | None = None):
+                 eval_batch_size: int = 512, num_classes: int | None = None, regime: type = Regime):
         self.device = torch.device(device)
         x_uint8 = x_uint8 if x_uint8.dtype == torch.uint8 else to_uint8(x_uint8)
         self.x = x_uint8.to(self.device)
@@ -146,6 +167,8 @@ class TensorTrainer:
             mean, std = (m if mean is None else mean), (sd if std is None else std)
         self.mean, self.std = list(mean), list(std)
         self.eval_batch_size = int(eval_batch_size)
+        self.regime = regime
+        self._optim: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Optimization
 
     def new_model(self, seed: int) -> torch.nn.Module:
         torch.manual_seed(int(seed))  # the init is a function of the seed alone
@@ -153,15 +176,23 @@ class TensorTrainer:
                            image_size=self.x.shape[-1], mean=self.mean, std=self.std).to(self.device)
 
     def fit(self, index: np.ndarray, epochs: int, seed: int, init_state: Any = None,
-            describe: str = "ispl") -> torch.nn.Module:
+            describe: str = "ispl", schedule: str = "step", schedule_epochs: int | None = None) -> torch.nn.Module:
         model = self.new_model(seed) if init_state is None else init_state
         if epochs <= 0 or len(index) == 0:
             return model.eval()
         cfg = OmegaConf.merge(self.train_cfg, {"epochs": int(epochs)})
+        optim = self._optim.get(model) if init_state is not None else None
+        if optim is None:
+            optim = Optimization(model, cfg, total_epochs=int(schedule_epochs or epochs), schedule=schedule)
+            self._optim[model] = optim
+        if optim.schedule == "step" and optim.epochs_done + int(epochs) > optim.total_epochs:
+            raise ValueError(f"{describe}: epochs {optim.epochs_done}..{optim.epochs_done + int(epochs)} run past "
+                             f"the {optim.total_epochs}-epoch schedule the model was started with")
         rows = torch.as_tensor(np.asarray(index), dtype=torch.long, device=self.device)
-        loader = DeviceLoader(self.x[rows], self.y[rows], batch_size=int(cfg.batch_size), device=self.device,
-                              seed=int(seed), crop_padding=self.crop_padding, flip=self.flip, drop_last=True)
-        train_model(model, loader, Regime(cfg), cfg, self.device, describe=describe)
+        loader = DefenderLoader(self.x[rows], self.y[rows], batch_size=int(cfg.batch_size), device=self.device,
+                                seed=int(seed), crop_padding=self.crop_padding, flip=self.flip, drop_last=True)
+        train_model(model, loader, self.regime(cfg, attack=None), cfg, self.device, describe=describe,
+                    optimization=optim)
         return model
 
     @torch.no_grad()
@@ -187,11 +218,12 @@ class Metered:
         self.fits = self.model_epochs = self.sample_epochs = self.eval_samples = 0
 
     def fit(self, index: np.ndarray, epochs: int, seed: int, init_state: Any = None,
-            describe: str = "") -> Any:
+            describe: str = "", schedule: str = "step", schedule_epochs: int | None = None) -> Any:
         self.fits += 1
         self.model_epochs += int(epochs)
         self.sample_epochs += int(epochs) * len(index)
-        return self.trainer.fit(index, epochs, seed, init_state=init_state, describe=describe)
+        return self.trainer.fit(index, epochs, seed, init_state=init_state, describe=describe,
+                                schedule=schedule, schedule_epochs=schedule_epochs)
 
     def log_probs(self, model: Any, index: np.ndarray) -> np.ndarray:
         self.eval_samples += len(index)
@@ -257,11 +289,13 @@ def ispl_cluster(trainer: Trainer, pool: np.ndarray, y: np.ndarray, p: float, cf
     floor = float(option(cfg, "class_floor")) * p
     smoothed = np.zeros(len(pool))  # L ← 0 (Alg. 1 l. 2)
     current, model = pool, None
+    warmup, per_iter = int(option(cfg, "warmup_epochs")), int(option(cfg, "iter_epochs"))
     for t in range(n_iter):
         sub = stratified_sample(current, y, alpha, rng)  # S′ ← SAMPLE(S_{t−1}, α)   (l. 4)
-        epochs = int(option(cfg, "warmup_epochs") if t == 0 else option(cfg, "iter_epochs"))
-        model = trainer.fit(sub, epochs, int(rng.integers(2**31)), init_state=model,  # θ_t (l. 5)
-                            describe=f"{tag} it {t + 1}/{n_iter}")
+        model = trainer.fit(sub, warmup if t == 0 else per_iter, int(rng.integers(2**31)),  # θ_t (l. 5)
+                            init_state=model, describe=f"{tag} it {t + 1}/{n_iter}",
+                            schedule=str(option(cfg, "iter_schedule")),
+                            schedule_epochs=warmup + (n_iter - 1) * per_iter)
         smoothed = eta * smoothed + (1 - eta) * sample_losses(trainer, model, pool, y)  # (l. 6)
         current = trim(pool, y, smoothed, betas[t], floor)  # S_t ← TRIM(L, β_t)   (l. 7)
     return current
