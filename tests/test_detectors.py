@@ -116,7 +116,7 @@ def test_ac_reserve_rule_flags_the_malicious_cluster_at_every_ratio(n_benign, n_
     cfg = {**AC_CFG, "n_components": 2, "criterion": "reserve"}
     out = detect_ac(x, reserve, cfg, assumed_ratio=0.0, rng=np.random.default_rng(seed))
     assert metrics.detection_scores(y, out.flagged)["f1"] == 1.0
-    assert metrics.auroc(y, out.scores) == 1.0 and out.tags == {"rule": "reserve"}
+    assert metrics.auroc(y, out.scores) == 1.0 and out.tags == {"rule": "reserve", "reduce": "fastica"}
     assert out.extra["flagged_cluster_fraction"] == pytest.approx(n_mal / len(y))
 
 
@@ -132,7 +132,7 @@ def test_ac_size_and_silhouette_rules_at_an_imbalanced_pool():
     x, y = _planted(180, 20, 64, shift=12.0, seed=1)
     out = detect_ac(x, None, cfg, assumed_ratio=0.1, rng=np.random.default_rng(0))
     assert out.flagged.sum() == 20 and metrics.detection_scores(y, out.flagged)["f1"] == 1.0
-    assert metrics.auroc(y, out.scores) == 1.0 and out.tags == {"rule": "size"}
+    assert metrics.auroc(y, out.scores) == 1.0 and out.tags == {"rule": "size", "reduce": "fastica"}
     # silhouette criterion: the two planted clusters score high, one Gaussian blob low
     sil = {**cfg, "criterion": "silhouette", "silhouette_threshold": 0.5}
     out_s = detect_ac(x, None, sil, assumed_ratio=0.1, rng=np.random.default_rng(0))
@@ -148,6 +148,17 @@ def test_ac_size_and_silhouette_rules_at_an_imbalanced_pool():
                          rng=np.random.default_rng(0)).flagged.any()
     with pytest.raises(ValueError, match="criterion"):
         detect_ac(x, None, {**cfg, "criterion": "vote"}, assumed_ratio=0.1, rng=np.random.default_rng(0))
+
+
+def test_ac_pca_reduction_as_ibm_art():
+    """reduce=pca (ART's default): unwhitened principal scores keep the planted direction dominant,
+    so even 10 dims among isotropic noise split the planted cluster off (whitened ICA would not)."""
+    x, y = _planted(180, 20, 64, shift=12.0, seed=1)
+    cfg = {**AC_CFG, "n_components": 10, "reduce": "pca", "min_samples_per_component": 10}
+    out = detect_ac(x, None, cfg, assumed_ratio=0.0, rng=np.random.default_rng(0))
+    assert metrics.detection_scores(y, out.flagged)["f1"] == 1.0 and out.tags["reduce"] == "pca"
+    with pytest.raises(ValueError, match="reduce"):
+        detect_ac(x, None, {**cfg, "reduce": "tsne"}, assumed_ratio=0.0, rng=np.random.default_rng(0))
 
 
 @pytest.mark.parametrize("n,d", [(3, 50), (12, 50), (60, 5), (40, 1)])
@@ -349,3 +360,21 @@ def test_a_configured_but_unselected_defense_is_skipped(caplog):
     with caplog.at_level("WARNING"):
         assert run_defenses(SimpleNamespace(cfg=cfg)) == []
     assert "defense.ac is configured but not selected" in caplog.text
+
+
+def test_default_digits_run_ac_and_ss_match_sr_at_balanced_pools(tmp_path):
+    """The default experiment (digits, ConvNet, patched): at r′ = 1.0, wherever SR reaches F1 ≥ 0.9,
+    AC's own rule and SS's best-threshold F1 do too (their old rules were a coin flip / capped at
+    0.8 there); SS's removal rule stays under its 1/1.5-precision ceiling."""
+    out = pipeline.run(compose_cfg(["analysis=[]", "progress=false", "device=cpu"]), tmp_path)
+    got = {(r["defense"], r["metric"], r["level"], r["N"]): r["value"] for r in out["metrics"]
+           if r.get("defense") in ("ac", "ss", "sr") and r.get("r") == 1.0}
+    checked = 0
+    for level in ("s1", "s2", "s3"):
+        for n in (100, 500):
+            if got[("sr", "f1", level, n)] >= 0.9:
+                checked += 1
+                assert got[("ac", "f1", level, n)] >= 0.9, (level, n)
+                assert got[("ss", "f1_max", level, n)] >= 0.9, (level, n)
+                assert got[("ss", "f1", level, n)] <= 0.8 + 1e-9
+    assert checked >= 3

@@ -15,7 +15,9 @@ from the reserve's mean feature is malicious. It works at every r′. The other 
   silhouette  the smaller cluster, flagged only when the 2-means silhouette score reaches
               `silhouette_threshold` (a clean pool forms no two clusters). A coin flip at r′ = 1.
 Exclusionary reclassification needs retraining without each cluster; a pool detector only has
-features, so it is not offered here.
+features, so it is not offered here. `reduce: pca` replaces FastICA by the unwhitened top principal
+scores, the default of IBM ART's ActivationDefence (v1.6.2: nb_dims 10, reduce "PCA", cluster_analysis
+"smaller"), which ISPL App. C runs as its AC baseline.
 
 Note: unit-variance ICA sources are an orthogonal rotation of the PCA-whitened data, and k-means
 is rotation invariant, so the partition equals 2-means on the whitened top-k principal scores;
@@ -38,10 +40,11 @@ from bdexp.defenses.screening import DetectorOutput, SkipPool, run_pool_detector
 
 _RANK_TOL = 1e-6  # eigenvalues below this fraction of the largest count as zero (float32 features)
 CRITERIA = ("reserve", "size", "silhouette")
+REDUCTIONS = ("fastica", "pca")
 # Defaults of conf/defense/ac.yaml, for callers that pass a partial config (one place: that YAML).
 DEFAULTS: dict[str, Any] = {"n_components": 10, "max_iter": 200, "n_init": 100, "criterion": "reserve",
                             "silhouette_threshold": 0.15, "max_size_fraction": None,
-                            "min_samples_per_component": 10}
+                            "min_samples_per_component": 10, "reduce": "fastica"}
 
 
 def _option(dcfg: Any, key: str) -> Any:
@@ -97,7 +100,7 @@ def detect_ac(features: np.ndarray, reserve: np.ndarray | None, dcfg: Any, *, as
     criterion = str(_option(dcfg, "criterion"))
     if criterion not in CRITERIA:
         raise ValueError(f"ac.criterion must be one of {list(CRITERIA)}, got {criterion!r}")
-    tags = {"rule": criterion}
+    tags = {"rule": criterion, "reduce": str(_option(dcfg, "reduce"))}
     # Reduce to what the pool supports. Whitening n−1 dims of n points maps them onto a regular
     # simplex (all pairwise distances equal) and k-means splits at random, so we also keep
     # ≥ `min_samples_per_component` rows per ICA dim (see ac.yaml for the measured reason).
@@ -107,10 +110,14 @@ def detect_ac(features: np.ndarray, reserve: np.ndarray | None, dcfg: Any, *, as
     if z.shape[1] == 0:  # all rows identical: nothing to separate
         return DetectorOutput(np.zeros(n), np.zeros(n, dtype=bool), tags=tags)
     seed = int(rng.integers(2**31 - 1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        z = FastICA(n_components=z.shape[1], whiten="unit-variance", max_iter=int(_option(dcfg, "max_iter")),
-                    random_state=seed).fit_transform(z)
+    reduce = str(_option(dcfg, "reduce"))
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"ac.reduce must be one of {list(REDUCTIONS)}, got {reduce!r}")
+    if reduce == "fastica":  # ML-MMDR §6.1 / Chen et al.; "pca" keeps the unwhitened scores (IBM ART's default)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            z = FastICA(n_components=z.shape[1], whiten="unit-variance", max_iter=int(_option(dcfg, "max_iter")),
+                        random_state=seed).fit_transform(z)
     km = KMeans(n_clusters=2, n_init=int(_option(dcfg, "n_init")), random_state=seed).fit(z)
     labels = km.labels_
     sizes = np.bincount(labels, minlength=2)
