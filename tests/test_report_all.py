@@ -220,3 +220,15 @@ def test_keys_an_attack_already_determines_add_no_rows(tmp_path):
     table = matrix_table(collect(tmp_path / "sweep"))
     assert list(table.index.names) == ["attack", "regime", "poison_rate"]
     assert table.loc[("patched", "standard", 0.1), "ac s3"] == pytest.approx(0.65)
+
+
+def test_ispl_pair_labels_name_the_mode():
+    """all-to-one has no source class ("all/T"), all-to-all sends y to y+1; no "<NA>" in a row label."""
+    from bdexp.report.ispl import _sanitizer_rows
+
+    df = pd.DataFrame([
+        {"metric": "a", "value": 0.0, "defense": "ispl", "source": 1.0, "target": 3.0, "attack_mode": "one_to_one", "poison_rate": 0.1},
+        {"metric": "a", "value": 0.0, "defense": "ispl", "source": None, "target": 3.0, "attack_mode": "all_to_one", "poison_rate": 0.1},
+        {"metric": "a", "value": 0.0, "defense": "ispl", "source": None, "target": 0.0, "attack_mode": "all_to_all", "poison_rate": 0.1},
+    ])
+    assert _sanitizer_rows(df)["pair"].tolist() == ["1/3", "all/3", "y/y+1"]

@@ -22,7 +22,13 @@ def _sanitizer_rows(df: pd.DataFrame) -> pd.DataFrame:
     if rows.empty:
         return rows
     rows = rows.copy()
-    rows["pair"] = rows["source"].astype("Int64").astype(str) + "/" + rows["target"].astype("Int64").astype(str)
+    # source/target; "all/T" for all-to-one (no source class), "y/y+1" for all-to-all
+    source = rows["source"].astype("Int64").astype(str).where(rows["source"].notna(), "all")
+    target = rows["target"].astype("Int64").astype(str).where(rows["target"].notna(), "y+1")
+    if "attack_mode" in rows:
+        all_to_all = rows["attack_mode"] == "all_to_all"
+        source, target = source.where(~all_to_all, "y"), target.where(~all_to_all, "y+1")
+    rows["pair"] = source + "/" + target
     rows["eps"] = rows["poison_rate"]
     return rows
 
