@@ -165,3 +165,28 @@ def test_cache_lock_is_reentrant_across_keys(tmp_path):
     cache = ModelCache(tmp_path)
     with cache.lock("a"), cache.lock("b"):
         assert (tmp_path / "locks" / "a.lock").exists()
+
+
+def test_a_checkpoint_that_does_not_load_changes_nothing(tmp_path):
+    """PyTorch copies the matching tensors before it raises: a checkpoint of another format must
+    leave the fresh model, the optimizer and the RNGs exactly as they were (no half-loaded weights)."""
+    import pytest
+    from omegaconf import OmegaConf
+
+    from bdexp.training.loop import Optimization, load_checkpoint
+
+    cfg = OmegaConf.create({"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "milestones": [0.5], "gamma": 0.1,
+                            "epochs": 2})
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    trained = torch.nn.Linear(4, 3)
+    torch.save({"model": trained.state_dict(), "epoch": 1}, tmp_path / "old.pt")  # no optimizer state
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    optim = Optimization(model, cfg)
+    loader = DeviceLoader(torch.zeros(8, 1, 2, 2, dtype=torch.uint8), torch.zeros(8, dtype=torch.long),
+                          batch_size=4, device=torch.device("cpu"), seed=0)
+    rng = torch.get_rng_state()
+    with pytest.raises(KeyError):
+        load_checkpoint(tmp_path / "old.pt", model, optim, loader)
+    assert all(torch.equal(model.state_dict()[k], fresh[k]) for k in fresh)
+    assert optim.epochs_done == 0 and torch.equal(torch.get_rng_state(), rng)

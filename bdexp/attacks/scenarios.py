@@ -19,7 +19,8 @@ from bdexp.attacks.base import Attack, _is_int
 from bdexp.errors import ConfigError
 from bdexp.seeding import derive_seed
 
-# (source, target) class ids in ISPL App. B's order: scenario k -> SCENARIOS[k].
+# The eight (source, target) class pairs of ISPL App. B (Tran et al.'s): scenario k -> SCENARIOS[k].
+# bdexp's own fixed order; App. B lists them as (0,2) (1,3) (2,5) (3,5) (3,7) (7,4) (8,6) (9,2).
 SCENARIOS: tuple[tuple[int, int], ...] = ((0, 2), (1, 3), (3, 5), (7, 4), (2, 5), (8, 6), (9, 2), (3, 7))
 # The pairs index CIFAR-10/GTSRB class ids, so they need at least this many classes.
 MIN_CLASSES = 1 + max(max(pair) for pair in SCENARIOS)

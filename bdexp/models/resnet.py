@@ -3,7 +3,9 @@
 CIFAR variant: a 3×3 stride-1 stem conv and no max-pool, then four layers of two blocks with base
 widths 64/128/256/512 (strides 1/2/2/2). Projection shortcuts (1×1 conv) where the shape changes.
 ML-MMDR App. A, Table 1 (RBB/PBB block outputs): s1 = layer2 output, s2 = layer3, s3 = layer4 before
-pooling (for PreActResNet after its final BN-ReLU), penult = pooled 512-d vector.
+pooling, penult = pooled 512-d vector. PreActResNet: our choice, not the paper's: ML-MMDR's P-18
+(App. A, Table 1) goes from the last PBB straight to GAP; ours keeps He et al. 2016b's final BN-ReLU
+and takes s3 after it, so s3 is what the classifier pools and a pruned s3 channel is zero.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ and ends with the same weights an uninterrupted run gets (on the same device).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -89,15 +90,26 @@ def save_checkpoint(path: Path, optim: Optimization, model: nn.Module, loader: D
 
 def load_checkpoint(path: Path, model: nn.Module, optim: Optimization, loader: DeviceLoader) -> dict:
     """Restore a save_checkpoint file into model, optim (epochs_done included) and loader;
-    returns the history."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optim.load_state_dict(state["optim"])
-    loader.generator.set_state(state["loader_rng"])  # a CPU ByteTensor for CPU and CUDA generators
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["history"]
+    returns the history. All or nothing: PyTorch copies the matching tensors before it raises on a
+    mismatch, so on any error the model, optimizer and RNG states are put back as they were and the
+    error re-raised (the caller then trains from its fresh, seeded initialization)."""
+    before = (copy.deepcopy(model.state_dict()), copy.deepcopy(optim.state_dict()),
+              loader.generator.get_state(), torch.get_rng_state())
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optim"])
+        loader.generator.set_state(state["loader_rng"])  # a CPU ByteTensor for CPU and CUDA generators
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return state["history"]
+    except Exception:
+        model.load_state_dict(before[0])
+        optim.load_state_dict(before[1])
+        loader.generator.set_state(before[2])
+        torch.set_rng_state(before[3])
+        raise
 
 
 def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: torch.device,
