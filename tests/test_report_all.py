@@ -129,7 +129,7 @@ def test_a_defense_is_not_credited_against_an_attack_never_learnt(tmp_path):
     frame = collect(tmp_path / "sweep")
     summary = summary_table(frame)
     assert summary.iloc[0, 0] == "1 / 1 (1 left out)"  # not "2 / 2"
-    assert any("1 left out" in n and "ND's TMR < 0.05" in n for n in summary.attrs["notes"])
+    assert any("1 left out" in n and "ND's TMR < 0.01" in n for n in summary.attrs["notes"])
     detail = detail_table(frame)
     marks = detail[("undefended attack", "")]
     assert marks.loc[("watermark", "0/2", 0.1)] == "not learnt (ND TMR 0.000)"

@@ -16,7 +16,7 @@ RUN_COLUMNS = ("dataset", "model", "attack", "attack_mode", "source", "target", 
                "train", "lambda", "kernel", "seed", "scale", "bdexp_version")
 # Config keys that never tell two cases apart: the seed (tables aggregate over it) and the keys
 # that only change how a run looks or where its files go.
-NOT_A_CASE = ("seed", "hydra", *HASH_EXCLUDED)
+NOT_A_CASE = ("seed", "hydra", "eval_batch_size", *HASH_EXCLUDED)
 
 
 def regime_label(train: str | None, lam: float | None) -> str | None:

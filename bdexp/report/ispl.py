@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bdexp.report.tables import (MARK_COLUMN, TABLES, leave_out, learnt_runs, note_left_out, pivot_mean, prepare,
-                                 select)
+from bdexp.report.tables import (MARK_COLUMN, SUCCESS_TMR, TABLES, leave_out, learnt_runs, note_left_out, pivot_mean,
+                                 prepare, select)
 
 # Table 2's column order; a method absent from the sweep is left out.
 METHODS = ["oracle", "nd", "ss_train", "ac_train", "itlm", "ispl"]
-SUCCESS_TMR = 0.01  # ISPL Table 1: a defense succeeds when the TMR is below 1 %
 SUMMARY_COLUMNS = ["dataset", "attack", "attack_mode"]  # Table 1's columns (dataset · attack · mode)
 
 

@@ -36,13 +36,13 @@ CASE_TAGS = [tag for c in RUN_COLUMNS if c not in ("seed", "bdexp_version")
 # A defense is credited only against a backdoor its undefended model learnt (issue 12 item 11):
 # for runs whose undefended measure is below its minimum here, the records of the defenses are
 # left out of what a table counts or averages, and the table says how many.
+SUCCESS_TMR = 0.01  # ISPL Table 1: a defense succeeds when the TMR is below 1 %
 LEARNT_MIN = {
-    # TMR (ISPL eq. 7) of the undefended model (ISPL's ND). ISPL Table 2's Oracle columns, trained
-    # without poison, reach at most 0.9 %, and ISPL App. D.2 names 5 % as its looser success
-    # threshold ("setting the threshold to 5% increases the number of successful scenarios to
-    # 142"): an undefended model below 5 % already "succeeds" there, so a defense has nothing left
-    # to remove. 22 of Table 2's 24 ND entries reach 5 % (1/3 and 8/6 at ε = 5 %: 1.4 %, 3.0 %).
-    "tmr": 0.05,
+    # TMR (ISPL eq. 7) of the undefended model (ISPL's ND): the success threshold of ISPL Table 1
+    # ("TMR below 1%"). An undefended model under it already counts as a success, so crediting a
+    # defense there says nothing. Every ND entry of ISPL Table 2 passes it (the lowest: 1.4 %, pair
+    # 1/3 at ε = 5 %), so no case the paper counts is left out.
+    "tmr": SUCCESS_TMR,
     # ASR of the run's own model (ML-MMDR, OVL and the matrix). ML-MMDR §5 reports an average ASR of
     # 0.993 (RBT) and 0.992 (ML-MMDR); below one half most triggered inputs keep their class, so the
     # backdoor was not learnt (CPU-scale Fashion-MNIST DLBD with crop + flip: ASR 0.035).
