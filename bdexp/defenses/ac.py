@@ -35,23 +35,13 @@ from sklearn.decomposition import FastICA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 
+from bdexp.conf import with_defaults
 from bdexp.defenses import DEFENSES
 from bdexp.defenses.screening import DetectorOutput, SkipPool, run_pool_detector
 
 _RANK_TOL = 1e-6  # eigenvalues below this fraction of the largest count as zero (float32 features)
 CRITERIA = ("reserve", "size", "silhouette")
 REDUCTIONS = ("fastica", "pca")
-# Defaults of conf/defense/ac.yaml, for callers that pass a partial config (one place: that YAML).
-DEFAULTS: dict[str, Any] = {"n_components": 10, "max_iter": 200, "n_init": 100, "criterion": "reserve",
-                            "silhouette_threshold": 0.15, "max_size_fraction": None,
-                            "min_samples_per_component": 10, "reduce": "fastica"}
-
-
-def _option(dcfg: Any, key: str) -> Any:
-    value = dcfg.get(key, None) if dcfg is not None else None
-    return DEFAULTS[key] if value is None else value
-
-
 def principal_scores(x: np.ndarray, k: int) -> np.ndarray:
     """The top-k principal-component scores of `x` (n, d), k cut to the numerical rank.
 
@@ -75,9 +65,7 @@ def principal_scores(x: np.ndarray, k: int) -> np.ndarray:
 
 def malicious_cluster(features: np.ndarray, labels: np.ndarray, reserve: np.ndarray | None,
                       criterion: str) -> int:
-    """Which of the two clusters (0 or 1) the rule calls malicious (see the module docstring)."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"ac.criterion must be one of {list(CRITERIA)}, got {criterion!r}")
+    """Which of the two clusters (0 or 1) the rule `criterion` (one of CRITERIA) calls malicious."""
     sizes = np.bincount(labels, minlength=2)
     if criterion != "reserve":
         return int(np.argmin(sizes))  # ties (balanced pools) go to cluster 0: the coin flip
@@ -97,28 +85,29 @@ def detect_ac(features: np.ndarray, reserve: np.ndarray | None, dcfg: Any, *, as
     ratio (AC needs no estimate of the poison rate, ML-MMDR §3.3); the reserve only with
     `criterion: reserve`."""
     n, d = features.shape
-    criterion = str(_option(dcfg, "criterion"))
+    opts = with_defaults(dcfg, "defense", "ac")  # conf/defense/ac.yaml under a partial config
+    criterion = str(opts["criterion"])
     if criterion not in CRITERIA:
         raise ValueError(f"ac.criterion must be one of {list(CRITERIA)}, got {criterion!r}")
-    tags = {"rule": criterion, "reduce": str(_option(dcfg, "reduce"))}
+    tags = {"rule": criterion, "reduce": str(opts["reduce"])}
     # Reduce to what the pool supports. Whitening n−1 dims of n points maps them onto a regular
     # simplex (all pairwise distances equal) and k-means splits at random, so we also keep
     # ≥ `min_samples_per_component` rows per ICA dim (see ac.yaml for the measured reason).
-    per = max(int(_option(dcfg, "min_samples_per_component")), 1)
-    k = min(int(_option(dcfg, "n_components")), d, n - 1, max(n // per, 1))
+    per = max(int(opts["min_samples_per_component"]), 1)
+    k = min(int(opts["n_components"]), d, n - 1, max(n // per, 1))
     z = principal_scores(features, k) if k >= 1 else np.zeros((n, 0))
     if z.shape[1] == 0:  # all rows identical: nothing to separate
         return DetectorOutput(np.zeros(n), np.zeros(n, dtype=bool), tags=tags)
     seed = int(rng.integers(2**31 - 1))
-    reduce = str(_option(dcfg, "reduce"))
+    reduce = str(opts["reduce"])
     if reduce not in REDUCTIONS:
         raise ValueError(f"ac.reduce must be one of {list(REDUCTIONS)}, got {reduce!r}")
     if reduce == "fastica":  # ML-MMDR §6.1 / Chen et al.; "pca" keeps the unwhitened scores (IBM ART's default)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            z = FastICA(n_components=z.shape[1], whiten="unit-variance", max_iter=int(_option(dcfg, "max_iter")),
+            z = FastICA(n_components=z.shape[1], whiten="unit-variance", max_iter=int(opts["max_iter"]),
                         random_state=seed).fit_transform(z)
-    km = KMeans(n_clusters=2, n_init=int(_option(dcfg, "n_init")), random_state=seed).fit(z)
+    km = KMeans(n_clusters=2, n_init=int(opts["n_init"]), random_state=seed).fit(z)
     labels = km.labels_
     sizes = np.bincount(labels, minlength=2)
     bad = malicious_cluster(features, labels, reserve, criterion)
@@ -129,8 +118,8 @@ def detect_ac(features: np.ndarray, reserve: np.ndarray | None, dcfg: Any, *, as
     if sizes.min() > 0 and n >= 3:
         extra["silhouette"] = float(silhouette_score(z, labels))
     if criterion == "silhouette":
-        flag = extra.get("silhouette", -1.0) >= float(_option(dcfg, "silhouette_threshold"))
-    max_frac = _option(dcfg, "max_size_fraction")
+        flag = extra.get("silhouette", -1.0) >= float(opts["silhouette_threshold"])
+    max_frac = opts["max_size_fraction"]
     if max_frac is not None and sizes[bad] / n > float(max_frac):
         flag = False
     flagged = (labels == bad) & flag

@@ -126,7 +126,7 @@ def run_sanitizer(exp, dcfg, keep_fn: KeepFn, retrain: bool = True) -> list[dict
 @DEFENSES.register("nd")
 def no_defense(exp, cfg) -> list[dict]:
     """ND: keep everything (the run's own model, reported in the sanitizer's terms)."""
-    return run_sanitizer(exp, cfg, lambda e, c: (torch.ones_like(e.train_set.poison), {}), retrain=False)
+    return run_sanitizer(exp, cfg, lambda e, c: (torch.ones(len(e.train_set.y), dtype=torch.bool), {}), retrain=False)
 
 
 @DEFENSES.register("oracle")

@@ -6,7 +6,7 @@ expected poison).
 Tran et al.'s outlier score is the squared projection ((x − μ)·v)². On a balanced pool (r′ = 1.0,
 N benign + N malicious) the two halves sit at ±a along v, so that score cannot tell them apart
 (AUROC 0.5 on a separable 100 + 100 pool), yet ML-MMDR §6.1 reports SS F1 0.985 at N = 500,
-r′ = 1.0. The defender of this protocol holds clean target-class images (the reserve), so the
+r′ = 1.0 (for its SL-MMDR models). The defender of this protocol holds clean target-class images (the reserve), so the
 default (`orient: reserve`) scores the signed projection (x − μ)·v, oriented so that the reserve's
 mean falls on the low side: the half away from the clean data scores high at every r′, and at
 r′ = 0.1 the far tail of the benign side is no longer flagged with the poison. `orient: none`
@@ -24,19 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from bdexp.conf import with_defaults
 from bdexp.defenses import DEFENSES
 from bdexp.defenses.screening import DetectorOutput, SkipPool, run_pool_detector
 
 ORIENTS = ("reserve", "none")
-# Defaults of conf/defense/ss.yaml, for callers that pass a partial config (one place: that YAML).
-DEFAULTS: dict[str, Any] = {"removal_factor": 1.5, "eps": None, "orient": "reserve"}
-
-
-def _option(dcfg: Any, key: str) -> Any:
-    value = dcfg.get(key, None) if dcfg is not None else None
-    return DEFAULTS[key] if value is None else value
-
-
 def top_direction(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(μ (d,), v (d,)): the mean and the top right singular vector of the centred (n, d) matrix.
 
@@ -86,7 +78,8 @@ def detect_ss(features: np.ndarray, reserve: np.ndarray | None, dcfg: Any, *, as
               rng: np.random.Generator) -> DetectorOutput:
     """ε̂ = `eps` when set, else the protocol's assumed_ratio r′/(1+r′). The reserve orients the
     score (`orient: reserve`) and is not used otherwise."""
-    orient = str(_option(dcfg, "orient"))
+    opts = with_defaults(dcfg, "defense", "ss")  # conf/defense/ss.yaml under a partial config
+    orient = str(opts["orient"])
     if orient not in ORIENTS:
         raise ValueError(f"ss.orient must be one of {list(ORIENTS)}, got {orient!r}")
     if orient == "reserve":
@@ -96,9 +89,9 @@ def detect_ss(features: np.ndarray, reserve: np.ndarray | None, dcfg: Any, *, as
         scores = oriented_scores(features, reserve)
     else:
         scores = spectral_scores(features)
-    eps = _option(dcfg, "eps")
+    eps = opts["eps"]
     eps = float(assumed_ratio if eps is None else eps)
-    factor = float(_option(dcfg, "removal_factor"))
+    factor = float(opts["removal_factor"])
     k = n_removed(len(scores), eps, factor)
     flagged = np.zeros(len(scores), dtype=bool)
     flagged[np.argsort(-scores, kind="stable")[:k]] = True
