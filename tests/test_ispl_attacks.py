@@ -194,10 +194,23 @@ def test_dataset_budget_is_the_generic_rule_and_one_to_one_is_unchanged():
     assert torch.equal(a.poison, b.poison) and per_class(y, a.poison)[7] == 18 == int(a.poison.sum())
 
 
+def test_class_budget_keeps_the_total_by_largest_remainders():
+    """ISPL App. B: "the total amount of poison is ε times the size of the source class". Quotas of
+    27.8 per class (CIFAR-10, 5 000 per class, ε = 5 %) give 250, not 9 × 28 = 252."""
+    from bdexp.attacks.base import apportion
+
+    counts = apportion([0.05 / 9 * 5000] * 9)
+    assert sum(counts) == 250 and sorted(set(counts)) == [27, 28] and counts.count(28) == 7
+    assert apportion([0.1 * 20] * 10) == [2] * 10 and apportion([]) == []
+    x, y = data(n=200)  # 20 per class, ε = 0.1: quotas 0.22 each, 0.1·20 = 2 in all
+    out = make("dlbd", scenario=3, mode="all_to_one", poison_rate=0.1).poison_train(x, y)
+    assert int(out.poison.sum()) == 2 and not out.poison[y == 4].any() and max(per_class(y, out.poison)) == 1
+
+
 def test_class_budget_errors():
-    x, y = data(n=200)  # 20 per class: 0.1/9·20 rounds to 0 in every class
+    x, y = data(n=200)  # 20 per class: ε = 0.02 gives 0.02·20 = 0.4 poisoned samples in all
     with pytest.raises(ConfigError, match="rounds to 0.*budget=class"):
-        make("dlbd", scenario=3, mode="all_to_one", poison_rate=0.1).poison_train(x, y)
+        make("dlbd", scenario=3, mode="all_to_one", poison_rate=0.02).poison_train(x, y)
     with pytest.raises(ConfigError, match="attack.budget"):
         make("dlbd", budget="source")
 

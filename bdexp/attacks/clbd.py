@@ -1,4 +1,4 @@
-"""`clbd`: the clean-label backdoor of Turner et al. (2018/2019) as used by ISPL (§4.1, App. B).
+"""`clbd`: the clean-label backdoor of Turner et al. (2018/2019) as used by ISPL (§4, App. B).
 
 Which class is perturbed. In a clean-label attack the poisoned images keep their true label, so
 they must belong to the class the backdoor sends inputs TO: the *target*. Turner et al.'s code
@@ -12,7 +12,7 @@ Table 6: "The T column lists the target class (i.e., all poisoned images have la
 to the percentage of the target class which is poisoned." ISPL's "source class" is therefore
 bdexp's *target*: the class whose training images are perturbed.
 
-What is measured. ISPL §4.1: "the attacker's objective is to make the learner misclassify an
+What is measured. ISPL §4 (opening): "the attacker's objective is to make the learner misclassify an
 image from any non-source class as the source class by applying the patches", i.e. every
 non-target test image stamped: `mode: all_to_one` is the default (its `source` stays null). The
 poisoned training set is the same in every mode; one_to_one only narrows the backdoor test set
@@ -56,7 +56,7 @@ class CleanLabelBackdoor(ScenarioAttack):
     name = "clbd"
     options = {
         **SCENARIO_OPTIONS,
-        "mode": "all_to_one",  # ISPL §4.1: "misclassify an image from any non-source class"
+        "mode": "all_to_one",  # ISPL §4 (opening): "misclassify an image from any non-source class"
         "label_mode": "clean",
         "size": 3,
         "pgd_norm": "linf",
