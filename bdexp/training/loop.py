@@ -183,7 +183,8 @@ def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: tor
     model.eval()
     history["wall_s"] = time.perf_counter() - start
     history["epochs"] = cfg.epochs
-    log.info("%s: %d epochs in %.1fs, final loss %.4f acc %.4f, %.0f img/s", describe, cfg.epochs,
+    log.info("%s: %d epoch%s in %.1fs, final loss %.4f acc %.4f, %.0f img/s", describe, cfg.epochs,
+             "" if cfg.epochs == 1 else "s",
              history["wall_s"], history["loss"][-1], history["acc"][-1],
              sum(history["images_per_s"]) / len(history["images_per_s"]))
     return history
