@@ -52,7 +52,7 @@ def load_dataset(cfg: Any, seed: int, cache_dir: str | None = None) -> ImageData
             _write_cache(full, path)
 
     ds = _limit(full, cfg, seed)
-    log.info(
+    log.debug(  # pipeline.run logs the same sizes with the poison counts at INFO
         "dataset %s: %d train / %d test, %s, %d classes",
         ds.name, len(ds.y_train), len(ds.y_test), "x".join(map(str, ds.image_shape)), ds.num_classes,
     )
