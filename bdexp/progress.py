@@ -1,6 +1,12 @@
-"""One look for every long loop: a rich progress bar with a free-text info column."""
+"""One look for every long loop (a rich progress bar with a free-text info column) and one format
+for every log line: bdexp's, Hydra's own and the <run dir>/<job name>.log file all read
+``2026-12-01 12:27:16 INFO     message`` (conf/hydra/job_logging/bdexp.yaml and
+conf/hydra/hydra_logging/bdexp.yaml build their handlers with `log_handler` / `log_formatter`)."""
 from __future__ import annotations
 
+import logging
+
+from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from bdexp.console import console
@@ -9,13 +15,48 @@ from bdexp.console import console
 # logs piped to files then carry the log lines only.
 ENABLED = True
 
+LOG_FORMAT = "%(asctime)s %(levelname)-8s %(message)s"
+LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
+
 
 def set_enabled(flag: bool) -> None:
     global ENABLED
     ENABLED = bool(flag)
 
 
+def log_formatter() -> logging.Formatter:
+    return logging.Formatter(LOG_FORMAT, LOG_DATEFMT)
+
+
+class PlainConsoleHandler(logging.Handler):
+    """One unwrapped line per record, in LOG_FORMAT, on the shared console's stream (pipes, CI, log
+    files): rich would wrap a long message over several lines at the console width."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = console.file
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # logging must never take the run down
+            self.handleError(record)
+
+
+def log_handler() -> logging.Handler:
+    """The console handler: rich's columns (time, level, message; same time format as the file) on
+    a terminal, where it keeps log lines above a live progress bar; plain lines elsewhere."""
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False, log_time_format=LOG_DATEFMT,
+                                               omit_repeated_times=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = PlainConsoleHandler()
+        handler.setFormatter(log_formatter())
+    return handler
+
+
 def make_progress() -> Progress:
+    # Off where the console is not a terminal: there a bar is printed once, at its end, and says
+    # again what the log line after each loop says (e.g. "train: 3 epochs in 1.2s ...").
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -25,5 +66,5 @@ def make_progress() -> Progress:
         TextColumn("{task.fields[info]}"),
         console=console,
         transient=False,
-        disable=not ENABLED,
+        disable=not ENABLED or not console.is_terminal,
     )

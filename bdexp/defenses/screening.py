@@ -149,9 +149,18 @@ def screening_pools(exp) -> ScreeningPools:
     return out
 
 
-def _skipped(level: str, pool: Pool, why: str, defense: str) -> dict:
-    log.warning("%s: skipping level %s pool N=%d r'=%g: %s", defense, level, pool.n_requested, pool.ratio, why)
+def _skipped(level: str, pool: Pool, why: str, skips: dict[str, list[str]]) -> dict:
+    """The `skipped` record of one level x pool; the reason is collected in `skips` (reason -> the
+    pools it hit) and logged once per reason by `_warn_skipped`."""
+    skips.setdefault(why, []).append(f"{level} N={pool.n_requested} r'={pool.ratio:g}")
     return record("skipped", 1.0, level=level, N=pool.n_requested, r=pool.ratio)
+
+
+def _warn_skipped(defense: str, skips: dict[str, list[str]], total: int) -> None:
+    """One warning per distinct reason with the number of pools it skipped (not one per pool)."""
+    for why, pools in skips.items():
+        which = f"all {total} pools" if len(pools) == total else f"{len(pools)} of {total} pools ({', '.join(pools)})"
+        log.warning("%s: skipped %s: %s", defense, which, why)
 
 
 def score_pool(labels: np.ndarray, out: DetectorOutput) -> dict[str, float]:
@@ -184,13 +193,14 @@ def run_pool_detector(exp, dcfg: Any, detect: Detector) -> list[dict]:
     start = time.perf_counter()
     sp = screening_pools(exp)
     rows: list[dict] = []
+    skips: dict[str, list[str]] = {}
     ran = 0
     for level in sp.levels:
         for pool in sp.pools:
             tags = dict(level=level, N=pool.n_requested, r=pool.ratio)
             if sp.skip_reason or pool.n_benign == 0 or pool.n_malicious == 0:
                 why = sp.skip_reason or f"{pool.n_benign} benign / {pool.n_malicious} malicious images"
-                rows.append(_skipped(level, pool, why, name))
+                rows.append(_skipped(level, pool, why, skips))
                 continue
             feats = sp.features[level][pool.rows]  # a fresh copy: detectors cannot touch the shared arrays
             ratio = pool.ratio / (1.0 + pool.ratio)  # the defender's assumed poison fraction (SPEC §5.2)
@@ -198,7 +208,7 @@ def run_pool_detector(exp, dcfg: Any, detect: Detector) -> list[dict]:
             try:
                 out = detect(feats, sp.reserve[level], dcfg, assumed_ratio=ratio, rng=rng)
             except SkipPool as e:
-                rows.append(_skipped(level, pool, str(e), name))
+                rows.append(_skipped(level, pool, str(e), skips))
                 continue
             ran += 1
             tags = {**tags, **out.tags}
@@ -208,6 +218,8 @@ def run_pool_detector(exp, dcfg: Any, detect: Detector) -> list[dict]:
             rows.append(record("n_malicious", pool.n_malicious, **tags))
             for metric, value in out.extra.items():
                 rows.append(record(metric, value, **tags))
-    log.info("%s: %d of %d pools scored on levels %s in %.2f s", name, ran, len(sp.levels) * len(sp.pools),
-             ",".join(sp.levels), time.perf_counter() - start)
+    _warn_skipped(name, skips, len(sp.levels) * len(sp.pools))
+    if ran:  # with none scored the warning above says it all
+        log.info("%s: %d of %d pools scored on levels %s in %.2f s", name, ran, len(sp.levels) * len(sp.pools),
+                 ",".join(sp.levels), time.perf_counter() - start)
     return rows
