@@ -8,6 +8,7 @@ seeds the markdown cells read "mean ± std" (std over seeds, also written as NAM
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from bdexp.console import console
 from bdexp.errors import BdexpError
 from bdexp.report.collect import collect, find_results, run_statuses
 from bdexp.report.render import write_report_index, write_table
-from bdexp.report.summary import print_frame
+from bdexp.report.summary import print_frame, print_width
 from bdexp.report.tables import PLOTS, TABLES
 from bdexp.registry import import_submodules
 import bdexp.report as _report_pkg
@@ -59,25 +60,79 @@ def provenance(directory: Path, frame: pd.DataFrame, statuses: dict[str, list[st
     return text
 
 
-def render_one(table: str, frame: pd.DataFrame, out: Path, footer: str, quiet: bool = False) -> dict[str, Path]:
+def writable(out: Path) -> bool:
+    """Whether `out` (a directory, made if missing) can take files: it or its nearest existing
+    parent is a writable directory. os.access answers for root too, where a read-only mount is
+    the only refusal; write errors are caught as well (see report)."""
+    probe = Path(out)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+
+
+def short_run_dirs(df: pd.DataFrame, base: Path) -> tuple[pd.DataFrame, str]:
+    """`df` with its run_dir index level relative to `base` for printing ("0", "1" instead of the
+    sweep path in every row), and the title suffix that says so."""
+    if "run_dir" not in (df.index.names or []):
+        return df, ""
+    base = Path(base).resolve()
+
+    def rel(d: str) -> str:
+        try:
+            return str(Path(d).resolve().relative_to(base)) or "."
+        except ValueError:
+            return d
+
+    level = df.index.names.index("run_dir")
+    values = [rel(str(v)) for v in df.index.get_level_values(level)]
+    shown = df.copy()
+    if isinstance(df.index, pd.MultiIndex):
+        shown.index = pd.MultiIndex.from_arrays(
+            [values if i == level else df.index.get_level_values(i) for i in range(df.index.nlevels)],
+            names=df.index.names)
+    else:
+        shown.index = pd.Index(values, name="run_dir")
+    return shown, f" (run_dir under {base})"
+
+
+def render_one(table: str, frame: pd.DataFrame, out: Path | None, footer: str, quiet: bool = False,
+               base: Path | None = None, provenance_shown: bool = True) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """The table `table` of `frame`, written to `out` (nothing written when `out` is None) and
+    printed unless `quiet` (with its notes, and the provenance `footer` if `provenance_shown`);
+    returns the table and the files written."""
     df = TABLES.get(table)(frame)
     if df.empty:
-        return {}
-    footer = "\n\n".join([*df.attrs.get("notes", []), footer])  # the table's own notes first
-    std = seed_spread(table, frame, df)
-    written = write_table(df, out, table, footer, std=std)
-    if table in PLOTS:
-        for i, png in enumerate(PLOTS.get(table)(frame, out)):
-            written[f"png{i or ''}"] = png
+        return df, {}
+    notes = df.attrs.get("notes", [])
+    footer = "\n\n".join([*notes, footer])  # the table's own notes first
+    written: dict[str, Path] = {}
+    if out is not None:
+        std = seed_spread(table, frame, df)
+        written = write_table(df, out, table, footer, std=std)
+        if table in PLOTS:
+            for i, png in enumerate(PLOTS.get(table)(frame, out)):
+                written[f"png{i or ''}"] = png
     if not quiet:
-        print_frame(df, f"{table}")
-        console.print(footer)
+        shown, suffix = short_run_dirs(df, base) if base is not None else (df, "")
+        print_frame(shown, f"{table}{suffix}")
+        text = footer if provenance_shown else "\n\n".join(notes)
+        if text:
+            console.print(text, width=print_width())
         for kind, path in written.items():
-            console.print(f"  {kind}: {path}")
-    return written
+            console.print(f"  {kind}: {path}", width=print_width(), soft_wrap=True)
+    return df, written
+
+
+def _not_written(out: Path, err: str = "not writable") -> None:
+    print(f"bdexp-report: {out} is {err}; tables printed only, no files written "
+          "(pass --out DIR to write them elsewhere)", file=sys.stderr)
 
 
 def report(directory: Path, out: Path | None, table: str) -> dict:
+    """Tables from every results.json under `directory` (a run or sweep directory, or one
+    results.json), printed and written to `out` (default: the directory, or the file's folder).
+    Where `out` cannot be written the tables are printed and a line on stderr says where they would
+    have gone; the return value then holds no paths."""
     if not Path(directory).exists():
         raise BdexpError(f"{directory} does not exist; pass a run or sweep directory (e.g. outputs/multirun/<date>/<time>)")
     paths = find_results(directory)
@@ -89,34 +144,55 @@ def report(directory: Path, out: Path | None, table: str) -> dict:
         raise BdexpError(f"no metric records under {directory}: {len(statuses.get('failed', []))} failed run(s); "
                          "see the error in their results.json")
     footer = provenance(Path(directory), frame, statuses)
-    out = Path(out or directory)
+    base = Path(directory) if Path(directory).is_dir() else Path(directory).parent
+    out = Path(out) if out is not None else base
+    target: Path | None = out if writable(out) else None
+    if target is None:
+        _not_written(out)
     if table != "all":
-        written = render_one(table, frame, out, footer)
-        if not written:
+        try:
+            df, written = render_one(table, frame, target, footer, base=base)
+        except OSError as err:  # a read-only mount or a full disk that os.access did not see
+            _not_written(out, f"not writable ({err.strerror or err})")
+            df, written = render_one(table, frame, None, footer, base=base)
+        if df.empty:
             raise BdexpError(f"no records for table {table!r} under {directory}: {TABLES.get(table).__doc__.strip()}")
         return written
     every: dict[str, dict[str, Path]] = {}
+    shown: list[str] = []
     for name in TABLES.names():
         try:
-            written = render_one(name, frame, out, footer, quiet=True)
+            try:
+                df, written = render_one(name, frame, target, footer, quiet=target is not None, base=base,
+                                         provenance_shown=False)
+            except OSError as err:
+                _not_written(out, f"not writable ({err.strerror or err})")
+                target = None
+                df, written = render_one(name, frame, None, footer, base=base, provenance_shown=False)
         except Exception as err:  # one broken layout must not cost the others; say which and why
-            console.print(f"[yellow]table {name} failed: {type(err).__name__}: {err}[/]")
+            console.print(f"[yellow]table {name} failed: {type(err).__name__}: {err}[/]", width=print_width())
             continue
+        if not df.empty:
+            shown.append(name)
         if written:
             every[name] = written
+    console.print(f"{len(shown)} table(s) with records: {', '.join(shown)}", width=print_width())
+    console.print(footer, width=print_width())
+    if target is None or not every:
+        return {}
     index = write_report_index(out, every, {n: (TABLES.get(n).__doc__ or "").strip().splitlines()[0] for n in every},
                                footer)
-    console.print(f"{len(every)} table(s) with records: {', '.join(every)}")
-    console.print(footer)
-    console.print(f"  report: {index}")
+    console.print(f"  report: {index}", width=print_width(), soft_wrap=True)
     return {"report": index, **{f"{n}:{k}": p for n, w in every.items() for k, p in w.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bdexp-report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("directory", type=Path, help="a run or sweep directory holding results.json files")
-    parser.add_argument("--out", type=Path, default=None, help="where tables go (default: DIRECTORY)")
+    parser.add_argument("directory", type=Path,
+                        help="a run or sweep directory holding results.json files, or one results.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where tables go (default: DIRECTORY, or the folder of a results.json)")
     parser.add_argument("--table", default="runs", help=f"table layout: all, {', '.join(TABLES.names())}")
     args = parser.parse_args(argv)
     try:

@@ -1,21 +1,103 @@
-"""The compact tables printed at the end of a run (results.json holds every record)."""
+"""The compact tables printed at the end of a run (results.json holds every record) and by
+bdexp-report. Every printed table fits the console width (or $COLUMNS where it is set, e.g.
+`COLUMNS=80`) with no cell cut: a table too wide moves the key columns that are the same in every
+row to a line above it, then is transposed if that fits, else split into column groups that repeat
+the key columns; a cell that still does not fit wraps (never "…")."""
 from __future__ import annotations
 
+import os
+
 import pandas as pd
+from rich.measure import Measurement
 from rich.table import Table
 
 from bdexp.console import console
 
 
-def print_frame(df: pd.DataFrame, title: str) -> None:
-    """A DataFrame (index included) as a rich table."""
-    flat = df.reset_index()
+def print_width() -> int:
+    """Columns available to a printed table: $COLUMNS where set (rich ignores it once the shared
+    console has a fixed width for piped output), else the console's width."""
+    env = os.environ.get("COLUMNS", "")
+    return min(int(env), console.width) if env.isdigit() and int(env) > 0 else console.width
+
+
+def _label(col) -> str:
+    return " ".join(str(p) for p in col if str(p)).strip() if isinstance(col, tuple) else str(col)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return "" if pd.isna(v) else f"{v:.3f}"
+    return "" if v is None or (not isinstance(v, (list, tuple, dict)) and pd.isna(v)) else str(v)
+
+
+def _table(title: str | None, headers: list[str], rows: list[list[str]]) -> Table:
     table = Table(title=title, title_justify="left")
-    for col in flat.columns:
-        table.add_column(" ".join(map(str, col)).strip() if isinstance(col, tuple) else str(col))
-    for _, row in flat.iterrows():
-        table.add_row(*(("" if pd.isna(v) else f"{v:.3f}") if isinstance(v, float) else str(v) for v in row.tolist()))
-    console.print(table)
+    for h in headers:
+        table.add_column(h, overflow="fold")  # wrap a long cell, never cut it to "…"
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _fits(table: Table, width: int) -> bool:
+    # measured unconstrained: Measurement.get clamps to the width it is given
+    return Measurement.get(console, console.options.update(width=10_000), table).maximum <= width
+
+
+def fit_tables(headers: list[str], rows: list[list[str]], n_keys: int, title: str,
+               width: int) -> tuple[list[str], list[Table]]:
+    """Lines to print above, and the tables that show `rows` (the first `n_keys` columns are keys)
+    within `width` columns; see the module docstring for the order of what is tried."""
+    table = _table(title, headers, rows)
+    if _fits(table, width):
+        return [], [table]
+    lines: list[str] = []
+    if len(rows) > 1:  # keys the same in every row go to one line above the table
+        same = [i for i in range(n_keys) if len({r[i] for r in rows}) == 1]
+        if same and len(same) < n_keys:
+            lines.append("same in every row: " + ", ".join(f"{headers[i]} {rows[0][i]}" for i in same))
+            keep = [i for i in range(len(headers)) if i not in same]
+            headers, rows = [headers[i] for i in keep], [[r[i] for i in keep] for r in rows]
+            n_keys -= len(same)
+            table = _table(title, headers, rows)
+            if _fits(table, width):
+                return lines, [table]
+    # transposed: one column per row (headed by its keys), one row per value column
+    t_headers = [" / ".join(headers[:n_keys]) or ""] + [" ".join(r[:n_keys]) or str(i) for i, r in enumerate(rows)]
+    t_rows = [[headers[j]] + [r[j] for r in rows] for j in range(n_keys, len(headers))]
+    transposed = _table(f"{title} (transposed)", t_headers, t_rows)
+    if _fits(transposed, width):
+        return lines, [transposed]
+    # column groups that each fit, the key columns repeated in each
+    groups: list[list[int]] = []
+    for j in range(n_keys, len(headers)):
+        trial = (groups[-1] + [j]) if groups else [j]
+        cols = list(range(n_keys)) + trial
+        if groups and _fits(_table(title, [headers[c] for c in cols], [[r[c] for c in cols] for r in rows]), width):
+            groups[-1] = trial
+        else:
+            groups.append([j])
+    tables = []
+    for g, group in enumerate(groups):
+        cols = list(range(n_keys)) + group
+        part = f"{title} (columns {g + 1}/{len(groups)})" if len(groups) > 1 else title
+        tables.append(_table(part, [headers[c] for c in cols], [[r[c] for c in cols] for r in rows]))
+    return lines, tables
+
+
+def print_frame(df: pd.DataFrame, title: str, width: int | None = None) -> None:
+    """A DataFrame (index included, as the key columns) as rich table(s) within `width` columns
+    (default print_width())."""
+    width = width or print_width()
+    flat = df.reset_index()
+    headers = [_label(c) for c in flat.columns]
+    rows = [[_cell(v) for v in row] for row in flat.itertuples(index=False, name=None)]
+    lines, tables = fit_tables(headers, rows, df.index.nlevels, title, width)
+    for line in lines:
+        console.print(line, width=width, markup=False, highlight=False)
+    for table in tables:
+        console.print(table, width=width)
 
 
 def _pivot(df: pd.DataFrame, index: list[str], columns: list[str]) -> pd.DataFrame:
@@ -27,7 +109,7 @@ def print_summary(run: dict, metrics: list[dict]) -> None:
     console.print(
         f"[bold]{run['dataset']} · {run['model']} · {run['attack']} ({run.get('attack_mode') or '-'}) · "
         f"{run['train']}{lam} · seed {run['seed']} · "
-        f"{run['device']} · {run['wall_s']:.1f}s · model {run['model_cache']}"
+        f"{run['device']} · {run['wall_s']:.1f}s · model {run['model_cache']}", width=print_width()
     )
     df = pd.DataFrame(metrics)
     for tag in ("defense", "analysis", "level", "N", "r", "pair", "prune_ratio"):
@@ -51,5 +133,13 @@ def print_summary(run: dict, metrics: list[dict]) -> None:
     if not curve.empty:
         print_frame(_pivot(curve, ["metric"], ["prune_ratio"]), "pruning curve (fraction of s3 channels)")
     skipped = df[df["metric"].isin(["skipped", "aro_skipped"])]
-    if not skipped.empty:
-        console.print(f"[yellow]{len(skipped)} item(s) skipped; see the log and results.json")
+    if not skipped.empty:  # one count per defense/analysis; the warnings above say why
+        parts = ["ARO" if metric == "aro_skipped" else f"{name} {plural(len(rows), 'pool')}"
+                 for (name, metric), rows in skipped.assign(name=skipped["defense"].fillna(skipped["analysis"])
+                                                            .fillna("-")).groupby(["name", "metric"], sort=False)]
+        console.print(f"[yellow]skipped: {', '.join(parts)} (see the log above; results.json records each)",
+                      width=print_width())
+
+def plural(n: int, noun: str) -> str:
+    """ "1 pool", "12 pools"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
