@@ -32,7 +32,6 @@ def _main(cfg: DictConfig) -> None:
     digest = jobs.config_hash(cfg)
     if jobs.completed(run_dir, digest):
         log.info("skipped: %s already holds complete results for this config (hash %s)", run_dir, digest)
-        console.print(f"[green]skipped[/] {run_dir}: complete results for the same config are there")
         return
     n_jobs = hc.launcher.get("n_jobs") if in_sweep else None
     if n_jobs is not None and int(n_jobs) < 0:  # joblib: -1 = all cores
