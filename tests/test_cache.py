@@ -2,7 +2,7 @@
 import torch
 from omegaconf import OmegaConf
 
-from bdexp.cache import ModelCache, model_key
+from bdexp.cache import ModelCache, data_fingerprint, model_key
 
 
 def _cfg(**over):
@@ -23,6 +23,90 @@ def test_key_depends_on_what_the_model_depends_on():
     assert model_key(_cfg(), extra={"keep": "abc"}) != base
 
 
+def test_key_holds_the_training_data_not_its_selection():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
+    y = torch.tensor([0, 1])
+    fp = data_fingerprint(x, y)
+    assert fp == data_fingerprint(x.clone(), y.clone()) and len(fp) == 64
+    x2 = x.clone()
+    x2[1, 2, 3, 3] += 1  # one pixel
+    assert data_fingerprint(x2, y) != fp
+    assert data_fingerprint(x, torch.tensor([1, 0])) != fp
+    assert data_fingerprint(x.view(2, 3, 2, 8), y) != fp  # same bytes, other shape
+    assert data_fingerprint(x, y, None) != fp  # an absent tensor counts
+    base = model_key(_cfg(), data=fp)
+    assert model_key(_cfg(), data=data_fingerprint(x2, y)) != base  # other images at the same root
+    assert model_key(_cfg(**{"dataset.root": "/elsewhere"}), data=fp) == base
+    # Data selection keys are what the fingerprint already covers: train_limit >= the data's size
+    # gives the unlimited run's key (the limited run's data differs, and so does its fingerprint).
+    assert model_key(_cfg(**{"dataset.train_limit": 10**6, "dataset.test_limit": 5}), data=fp) == base
+    assert model_key(_cfg(**{"dataset.augment": {"flip": True}}), data=fp) != base  # augmentation is not data
+    assert model_key(_cfg(**{"dataset.train_limit": 7})) != model_key(_cfg())  # without a fingerprint: kept
+
+
+def test_unusable_files_are_set_aside(tmp_path, caplog):
+    cache = ModelCache(tmp_path)
+    good = {"state_dict": {"w": torch.ones(2)}, "meta": {}}
+    cases = {
+        "truncated": None,  # filled below
+        "random": bytes(range(256)) * 8,
+        "not_a_record": {"model": {"w": torch.ones(2)}, "optim": {}},  # a resume checkpoint, say
+        "bad_state": {"state_dict": {"w": [1.0, 2.0]}, "meta": {}},
+    }
+    torch.save(good, tmp_path / "full.pt")
+    cases["truncated"] = (tmp_path / "full.pt").read_bytes()[:50]
+    for key, content in cases.items():
+        cache.root.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            cache.path(key).write_bytes(content)
+        else:
+            torch.save(content, cache.path(key))
+        original = cache.path(key).read_bytes()
+        assert cache.get(key) is None, key
+        assert not cache.path(key).exists() and (cache.root / f"{key}.pt.bad").read_bytes() == original
+    assert caplog.text.count("moved it to") == len(cases)
+    cache.put("ok", good["state_dict"], {})
+    assert torch.equal(cache.get("ok")["state_dict"]["w"], torch.ones(2))
+
+
+def test_a_pickle_that_runs_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    cache = ModelCache(tmp_path)
+    cache.root.mkdir(parents=True)
+    torch.save({"state_dict": {}, "meta": _Evil(str(marker))}, cache.path("k"))
+    assert cache.get("k") is None and not marker.exists()
+    assert (cache.root / "k.pt.bad").exists()
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # unpickling would call open(path, "w"), creating the marker file
+        return (open, (self.path, "w"))
+
+
+def test_load_strictly_is_all_or_nothing():
+    from bdexp.training.fit import load_strictly
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    other = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 5)).state_dict()  # another head
+    half = {k: v + 1 for k, v in init.items()}
+    half["1.bias"] = torch.zeros(3)
+    nan = {k: v.clone() for k, v in init.items()}
+    nan["0.weight"][0, 0] = float("nan")
+    for bad, why in ((other, "1.weight"), (half, "1.bias"), ({"0.weight": init["0.weight"]}, "missing"),
+                     ({**init, "extra": torch.zeros(1)}, "unexpected"), (nan, "non-finite"),
+                     ({**init, "0.bias": init["0.bias"].double()}, "float64")):
+        problem = load_strictly(model, bad)
+        assert problem is not None and why in problem
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in init.items())  # nothing copied
+    assert load_strictly(model, half | {"1.bias": init["1.bias"] + 1}) is None
+    assert torch.equal(model.state_dict()["0.weight"], init["0.weight"] + 1)
+
+
 def test_round_trip_and_corrupt_file(tmp_path):
     cache = ModelCache(tmp_path)
     assert cache.get("k") is None
@@ -33,6 +117,7 @@ def test_round_trip_and_corrupt_file(tmp_path):
     assert not list(cache.root.glob(".*tmp"))  # no temp files left behind
     cache.path("k").write_bytes(b"garbage")
     assert cache.get("k") is None  # a corrupt file is a miss, not a crash
+    assert (cache.root / "k.pt.bad").read_bytes() == b"garbage"  # kept for inspection, never loaded
 
 
 def test_disabled_cache_stores_nothing(tmp_path):

@@ -1,16 +1,21 @@
-"""Train a model for a run, or load it from the cache (DESIGN data flow steps 5-6).
+"""Train a model for a run, or load it from the cache (README, "What a run does", steps 3-4).
 
-Used by the pipeline for the run's model and by sanitizers that retrain on a kept subset.
+Used by the pipeline for the run's model and by sanitizers that retrain on a kept subset. The
+cache key holds a fingerprint of the exact tensors trained on (bdexp/cache.py). A stored model
+is used only if it loads strictly: same parameter names, shapes and dtypes, finite values.
+Otherwise it is set aside and the model trains from its fresh, seeded initialization, never
+from a half-loaded one (PyTorch copies the matching tensors before it raises on a mismatch).
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
 from omegaconf import DictConfig
 
 from bdexp.attacks.base import Attack, PoisonedTrainSet
-from bdexp.cache import ModelCache, model_key
+from bdexp.cache import ModelCache, data_fingerprint, model_key
 from bdexp.data.base import ImageDataset
 from bdexp.data.loader import DeviceLoader, to_float
 from bdexp.models import build_model
@@ -45,16 +50,16 @@ def fit(cfg: DictConfig, data: ImageDataset, attack: Attack, train: PoisonedTrai
     # The architecture's parameter names and shapes enter the key, so editing a model's code
     # never loads stale weights into it.
     arch = [(name, list(t.shape)) for name, t in model.state_dict().items()]
-    key = model_key(cfg, train_cfg=regime_cls.cache_identity(train_cfg), extra={**(key_extra or {}), "arch": arch})
+    fingerprint = data_fingerprint(train.x, train.y, train.poison, train.cross, keep)
+    key = model_key(cfg, train_cfg=regime_cls.cache_identity(train_cfg), extra={**(key_extra or {}), "arch": arch},
+                    data=fingerprint)
     # One job trains a key at a time; a concurrent job waits here, then loads the stored model.
     with cache.lock(key):
         hit = cache.get(key)
         if hit is not None:
-            try:
-                model.load_state_dict(hit["state_dict"])
-            except RuntimeError as err:
-                log.warning("%s: cached model %s does not fit the model (%s); retraining", describe,
-                            cache.path(key), str(err).splitlines()[0])
+            problem = load_strictly(model, hit["state_dict"])
+            if problem is not None:
+                cache.set_aside(key, f"{describe}: does not fit the model: {problem}")
                 hit = None
         if hit is not None:
             model.eval()
@@ -79,3 +84,28 @@ def fit(cfg: DictConfig, data: ImageDataset, attack: Attack, train: PoisonedTrai
         if checkpoint is not None:
             checkpoint.unlink(missing_ok=True)
         return model, {"cache": "miss" if cache.enabled else "disabled", "key": key, **meta}
+
+
+def load_strictly(model: torch.nn.Module, state_dict: dict) -> str | None:
+    """Load `state_dict` into `model` only if it fits exactly; returns None when loaded, else why
+    not, with `model` left exactly as it was (its seeded initialization)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        return f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected " \
+               f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+    for name, mine in own.items():
+        theirs = state_dict[name]
+        if not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+            got = f"{theirs.dtype} {tuple(theirs.shape)}" if isinstance(theirs, torch.Tensor) else type(theirs).__name__
+            return f"{name} is {got}, the model has {mine.dtype} {tuple(mine.shape)}"
+        if theirs.is_floating_point() and not bool(torch.isfinite(theirs).all()):
+            return f"{name} holds non-finite values"
+    before = copy.deepcopy(own)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except Exception as err:  # noqa: BLE001 - put the initialization back, whatever went wrong
+        model.load_state_dict(before)
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    return None
