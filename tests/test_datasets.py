@@ -168,14 +168,23 @@ def test_cifar10_without_files_or_download_says_where_and_how(tmp_path):
     assert err.value.__cause__ is None and err.value.__suppress_context__  # `from None`
 
 
-def test_disk_cache_round_trips(tmp_path):
+def _no_decoding(monkeypatch):
+    import bdexp.data.imagefolder as imagefolder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("decoded again although the cache holds these files")
+
+    monkeypatch.setattr(imagefolder, "decode_all", refuse)
+
+
+def test_disk_cache_round_trips(tmp_path, monkeypatch):
     write_image_tree(tmp_path / "tree")
     cfg = conf("imagefolder", root=str(tmp_path / "tree"), image_size=16)
     cache = tmp_path / "cache"
     first = load_dataset(cfg, seed=0, cache_dir=str(cache))
     path = Path(cache_path(cfg, str(cache)))
     assert path.parent == cache / "datasets" and path.is_file() and len(path.stem) == 64
-    shutil.rmtree(tmp_path / "tree")  # from now on only the cache can answer
+    _no_decoding(monkeypatch)  # from now on only the cache can answer
     second = load_dataset(cfg, seed=0, cache_dir=str(cache))
     for field in ("x_train", "y_train", "x_test", "y_test"):
         assert torch.equal(getattr(first, field), getattr(second, field))
@@ -219,3 +228,58 @@ def test_celeba_attribute_code():
 def test_unknown_dataset_names_the_choices():
     with pytest.raises(ConfigError, match="digits"):
         load_dataset(OmegaConf.create({"name": "nope", "image_size": 8}), seed=0)
+
+
+def test_disk_cache_follows_edits_to_the_files(tmp_path):
+    """Keyed by the file listing (path, size, mtime): an added class folder or a replaced image
+    is decoded again, an untouched tree is read from the cache."""
+    root = tmp_path / "tree"
+    write_image_tree(root)
+    cfg, cache = conf("imagefolder", root=str(root), image_size=16), str(tmp_path / "cache")
+    first = load_dataset(cfg, seed=0, cache_dir=cache)
+    assert first.num_classes == 3 and Path(cache_path(cfg, cache)).is_file()
+    write_image_tree(root, classes=("gnu",), n_train=4, n_test=2)
+    second = load_dataset(cfg, seed=0, cache_dir=cache)
+    assert second.classes == ["cat", "dog", "fox", "gnu"] and len(second.y_train) == 16
+    assert torch.equal(second.x_train[:12], first.x_train[:12])
+    arr = np.zeros((20, 30, 3), np.uint8)  # cat/0.jpg becomes black
+    Image.fromarray(arr).save(root / "train" / "cat" / "0.jpg")
+    os.utime(root / "train" / "cat" / "0.jpg", ns=(1, 1))  # another mtime even on a coarse clock
+    third = load_dataset(cfg, seed=0, cache_dir=cache)
+    assert int(third.x_train[0].max()) < 10 and int(second.x_train[0].max()) > 200
+    assert len(list((tmp_path / "cache" / "datasets").glob("*.pt"))) == 3
+
+
+def test_unreadable_image_names_the_file_or_is_skipped(tmp_path, caplog):
+    root = tmp_path / "tree"
+    write_image_tree(root)
+    (root / "train" / "dog" / "9.jpg").write_bytes(b"not an image at all")
+    (root / "test" / "fox" / "7.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(DatasetUnavailable) as err:
+        load_dataset(conf("imagefolder", root=str(root), image_size=16), seed=0)
+    msg = str(err.value)
+    assert str(root / "train" / "dog" / "9.jpg") in msg and "dataset.skip_bad_files=true" in msg
+    assert "\n" not in msg
+    cfg = conf("imagefolder", root=str(root), image_size=16, skip_bad_files=True)
+    for _ in range(2):  # decoded, then read from the cache: the same count both times
+        caplog.clear()
+        ds = load_dataset(cfg, seed=0, cache_dir=str(tmp_path / "cache"))
+        assert ds.skipped == [os.path.join("train", "dog", "9.jpg"), os.path.join("test", "fox", "7.png")]
+        assert len(ds.y_train) == 12 and len(ds.y_test) == 6
+        assert ds.y_train.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+        assert "skipped 2 unreadable files" in caplog.text
+
+
+def test_a_single_class_is_refused_with_the_reason(tmp_path):
+    write_image_tree(tmp_path, classes=("cat",))
+    with pytest.raises(ConfigError, match=">= 2 classes") as err:
+        load_dataset(conf("imagefolder", root=str(tmp_path), image_size=16), seed=0)
+    assert "'cat'" in str(err.value) and "poison_rate" not in str(err.value)
+
+
+def test_train_limit_above_the_size_warns_and_changes_nothing(caplog):
+    full = load_dataset(conf("digits"), seed=0)
+    big = load_dataset(conf("digits", train_limit=5000, test_limit=360), seed=0)
+    assert torch.equal(full.x_train, big.x_train) and torch.equal(full.y_test, big.y_test)
+    assert "train_limit=5000 is larger than the 1437 train images" in caplog.text
+    assert "test_limit" not in caplog.text  # equal to the size: nothing to say

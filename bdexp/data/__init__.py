@@ -1,4 +1,4 @@
-"""Datasets (DESIGN data flow step 1): sources registered by name, and `load_dataset`, which
+"""Datasets (README, "What a run does", step 1): sources registered by name, and `load_dataset`, which
 sizes, caches and subsets them into the uint8 NCHW `ImageDataset` every later stage uses.
 
     ds = load_dataset(cfg.dataset, seed=cfg.seed, cache_dir=cfg.cache.dir)
@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bdexp.data.base import DATASETS, ImageDataset, resize_uint8, stratified_subset
-from bdexp.data.common import data_root
+from bdexp.data.common import data_root, files_fingerprint
 from bdexp.errors import ConfigError
 from bdexp.registry import import_submodules
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # Keys that choose a subset or a train-time transform, not the tensors: left out of the cache key.
 NOT_IDENTIFYING = frozenset({"train_limit", "test_limit", "augment", "download"})
-CACHE_FORMAT = 1  # bump when the stored layout or the decoding changes
+CACHE_FORMAT = 2  # bump when the stored layout or the decoding changes (2: the files listing, `skipped`)
 
 
 def load_dataset(cfg: Any, seed: int, cache_dir: str | None = None) -> ImageDataset:
@@ -34,7 +34,10 @@ def load_dataset(cfg: Any, seed: int, cache_dir: str | None = None) -> ImageData
     `cfg.train_limit` / `cfg.test_limit` (class-stratified, drawn with `seed`).
 
     Slow sources (those marked `cache_on_disk`) keep the sized full tensors under
-    `cache_dir/datasets/`; limits are applied after the cache, so they can vary freely.
+    `cache_dir/datasets/`, keyed by the config and the listing of the source's files (sizes and
+    mtimes), so edited data is decoded again; limits are applied after the cache, so they can
+    vary freely. A dataset with fewer than two classes is refused: a backdoor sends inputs of
+    one class to another.
     """
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
@@ -49,7 +52,13 @@ def load_dataset(cfg: Any, seed: int, cache_dir: str | None = None) -> ImageData
     if full is None:
         full = _fit(source(cfg), size, channels)
         if path is not None:
-            _write_cache(full, path)
+            # Listed again: a source that downloads has created its files only now.
+            _write_cache(full, cache_path(cfg, cache_dir))
+    _check_classes(full, cfg)
+    if full.skipped:  # on every run, read from the cache or not
+        shown = ", ".join(full.skipped[:3]) + (", ..." if len(full.skipped) > 3 else "")
+        log.warning("dataset %s: skipped %d unreadable %s (dataset.skip_bad_files=true): %s", full.name,
+                    len(full.skipped), "file" if len(full.skipped) == 1 else "files", shown)
 
     ds = _limit(full, cfg, seed)
     log.debug(  # pipeline.run logs the same sizes with the poison counts at INFO
@@ -57,6 +66,18 @@ def load_dataset(cfg: Any, seed: int, cache_dir: str | None = None) -> ImageData
         ds.name, len(ds.y_train), len(ds.y_test), "x".join(map(str, ds.image_shape)), ds.num_classes,
     )
     return ds
+
+
+def _check_classes(ds: ImageDataset, cfg: DictConfig) -> None:
+    present = sorted(set(torch.unique(ds.y_train).tolist()))
+    if ds.num_classes < 2 or len(present) < 2:
+        where = f" at {data_root(cfg)}" if ds.name == "imagefolder" else ""
+        names = [ds.classes[k] for k in present if 0 <= k < len(ds.classes)]
+        raise ConfigError(
+            f"dataset {ds.name!r}{where} has {len(present)} class{'es' if len(present) != 1 else ''} with training "
+            f"images ({', '.join(map(repr, names)) or 'none'}); backdoor experiments need >= 2 classes "
+            "(the attack sends inputs of one class to another)"
+        )
 
 
 def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -76,10 +97,14 @@ def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
 
 def cache_path(cfg: DictConfig, cache_dir: str) -> str:
     """`cache_dir/datasets/<sha256>.pt`, hashed over every key that decides the tensors:
-    name, root (absolute), image_size, channels and the source's own keys."""
+    name, root (absolute), image_size, channels and the source's own keys, and over the listing
+    of the files the source reads (common.files_fingerprint; path, size, mtime of each)."""
     ident = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_IDENTIFYING}
     ident["root"] = data_root(cfg)
     ident["cache_format"] = CACHE_FORMAT
+    files = getattr(DATASETS.get(cfg.name), "cache_files", None)
+    if files is not None:
+        ident["files"] = files_fingerprint(files(cfg))
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
     return os.path.join(os.path.abspath(os.path.expanduser(str(cache_dir))), "datasets", f"{digest}.pt")
 
@@ -103,7 +128,8 @@ def _fit(ds: ImageDataset, size: int, channels: int | None) -> ImageDataset:
         x = resize_uint8(x, size)
         return x if channels is None else convert_channels(x, channels)
 
-    return ImageDataset(ds.name, fit(ds.x_train), ds.y_train, fit(ds.x_test), ds.y_test, list(ds.classes))
+    return ImageDataset(ds.name, fit(ds.x_train), ds.y_train, fit(ds.x_test), ds.y_test, list(ds.classes),
+                        list(ds.skipped))
 
 
 def _limit(ds: ImageDataset, cfg: DictConfig, seed: int) -> ImageDataset:
@@ -120,11 +146,15 @@ def _limit(ds: ImageDataset, cfg: DictConfig, seed: int) -> ImageDataset:
                     f"dataset.{split}_limit={limit} is smaller than the {present} classes present; "
                     "a stratified subset needs at least one image per class"
                 )
+        if limit is not None and limit > len(y):
+            log.warning("dataset.%s_limit=%d is larger than the %d %s images of %s; using all %d "
+                        "(the same data, and model, as dataset.%s_limit=null)",
+                        split, limit, len(y), split, ds.name, len(y), split)
         if limit is not None and limit < len(y):
             idx = stratified_subset(y, limit, seed)
             x, y = x[idx], y[idx]
         out[split] = (x, y)
-    return ImageDataset(ds.name, *out["train"], *out["test"], list(ds.classes))
+    return ImageDataset(ds.name, *out["train"], *out["test"], list(ds.classes), list(ds.skipped))
 
 
 def _read_cache(path: str) -> ImageDataset | None:
@@ -132,7 +162,8 @@ def _read_cache(path: str) -> ImageDataset | None:
         return None
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
-        ds = ImageDataset(d["name"], d["x_train"], d["y_train"], d["x_test"], d["y_test"], list(d["classes"]))
+        ds = ImageDataset(d["name"], d["x_train"], d["y_train"], d["x_test"], d["y_test"], list(d["classes"]),
+                          [str(f) for f in d.get("skipped", [])])
     except Exception as e:  # noqa: BLE001 - a damaged cache file is rebuilt, never fatal
         log.warning("ignoring unreadable dataset cache %s (%s: %s)", path, type(e).__name__, e)
         return None
@@ -148,7 +179,8 @@ def _write_cache(ds: ImageDataset, path: str) -> None:
         with os.fdopen(fd, "wb") as f:
             torch.save(
                 {"name": ds.name, "x_train": ds.x_train, "y_train": ds.y_train,
-                 "x_test": ds.x_test, "y_test": ds.y_test, "classes": list(ds.classes)},
+                 "x_test": ds.x_test, "y_test": ds.y_test, "classes": list(ds.classes),
+                 "skipped": list(ds.skipped)},
                 f,
             )
         os.replace(tmp, path)

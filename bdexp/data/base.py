@@ -1,7 +1,7 @@
 """The dataset contract: uint8 NCHW tensors in memory, plus the shared post-processing."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,8 @@ DATASETS: Registry = Registry("dataset")
 
 @dataclass
 class ImageDataset:
-    """Images as uint8 (N, C, H, W) tensors with int64 labels; `classes` names each label."""
+    """Images as uint8 (N, C, H, W) tensors with int64 labels; `classes` names each label.
+    `skipped`: source files left out because they could not be decoded (dataset.skip_bad_files)."""
 
     name: str
     x_train: torch.Tensor
@@ -22,6 +23,7 @@ class ImageDataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     classes: list[str]
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:

@@ -5,6 +5,7 @@ No source is registered here; the sources import what they need.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from bdexp.errors import ConfigError, DatasetUnavailable
 
@@ -27,10 +28,43 @@ def data_root(cfg: Any) -> str:
     return os.path.abspath(os.path.expanduser(str(root)))
 
 
-def cache_on_disk(fn: F) -> F:
-    """Mark a source as slow to decode: `load_dataset` then keeps its sized tensors in cache_dir."""
-    fn.cache_on_disk = True  # type: ignore[attr-defined]
-    return fn
+def cache_on_disk(fn: F | None = None, *, files: Callable[[Any], Sequence[str]] | None = None):
+    """Mark a source as slow to decode: `load_dataset` then keeps its sized tensors in cache_dir.
+    `files(cfg)` names the directories the source reads; the listing of the files under them
+    (relative path, size, mtime) enters the cache key (`files_fingerprint`), so editing the data
+    (a class folder added, an image replaced) decodes it again instead of reading stale tensors.
+    Use as `@cache_on_disk` or `@cache_on_disk(files=...)`."""
+
+    def mark(f: F) -> F:
+        f.cache_on_disk = True  # type: ignore[attr-defined]
+        f.cache_files = files  # type: ignore[attr-defined]
+        return f
+
+    return mark(fn) if fn is not None else mark
+
+
+def files_fingerprint(dirs: Sequence[str]) -> str:
+    """sha256 over every file and directory under `dirs` (sorted): relative path, size and
+    modification time in ns. A directory that does not exist counts as such."""
+    h = hashlib.sha256()
+    for top in dirs:
+        top = os.path.abspath(os.path.expanduser(str(top)))
+        h.update(f"{top}\0".encode())
+        if not os.path.isdir(top):
+            h.update(b"absent\0")
+            continue
+        for here, subdirs, names in os.walk(top, followlinks=True):
+            subdirs.sort()
+            rel = os.path.relpath(here, top)
+            h.update(f"d {rel}\0".encode())
+            for name in sorted(names):
+                try:
+                    st = os.stat(os.path.join(here, name))
+                except OSError:  # a dangling link: listed, without size
+                    h.update(f"f {rel}/{name} ?\0".encode())
+                    continue
+                h.update(f"f {rel}/{name} {st.st_size} {st.st_mtime_ns}\0".encode())
+    return h.hexdigest()
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -99,20 +133,55 @@ class FitSquare:
         return np.asarray(img, dtype=np.uint8)
 
 
+# What PIL (and the files it reads) raise for a file that is not a decodable image: not an
+# image at all, truncated, a broken chunk, a "decompression bomb".
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error,
+              Image.DecompressionBombError)
+SKIP_HINT = "set dataset.skip_bad_files=true to leave unreadable images out (they are counted in the log and results.json)"
+
+
 def decode_all(
-    n: int, get: Callable[[int], tuple[np.ndarray, int]], desc: str
+    n: int, get: Callable[[int], tuple[np.ndarray, int]], desc: str,
+    name_of: Callable[[int], str] | None = None, skipped: list[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode samples 0..n-1 (`get(i) -> (HW or HWC uint8 array, label)`) into uint8 NCHW + int64.
 
-    A thread pool is enough: PIL releases the GIL while decoding and resizing. Output is
-    preallocated from the first sample, so peak memory is one copy of the result.
+    A sample that cannot be decoded stops with a DatasetUnavailable naming its file
+    (`name_of(i)`), unless `skipped` is a list: then its name is appended there and the sample
+    left out. A thread pool is enough: PIL releases the GIL while decoding and resizing. Output
+    is preallocated from the first readable sample, so peak memory is one copy of the result.
     """
     if n == 0:
         raise DatasetUnavailable(f"{desc}: no images found")
-    first, y0 = get(0)
+    name = name_of or (lambda i: f"image {i}")
+
+    def bad(i: int, err: BaseException) -> None:
+        if skipped is None:
+            hint = f"; fix or remove it, or {SKIP_HINT}" if name_of is not None else ""
+            raise DatasetUnavailable(
+                f"{desc}: cannot decode {name(i)} ({type(err).__name__}: {_one_line(err)}){hint}") from None
+        skipped.append(name(i))
+
+    def safe_get(i: int):
+        try:
+            return get(i)
+        except UNREADABLE as err:
+            return err
+
+    start = 0
+    while True:  # the first readable sample fixes the shape
+        got = safe_get(start)
+        if not isinstance(got, BaseException):
+            break
+        bad(start, got)
+        start += 1
+        if start == n:
+            raise DatasetUnavailable(f"{desc}: none of the {n} images could be decoded (first: {skipped[0]})")
+    first, y0 = got
     x = np.empty((n, *first.shape), dtype=np.uint8)
     y = np.empty(n, dtype=np.int64)
-    x[0], y[0] = first, y0
+    ok = np.zeros(n, dtype=bool)
+    x[start], y[start], ok[start] = first, y0, True
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -120,17 +189,28 @@ def decode_all(
     with Progress(*columns, transient=True, disable=n < 2000) as progress, ThreadPoolExecutor(
         max_workers=min(16, os.cpu_count() or 1)
     ) as pool:
-        task = progress.add_task(desc, total=n, completed=1)
-        for start in range(1, n, 1024):
-            idx = range(start, min(n, start + 1024))
-            for i, (img, label) in zip(idx, pool.map(get, idx)):
+        task = progress.add_task(desc, total=n, completed=start + 1)
+        for lo in range(start + 1, n, 1024):
+            idx = range(lo, min(n, lo + 1024))
+            for i, got in zip(idx, pool.map(safe_get, idx)):
+                if isinstance(got, BaseException):
+                    bad(i, got)
+                    continue
+                img, label = got
                 if img.shape != first.shape:
-                    raise DatasetUnavailable(f"{desc}: image {i} decoded to {img.shape}, expected {first.shape}")
-                x[i], y[i] = img, label
+                    raise DatasetUnavailable(f"{desc}: {name(i)} decoded to {img.shape}, expected {first.shape}")
+                x[i], y[i], ok[i] = img, label, True
             progress.advance(task, len(idx))
+    if not ok.all():
+        x, y = x[ok], y[ok]
     xt = torch.from_numpy(x)
     xt = xt.unsqueeze(1) if xt.dim() == 3 else xt.permute(0, 3, 1, 2).contiguous()
     return xt, torch.from_numpy(y)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else "no message"
 
 
 def open_or_unavailable(

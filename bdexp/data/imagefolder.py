@@ -4,6 +4,11 @@ Listing follows torchvision's ImageFolder (class = sorted sub-directory names, f
 usual image extensions: jpg, jpeg, png, ppm, bmp, pgm, tif, tiff, webp). Each image is
 converted to `channels` and resized to `image_size` while decoding (common.FitSquare), so the
 files may have any size and mode.
+
+A file that is not a decodable image stops the run with its path, or, with
+`dataset.skip_bad_files=true`, is left out and counted (ImageDataset.skipped, the log line of
+`load_dataset` and `n_skipped_files` in results.json). The decoded tensors are cached under a
+key that includes the listing of root/train and root/test (common.files_fingerprint).
 """
 from __future__ import annotations
 
@@ -15,8 +20,13 @@ from bdexp.data.common import FitSquare, cache_on_disk, data_root, decode_all
 from bdexp.errors import DatasetUnavailable
 
 
+def _split_dirs(cfg: Any) -> list[str]:
+    root = data_root(cfg)
+    return [os.path.join(root, "train"), os.path.join(root, "test")]
+
+
 @DATASETS.register("imagefolder")
-@cache_on_disk
+@cache_on_disk(files=_split_dirs)
 def imagefolder(cfg: Any) -> ImageDataset:
     from torchvision.datasets import ImageFolder
 
@@ -46,7 +56,21 @@ def imagefolder(cfg: Any) -> ImageDataset:
             f"dataset 'imagefolder' at {root}: train/ and test/ must have the same class folders; "
             f"only in train: {only_train or '-'}, only in test: {only_test or '-'}."
         )
+    skip = bool(cfg.get("skip_bad_files", False))
+    skipped: list[str] = []
     splits = []
     for split, ds in folders.items():
-        splits += decode_all(len(ds), ds.__getitem__, f"imagefolder {split}")
-    return ImageDataset("imagefolder", *splits, list(train_classes))
+        def name_of(i: int, ds=ds) -> str:
+            return ds.samples[i][0]
+
+        x, y = decode_all(len(ds), ds.__getitem__, f"dataset 'imagefolder' {split}", name_of=name_of,
+                          skipped=skipped if skip else None)
+        empty = [c for k, c in enumerate(train_classes) if not bool((y == k).any())]
+        if empty:
+            raise DatasetUnavailable(
+                f"dataset 'imagefolder' at {root}: no readable image left in {split}/{empty[0]}"
+                f"{f' (and {len(empty) - 1} more classes)' if len(empty) > 1 else ''} after skipping "
+                f"{len(skipped)} unreadable file(s).")
+        splits += [x, y]
+    return ImageDataset("imagefolder", *splits, list(train_classes),
+                        skipped=[os.path.relpath(f, root) for f in skipped])

@@ -25,7 +25,7 @@ def _fit(cfg: Any, default_fit: str = "stretch") -> FitSquare:
 
 
 @DATASETS.register("cifar10")
-@cache_on_disk
+@cache_on_disk(files=lambda cfg: [os.path.join(data_root(cfg), "cifar-10-batches-py")])
 def cifar10(cfg: Any) -> ImageDataset:
     """CIFAR-10 (Krizhevsky 2009): 50000 / 10000 images, 32×32 RGB, stored as pickled arrays."""
     from torchvision.datasets import CIFAR10
@@ -59,7 +59,7 @@ GTSRB_CLASSES = [
 
 
 @DATASETS.register("gtsrb")
-@cache_on_disk
+@cache_on_disk(files=lambda cfg: [os.path.join(data_root(cfg), "gtsrb")])
 def gtsrb(cfg: Any) -> ImageDataset:
     """GTSRB: 39209 / 12630 traffic-sign crops of 15×15 to 250×250 px, 43 classes."""
     from torchvision.datasets import GTSRB
@@ -91,7 +91,7 @@ def gtsrb(cfg: Any) -> ImageDataset:
 
 
 @DATASETS.register("celeba8")
-@cache_on_disk
+@cache_on_disk(files=lambda cfg: [os.path.join(data_root(cfg), "celeba")])
 def celeba8(cfg: Any) -> ImageDataset:
     """CelebA faces, 8 classes from three binary attributes read as a 3-bit number (ML-MMDR §3.4).
 
@@ -145,15 +145,20 @@ def _code_names(attrs: list[str]) -> list[str]:
     return names
 
 
+def _imagenette_folder(cfg: Any) -> str:
+    size = str(cfg.get("size", "160px"))  # "160px" / "320px" (shorter side) or "full"
+    return {"160px": "imagenette2-160", "320px": "imagenette2-320", "full": "imagenette2"}.get(size, size)
+
+
 @DATASETS.register("imagenette")
-@cache_on_disk
+@cache_on_disk(files=lambda cfg: [os.path.join(data_root(cfg), _imagenette_folder(cfg))])
 def imagenette(cfg: Any) -> ImageDataset:
     """Imagenette (fast.ai): 10 easy ImageNet classes, 9469 train / 3925 val; val is our test."""
     from torchvision.datasets import Imagenette
 
     root, download = data_root(cfg), bool(cfg.get("download", True))
-    size = str(cfg.get("size", "160px"))  # "160px" / "320px" (shorter side) or "full"
-    folder = {"160px": "imagenette2-160", "320px": "imagenette2-320", "full": "imagenette2"}.get(size, size)
+    size = str(cfg.get("size", "160px"))
+    folder = _imagenette_folder(cfg)
     where = [os.path.join(root, folder)]
     how = f"Set dataset.root to a directory containing {folder}/{{train,val}}, {NETWORK}."
     fit = _fit(cfg, default_fit="center_crop")
