@@ -121,6 +121,7 @@ def run(cfg: DictConfig, run_dir: str | Path, config_hash: str | None = None) ->
                                if history.get("images_per_s") else None),
         "n_train": len(train.y),
         "n_poison": int(train.poison.sum()),
+        "n_skipped_files": len(data.skipped), "skipped_files": data.skipped,  # dataset.skip_bad_files
         "wall_s": time.perf_counter() - start,
         "config_hash": config_hash,
         "config": OmegaConf.to_container(cfg, resolve=True),
