@@ -24,8 +24,17 @@ def set_enabled(flag: bool) -> None:
     ENABLED = bool(flag)
 
 
+class LineFormatter(logging.Formatter):
+    """LOG_FORMAT with the message's leading whitespace dropped (Hydra indents its job lines
+    with a tab), so every line starts its message in the same column."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.lstrip()
+        return super().formatMessage(record)
+
+
 def log_formatter() -> logging.Formatter:
-    return logging.Formatter(LOG_FORMAT, LOG_DATEFMT)
+    return LineFormatter(LOG_FORMAT, LOG_DATEFMT)
 
 
 class PlainConsoleHandler(logging.Handler):
@@ -47,7 +56,7 @@ def log_handler() -> logging.Handler:
     if console.is_terminal:
         handler: logging.Handler = RichHandler(console=console, show_path=False, log_time_format=LOG_DATEFMT,
                                                omit_repeated_times=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(LineFormatter("%(message)s"))
     else:
         handler = PlainConsoleHandler()
         handler.setFormatter(log_formatter())

@@ -72,7 +72,7 @@ def writable(out: Path) -> bool:
 
 def short_run_dirs(df: pd.DataFrame, base: Path) -> tuple[pd.DataFrame, str]:
     """`df` with its run_dir index level relative to `base` for printing ("0", "1" instead of the
-    sweep path in every row), and the title suffix that says so."""
+    sweep path in every row), and the line that says so."""
     if "run_dir" not in (df.index.names or []):
         return df, ""
     base = Path(base).resolve()
@@ -92,7 +92,7 @@ def short_run_dirs(df: pd.DataFrame, base: Path) -> tuple[pd.DataFrame, str]:
             names=df.index.names)
     else:
         shown.index = pd.Index(values, name="run_dir")
-    return shown, f" (run_dir under {base})"
+    return shown, f"run_dir: under {base}"
 
 
 def render_one(table: str, frame: pd.DataFrame, out: Path | None, footer: str, quiet: bool = False,
@@ -113,8 +113,10 @@ def render_one(table: str, frame: pd.DataFrame, out: Path | None, footer: str, q
             for i, png in enumerate(PLOTS.get(table)(frame, out)):
                 written[f"png{i or ''}"] = png
     if not quiet:
-        shown, suffix = short_run_dirs(df, base) if base is not None else (df, "")
-        print_frame(shown, f"{table}{suffix}")
+        shown, where = short_run_dirs(df, base) if base is not None else (df, "")
+        if where:
+            console.print(where, width=print_width(), soft_wrap=True)
+        print_frame(shown, table)
         text = footer if provenance_shown else "\n\n".join(notes)
         if text:
             console.print(text, width=print_width())
