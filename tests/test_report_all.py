@@ -232,3 +232,21 @@ def test_ispl_pair_labels_name_the_mode():
         {"metric": "a", "value": 0.0, "defense": "ispl", "source": None, "target": 0.0, "attack_mode": "all_to_all", "poison_rate": 0.1},
     ])
     assert _sanitizer_rows(df)["pair"].tolist() == ["1/3", "all/3", "y/y+1"]
+
+
+def test_printed_tables_fit_80_columns_with_every_swept_key(tmp_path, capsys, monkeypatch):
+    """The runs table names the key the sweep varied (attack.mark) and, like ISPL's wide detail
+    table, prints within 80 columns with whole cells (constant keys moved above, then transposed)."""
+    monkeypatch.setenv("COLUMNS", "80")
+    marks = ["peace", "letter_a", "bullet_holes", "colour_patch"]
+    for i, mark in enumerate(marks):
+        _ispl_run(tmp_path, str(i), ispl_a=0.0, mark=mark, plain=[{"metric": "asr", "value": 0.9}])
+    capsys.readouterr()
+    report(tmp_path / "sweep", tmp_path / "out", "runs")
+    report(tmp_path / "sweep", tmp_path / "out", "ispl_detail")
+    out = capsys.readouterr().out
+    boxed = [ln for ln in out.splitlines() if any(ch in ln for ch in "┃│")]
+    assert boxed and max(len(ln) for ln in boxed) <= 80 and "…" not in out, out
+    assert "attack.mark" in out and all(f" {m} " in out for m in marks)
+    assert "same in every row: dataset cifar10, model preact18" in out
+    assert "ispl_detail (transposed)" in out
