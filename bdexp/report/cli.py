@@ -8,6 +8,7 @@ seeds the markdown cells read "mean ± std" (std over seeds, also written as NAM
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pandas as pd
 import bdexp
 from bdexp.console import console
 from bdexp.errors import BdexpError
+from bdexp.progress import log_formatter
 from bdexp.report.collect import collect, find_results, run_statuses
 from bdexp.report.render import write_report_index, write_table
 from bdexp.report.summary import print_frame, print_width
@@ -145,6 +147,8 @@ def report(directory: Path, out: Path | None, table: str) -> dict:
     if frame.empty:
         raise BdexpError(f"no metric records under {directory}: {len(statuses.get('failed', []))} failed run(s); "
                          "see the error in their results.json")
+    if table != "all" and table not in TABLES:
+        raise BdexpError(f"unknown table {table!r}; choose all or one of: {', '.join(TABLES.names())}")
     footer = provenance(Path(directory), frame, statuses)
     base = Path(directory) if Path(directory).is_dir() else Path(directory).parent
     out = Path(out) if out is not None else base
@@ -197,10 +201,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="where tables go (default: DIRECTORY, or the folder of a results.json)")
     parser.add_argument("--table", default="runs", help=f"table layout: all, {', '.join(TABLES.names())}")
     args = parser.parse_args(argv)
+    # warnings (e.g. an unreadable results.json skipped) on stderr in bdexp's log format
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(log_formatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     try:
         report(args.directory, args.out, args.table)
-    except BdexpError as err:
-        console.print(f"[bold red]bdexp-report error:[/] {err}")
+    except BdexpError as err:  # a user error: one line on stderr, results stay on stdout
+        print("bdexp-report error: " + " ".join(str(err).split()), file=sys.stderr)
         sys.exit(2)
 
 

@@ -208,3 +208,12 @@ def test_hydra_sweep_lines_share_the_log_format(sweep):
     lines = [ln for ln in sweep[1].stdout.splitlines() if "Launching" in ln or "#0 :" in ln or "#1 :" in ln]
     assert len(lines) == 3 and all(LOG_LINE.match(ln) for ln in lines), lines
     assert "[HYDRA]" not in sweep[1].stdout
+
+
+@pytest.mark.parametrize("argv,says", [(["{tmp}/nowhere"], "does not exist"),
+                                       (["{sweep}", "--table", "nope"], "choose all or one of")])
+def test_report_user_errors_are_one_line_on_stderr(argv, says, sweep, tmp_path, capsys, monkeypatch):
+    argv = [a.format(tmp=tmp_path, sweep=sweep[0]) for a in argv]
+    code, out, err = _main(argv, capsys, monkeypatch=monkeypatch)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and out == "" and len(lines) == 1 and says in lines[0] and "Traceback" not in err
