@@ -1,11 +1,22 @@
 """`bdexp`: a thin Hydra entry point around pipeline.run, wrapped by jobs.py (skip a job that is
-already complete, record one that fails, pin a sweep job to its GPU and CPU share)."""
+already complete, record one that fails, pin a sweep job to its GPU and CPU share).
+
+What a user sees when something is wrong (issue 13): a user error (a bad value, an unknown key
+or group option, a run or cache directory that cannot be written, a full disk) is one line on
+stderr, `bdexp error: ...`, and exit status 2; a bug is one traceback on stderr and status 1.
+Results go to stdout."""
 from __future__ import annotations
 
+import errno
 import sys
 
 import hydra
 from omegaconf import DictConfig
+
+# OSErrors that are the environment's, not a bug: a full disk, a read-only or foreign path, a
+# file where a directory should be (or the reverse).
+USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                         errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG})
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -21,14 +32,22 @@ def _main(cfg: DictConfig) -> None:
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    from bdexp import jobs, pipeline
-    from bdexp.console import console
+    from bdexp import jobs, pipeline, validation
+    from bdexp.console import console, print_error
     from bdexp.errors import BdexpError
 
     log = logging.getLogger("bdexp.cli")
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     in_sweep = hc.mode == RunMode.MULTIRUN
+    try:  # before any work: every value's type and range, a writable run dir and cache dir
+        validation.check_run(cfg, run_dir, "hydra.sweep.dir" if in_sweep else "hydra.run.dir")
+    except BdexpError as err:
+        record_failure(run_dir, cfg, None, err, keep_existing=True)
+        print_error(err)
+        if not in_sweep:
+            sys.exit(2)
+        return
     digest = jobs.config_hash(cfg)
     if jobs.completed(run_dir, digest):
         log.info("skipped: %s already holds complete results for this config (hash %s)", run_dir, digest)
@@ -43,17 +62,124 @@ def _main(cfg: DictConfig) -> None:
         cfg.device = jobs.pinned_device(str(cfg.device), hc.job.num if in_sweep else None)
     try:
         pipeline.run(cfg, run_dir, config_hash=digest)
-    except BdexpError as err:
-        jobs.write_failure(run_dir, cfg, digest, err)
-        console.print(f"[bold red]bdexp error:[/] {err}")
-        if not in_sweep:
-            sys.exit(2)
-    except Exception as err:  # a bug or an environment failure: keep the record, then fail loudly
-        path = jobs.write_failure(run_dir, cfg, digest, err)
-        log.exception("job failed; error record in %s", path)
-        if not in_sweep:
+    except Exception as err:  # a user error: one line; a bug: its record, then one traceback
+        message = user_message(err)
+        path = record_failure(run_dir, cfg, digest, err)
+        if message is not None:
+            print_error(message)
+            if not in_sweep:
+                sys.exit(2)
+        elif in_sweep:  # the sweep goes on: this job's traceback goes to its log, once
+            log.exception("job failed with a bug; error record in %s", path)
+        else:  # main() prints the traceback
+            err.bdexp_record = path
             raise
 
 
+def record_failure(run_dir, cfg: DictConfig, digest: str | None, err: BaseException,
+                   keep_existing: bool = False):
+    """results.json with status "failed", unless the run dir holds complete results (computed
+    earlier, possibly for another config: they stay as they are) or, with `keep_existing` (an
+    error found before any work), any readable results. None when nothing was written: the run
+    dir may be the very thing that cannot be written."""
+    from pathlib import Path
+
+    from bdexp import jobs
+    from bdexp.results import RESULTS_FILE, read_status
+
+    status, _ = read_status(Path(run_dir) / RESULTS_FILE)
+    if status == "complete" or (keep_existing and status != "unreadable"):
+        return None
+    try:
+        return jobs.write_failure(run_dir, cfg, digest, err)
+    except Exception:  # an unwritable directory, or a value run_identity cannot read (seed=abc)
+        return None
+
+
+def user_message(err: BaseException) -> str | None:
+    """The one line a user error prints, or None for a bug."""
+    from bdexp.errors import BdexpError
+
+    if isinstance(err, BdexpError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno in USER_ERRNOS:
+        where = err.filename or "a file"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return (f"the disk is full writing {where}; free space, or point hydra.run.dir and "
+                    f"cache.dir at another disk")
+        if err.errno == errno.EEXIST:
+            return f"cannot create the directory {where}: a file of that name is in the way"
+        if err.errno == errno.ENOTDIR:
+            return f"cannot use {where}: part of that path is a file, not a directory"
+        target = f" -> {err.filename2}" if err.filename2 else ""
+        return f"{err.strerror or 'cannot access'}: {where}{target}"
+    return None
+
+
+def hydra_message(err: BaseException) -> str | None:
+    """A Hydra or omegaconf composition error (unknown key or option, bad override syntax) on
+    one line, or None when `err` is not one."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(err, (HydraException, OmegaConfBaseException)):
+        return None
+    parts: list[str] = []
+    for source in (err, err.__cause__):
+        if not isinstance(source, (HydraException, OmegaConfBaseException)):
+            continue
+        lines = [line.strip() for line in str(source).splitlines()]
+        if "Config search path:" in lines:
+            lines = lines[:lines.index("Config search path:")]
+        lines = [line for line in lines if line and not line.startswith(
+            ("full_key:", "object_type=", "reference_type=", "See https://hydra.cc"))]
+        joined: list[str] = []
+        listing = False  # "Available options in 'dataset':" then one option a line -> "...: a, b, c"
+        for line in lines:
+            if listing and not line.endswith(":"):
+                joined[-1] += ("" if joined[-1].endswith(":") else ",") + " " + line
+            else:
+                joined.append(line)
+                listing = line.endswith(":")
+        text = " ".join(joined)
+        override = getattr(source, "override", None)
+        if override and override not in text:
+            text = f"override {override!r}: {text}"
+        if text and text not in parts:
+            parts.append(text)
+    return " ".join(parts) or type(err).__name__
+
+
 def main() -> None:
-    _main()
+    """The `bdexp` command. Hydra's own error report (a message, or a trimmed traceback, then
+    exit 1) is replaced by ours: Hydra raises (HYDRA_FULL_ERROR for this call) and a composition
+    or user error becomes one line and exit 2, a bug one traceback and exit 1. A user who sets
+    HYDRA_FULL_ERROR gets Hydra's full traceback as before."""
+    import os
+    import traceback
+
+    from bdexp.console import print_error
+
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        _main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _main()
+    except Exception as err:
+        message = hydra_message(err) or user_message(err)
+        if message is None:  # a bug: its traceback once, from the task function down
+            tb = err.__traceback__
+            node = tb
+            while node is not None and node.tb_frame.f_code.co_name != "run_job":
+                node = node.tb_next
+            start = node.tb_next if node is not None and node.tb_next is not None else tb
+            traceback.print_exception(type(err), err, start)
+            record = getattr(err, "bdexp_record", None)
+            print_error(f"the traceback above is a bug in bdexp, not a problem with the input; please report it"
+                        + (f" (error record: {record})" if record else ""), prefix="bdexp")
+            sys.exit(1)
+        print_error(message)
+        sys.exit(2)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -28,6 +28,7 @@ from bdexp import progress as progress_bars
 from bdexp.results import run_identity, write_results
 from bdexp.training.defender import regime_train_cfg
 from bdexp.training.fit import fit
+from bdexp.validation import check_run
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def run(cfg: DictConfig, run_dir: str | Path, config_hash: str | None = None) ->
     `config_hash` (jobs.config_hash, computed by the CLI) lets a re-run sweep skip this job."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
+    check_run(cfg, run_dir)  # types and ranges of every value, writable run and cache dirs (validation.py)
     seed_everything(int(cfg.seed))
     progress_bars.set_enabled(bool(cfg.get("progress", True)))
     device = resolve_device(str(cfg.device))

@@ -79,11 +79,11 @@ def test_cli_run_then_cached_rerun_then_report(tmp_path):
 def test_cli_bad_input_gives_one_clear_message(tmp_path):
     res = _cli(["dataset=imagefolder", f"dataset.root={tmp_path / 'nowhere'}", "device=cpu",
                 f"hydra.run.dir={tmp_path / 'r'}"], tmp_path)
-    assert res.returncode == 2
-    assert "imagefolder" in res.stdout and str(tmp_path / "nowhere") in res.stdout
+    assert res.returncode == 2  # errors on stderr, one line; stdout carries results only
+    assert "imagefolder" in res.stderr and str(tmp_path / "nowhere") in res.stderr
     assert "Traceback" not in res.stdout + res.stderr
     res = _cli(["attack.mode=one_to_one", "device=cpu", f"hydra.run.dir={tmp_path / 'r2'}"], tmp_path)
-    assert res.returncode == 2 and "source" in res.stdout
+    assert res.returncode == 2 and "source" in res.stderr
 
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
