@@ -110,8 +110,12 @@ def _plain(cfg: DictConfig | dict) -> dict:
 def atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a signal: the old file stays whole, no temporary is left
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class ModelCache:

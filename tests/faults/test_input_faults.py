@@ -231,3 +231,22 @@ def test_the_write_probe_reports_a_full_disk(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"cannot write the run directory .*: the disk is full"):
         probe_writable(tmp_path / "run", "the run directory", "hydra.run.dir")
     assert list((tmp_path / "run").iterdir()) == []  # the probe file is removed
+
+
+def test_a_model_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import torch
+
+    from bdexp.cache import atomic_torch_save
+
+    path = tmp_path / "models" / "m.pt"
+    atomic_torch_save({"w": torch.zeros(2)}, path)
+    before = path.read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError):
+        atomic_torch_save({"w": torch.ones(2)}, path)
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["m.pt"]
