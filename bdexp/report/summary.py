@@ -134,11 +134,19 @@ def print_summary(run: dict, metrics: list[dict]) -> None:
         print_frame(_pivot(curve, ["metric"], ["prune_ratio"]), "pruning curve (fraction of s3 channels)")
     skipped = df[df["metric"].isin(["skipped", "aro_skipped"])]
     if not skipped.empty:  # one count per defense/analysis; the warnings above say why
-        parts = ["ARO" if metric == "aro_skipped" else f"{name} {plural(len(rows), 'pool')}"
+        parts = [_skipped_part(name, metric, rows)
                  for (name, metric), rows in skipped.assign(name=skipped["defense"].fillna(skipped["analysis"])
                                                             .fillna("-")).groupby(["name", "metric"], sort=False)]
         console.print(f"[yellow]skipped: {', '.join(parts)} (see the log above; results.json records each)",
                       width=print_width())
+
+def _skipped_part(name: str, metric: str, rows: pd.DataFrame) -> str:
+    """"ac 12 pools" for a detector's skipped pools; ARO with its reason (no warning logs it)."""
+    if metric != "aro_skipped":
+        return f"{name} {plural(len(rows), 'pool')}"
+    reasons = rows["reason"].dropna().unique() if "reason" in rows else []
+    return "ARO" + (f" ({'; '.join(map(str, reasons))})" if len(reasons) else "")
+
 
 def plural(n: int, noun: str) -> str:
     """ "1 pool", "12 pools"."""
