@@ -159,7 +159,7 @@ def decode_all(
         if skipped is None:
             hint = f"; fix or remove it, or {SKIP_HINT}" if name_of is not None else ""
             raise DatasetUnavailable(
-                f"{desc}: cannot decode {name(i)} ({type(err).__name__}: {_one_line(err)}){hint}") from None
+                f"{desc}: cannot decode {name(i)} ({_why(err)}){hint}") from None
         skipped.append(name(i))
 
     def safe_get(i: int):
@@ -206,6 +206,12 @@ def decode_all(
     xt = torch.from_numpy(x)
     xt = xt.unsqueeze(1) if xt.dim() == 3 else xt.permute(0, 3, 1, 2).contiguous()
     return xt, torch.from_numpy(y)
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, UnidentifiedImageError):  # PIL's message repeats the path
+        return "not an image file PIL can identify"
+    return f"{type(err).__name__}: {_one_line(err)}"
 
 
 def _one_line(err: BaseException) -> str:
