@@ -61,7 +61,11 @@ def _main(cfg: DictConfig) -> None:
     with open_dict(cfg):
         cfg.device = jobs.pinned_device(str(cfg.device), hc.job.num if in_sweep else None)
     try:
-        pipeline.run(cfg, run_dir, config_hash=digest)
+        with jobs.interruptible():  # SIGINT/SIGTERM: results so far kept, one line, exit 130/143
+            pipeline.run(cfg, run_dir, config_hash=digest)
+    except jobs.Interrupted as err:
+        print(err.message(), file=sys.stderr)
+        sys.exit(err.exit_code)
     except Exception as err:  # a user error: one line; a bug: its record, then one traceback
         message = user_message(err)
         path = record_failure(run_dir, cfg, digest, err)

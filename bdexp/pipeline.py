@@ -25,7 +25,8 @@ from bdexp.evaluate import backdoor_metrics
 from bdexp.experiment import Experiment
 from bdexp.report.summary import print_summary
 from bdexp import progress as progress_bars
-from bdexp.results import run_identity, write_results
+from bdexp.jobs import Interrupted
+from bdexp.results import PartialRecords, run_identity, write_results
 from bdexp.training.defender import regime_train_cfg
 from bdexp.training.fit import fit
 from bdexp.validation import check_run
@@ -96,15 +97,42 @@ def run(cfg: DictConfig, run_dir: str | Path, config_hash: str | None = None) ->
     device = resolve_device(str(cfg.device))
     log.info("device %s, output %s", device, run_dir)
 
+    # What an interrupt leaves in results.json (jobs.Interrupted): the step running, the run's
+    # identity and every record computed so far; finished defenses/analyses are also in `store`.
+    done = {"where": "data preparation", "run": {**run_identity(cfg), "config_hash": config_hash}, "metrics": []}
+    store = PartialRecords.for_run(cfg, run_dir, config_hash) if config_hash else None
+    try:
+        payload = _run(cfg, run_dir, device, start, config_hash, done, store)
+    except Interrupted as err:
+        err.where = err.where or done["where"]
+        if done.get("complete"):  # results.json is already whole: keep it
+            raise
+        run_info = {**done["run"], "interrupted": {"where": err.where, "signal": str(err)},
+                    "wall_s": time.perf_counter() - start, "config": OmegaConf.to_container(cfg, resolve=True)}
+        write_results(run_dir, run_info, done["metrics"] + err.records, status="interrupted")
+        raise
+    return payload
+
+
+def _run(cfg: DictConfig, run_dir: Path, device: torch.device, start: float, config_hash: str | None,
+         done: dict, store: PartialRecords | None) -> dict:
     cache = ModelCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
     data, attack, train, bd = prepare(cfg, device, cache)
     log.info("%s: %d train (%d poisoned) / %d test images %s, %d classes; backdoor test set %d",
              data.name, len(train.y), int(train.poison.sum()), len(data.y_test), data.image_shape,
              data.num_classes, len(bd.y_target))
+    done["where"] = "training"
     model, fit_info = fit(cfg, data, attack, train, device, cache)
+    done["run"].update(model_cache=fit_info["cache"], model_key=fit_info["key"])
+    if store is not None and store.bind(fit_info["key"]):
+        log.info("records of %d defense(s)/analysis(es) finished by an earlier run of this config: %s",
+                 len(store.steps), store.path)
 
-    exp = Experiment(cfg, device, data, attack, train, bd, model, cache, info={"run_dir": run_dir})
+    done["where"] = "evaluation"
+    exp = Experiment(cfg, device, data, attack, train, bd, model, cache,
+                     info={"run_dir": run_dir, "partial_records": store})
     metrics = backdoor_metrics(exp.pred_test, data.y_test, exp.pred_backdoor, bd)
+    done["metrics"] = list(metrics)
     metrics += run_extensions(exp)
 
     history = fit_info.get("history", {})
@@ -128,7 +156,11 @@ def run(cfg: DictConfig, run_dir: str | Path, config_hash: str | None = None) ->
         "config_hash": config_hash,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    done["where"], done["metrics"] = "writing results", metrics
     path = write_results(run_dir, run_info, metrics)
+    done["where"], done["complete"] = "the summary (results.json is complete)", True
+    if store is not None:
+        store.clear()
     if cfg.get("progress", True):
         print_summary(run_info, metrics)
     log.info("results written to %s", path)
@@ -136,8 +168,16 @@ def run(cfg: DictConfig, run_dir: str | Path, config_hash: str | None = None) ->
 
 
 def run_extensions(exp: Experiment) -> list[dict]:
-    """Defenses and analyses selected in the config (empty groups by default)."""
+    """Defenses and analyses selected in the config (empty groups by default). The run's
+    results.PartialRecords (exp.info["partial_records"]) keeps the records of each as it finishes
+    and serves them to a re-run."""
     from bdexp.analysis import run_analyses
     from bdexp.defenses import run_defenses
 
-    return run_defenses(exp) + run_analyses(exp)
+    store = exp.info.get("partial_records")
+    rows = run_defenses(exp, store)
+    try:
+        return rows + run_analyses(exp, store)
+    except Interrupted as err:
+        err.records[:0] = rows
+        raise

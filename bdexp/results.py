@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,12 @@ def record(metric: str, value: float, **tags: Any) -> dict:
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a signal: the old file stays whole, no temporary is left
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_results(run_dir: Path, run: dict, metrics: list[dict], status: str = "complete") -> Path:
@@ -42,13 +47,89 @@ def read_results(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+# What reading a results.json may raise when it is truncated, random bytes or not JSON
+# (JSONDecodeError and UnicodeDecodeError are ValueErrors).
+UNREADABLE = (OSError, ValueError)
+
+
 def read_status(path: Path) -> tuple[str, dict]:
-    """(status, payload) of a results.json: "complete", "failed", ... or "unreadable" (payload {})."""
+    """(status, payload) of a results.json: "complete", "failed", "interrupted", ... or
+    "unreadable" (payload {}) for a missing, truncated or corrupt file."""
     try:
         payload = read_results(path)
-    except (OSError, json.JSONDecodeError):
+    except UNREADABLE:
+        return "unreadable", {}
+    if not isinstance(payload, dict) or not isinstance(payload.get("run", {}), dict):
         return "unreadable", {}
     return payload.get("status", "complete"), payload
+
+
+class PartialRecords:
+    """The records of every defense and analysis a run has finished, written atomically as each
+    one finishes, so a re-run of an interrupted (or failed) run reads them back instead of
+    recomputing them (issue 13: "a 3-hour run killed in its last defense loses minutes").
+
+    One JSON file per config hash: `<cache.dir>/partial/<hash>.json` when the cache is on (a
+    re-run gets a new timestamped run directory), else `<run dir>/partial.json`. It also holds the
+    key of the model the records were computed on: records of another model (e.g. the data
+    changed under the same config) are ignored. Files a step wrote into its run directory (NC's
+    mask grid, pattern figures) are named with it and copied into the re-run's directory. The
+    pipeline removes the file once results.json is complete."""
+
+    def __init__(self, path: Path, config_hash: str, run_dir: Path | None = None):
+        self.path, self.config_hash, self.run_dir = Path(path), config_hash, run_dir
+        self.model_key: str | None = None
+        self.steps: dict[str, list[dict]] = {}
+        self.files: dict[str, dict] = {}
+
+    @classmethod
+    def for_run(cls, cfg, run_dir: Path, config_hash: str) -> "PartialRecords":
+        if cfg.cache.enabled:
+            path = Path(os.path.expanduser(str(cfg.cache.dir))) / "partial" / f"{config_hash}.json"
+        else:
+            path = Path(run_dir) / "partial.json"
+        return cls(path, config_hash, Path(run_dir))
+
+    def bind(self, model_key: str) -> int:
+        """Read the records stored for this config and model; returns how many steps there are."""
+        self.model_key = model_key
+        try:
+            stored = json.loads(self.path.read_text())
+        except UNREADABLE:  # none yet, or a torn/foreign file: recompute; rewritten on the first put
+            stored = {}
+        ok = (isinstance(stored, dict) and stored.get("config_hash") == self.config_hash
+              and stored.get("model_key") == model_key and isinstance(stored.get("steps"), dict))
+        self.steps = dict(stored["steps"]) if ok else {}
+        self.files = dict(stored.get("files") or {}) if ok else {}
+        return len(self.steps)
+
+    def get(self, step: str) -> list[dict] | None:
+        """The step's records, or None; its files are copied into this run's directory."""
+        rows = self.steps.get(step)
+        made = self.files.get(step) or {}
+        if rows is not None and self.run_dir is not None and made.get("dir") != str(self.run_dir):
+            for name in made.get("names", []):
+                src, dst = Path(made["dir"]) / name, self.run_dir / name
+                if src.is_file() and not dst.exists():
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, dst)
+        return rows
+
+    def listing(self) -> set[str]:
+        """Files under the run directory now (what a step adds is recorded with it)."""
+        if self.run_dir is None or not self.run_dir.is_dir():
+            return set()
+        return {str(p.relative_to(self.run_dir)) for p in self.run_dir.rglob("*") if p.is_file()}
+
+    def put(self, step: str, rows: list[dict], files: list[str] = ()) -> None:
+        self.steps[step] = rows
+        self.files[step] = {"dir": str(self.run_dir), "names": sorted(files)}
+        payload = {"config_hash": self.config_hash, "model_key": self.model_key, "steps": self.steps,
+                   "files": self.files}
+        atomic_write_text(self.path, json.dumps(payload, indent=1, default=str))
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def run_identity(cfg) -> dict:

@@ -11,14 +11,14 @@ log = logging.getLogger(__name__)
 ANALYSES: Registry = Registry("analysis")
 
 
-def run_analyses(exp) -> list[dict]:
-    rows: list[dict] = []
-    for key, acfg in (exp.cfg.get("analysis") or {}).items():
-        name = acfg.get("name", key)
-        log.info("analysis %s", name)
-        for row in ANALYSES.get(name)(exp, acfg):
-            rows.append({**row, "analysis": row.get("analysis", key)})
-    return rows
+def run_analyses(exp, store=None) -> list[dict]:
+    """Run each selected analysis; `store` as in defenses.run_defenses."""
+    from bdexp.jobs import run_recorded
+
+    steps = [(key, acfg.get("name", key), lambda key=key, acfg=acfg: [
+        {**row, "analysis": row.get("analysis", key)} for row in ANALYSES.get(acfg.get("name", key))(exp, acfg)])
+        for key, acfg in (exp.cfg.get("analysis") or {}).items()]
+    return run_recorded("analysis", steps, store)
 
 
 import_submodules(__name__, __path__)

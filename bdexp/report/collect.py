@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bdexp.results import HASH_EXCLUDED, RESULTS_FILE, read_status
+from bdexp.results import HASH_EXCLUDED, RESULTS_FILE, UNREADABLE, read_status
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,9 @@ def collect(root: Path) -> pd.DataFrame:
     for path in find_results(root):
         try:
             payload = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            if not isinstance(payload, dict):
+                raise ValueError(f"a JSON {type(payload).__name__}, not a results object")
+        except UNREADABLE as err:  # truncated, random bytes, not JSON (results.UNREADABLE)
             log.warning("skipping unreadable %s: %s", path, err)
             continue
         runs.append((path, payload))
@@ -89,6 +91,9 @@ def collect(root: Path) -> pd.DataFrame:
         ident["regime"] = regime_label(run.get("train"), run.get("lambda"))
         ident["run_dir"] = str(path.parent)
         ident["status"] = payload.get("status", "complete")
+        if ident["status"] == "interrupted":  # part of a run: its re-run (maybe another dir) holds all
+            log.warning("skipping interrupted run %s (re-run its command to complete it)", path.parent)
+            continue
         flat = configs.get(ident["run_dir"], {})
         ident.update({key: flat[key] for key in swept if key in flat})
         for rec in payload.get("metrics", []):

@@ -11,6 +11,12 @@ With a `checkpoint` path the loop saves everything the next epoch depends on (we
 state, the loader's shuffling/augmentation generator, torch's global RNG, history) every
 `checkpoint_every` epochs, atomically; a run killed mid-way resumes from the last saved epoch
 and ends with the same weights an uninterrupted run gets (on the same device).
+
+On SIGINT/SIGTERM (jobs.Interrupted) mid-epoch the last saved checkpoint stands: the weights of
+a half-trained epoch cannot be resumed exactly, so they are not saved (with the default
+checkpoint_every=1 that is the last completed epoch). A signal that arrives between epochs saves
+the state of the completed epochs first; a checkpoint being written is finished before the
+signal is acted on (jobs.deferred), so it is never torn.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import torch
 from torch import nn
 
 from bdexp.data.loader import DeviceLoader
+from bdexp.jobs import Interrupted, deferred
 from bdexp.errors import ConfigError, TrainingDiverged
 from bdexp.progress import make_progress
 
@@ -85,7 +92,8 @@ def save_checkpoint(path: Path, optim: Optimization, model: nn.Module, loader: D
              "history": history}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    atomic_torch_save(state, path)
+    with deferred():
+        atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: Path, model: nn.Module, optim: Optimization, loader: DeviceLoader) -> dict:
@@ -142,44 +150,57 @@ def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: tor
     log_every = max(1, int(cfg.get("log_every", 10)))
     start = time.perf_counter() - float(history.get("wall_s", 0.0))
     model.train()
-    with make_progress() as progress:
-        task = progress.add_task(describe, total=cfg.epochs * len(loader), info="",
-                                 completed=resumed * len(loader))
-        for epoch in range(optim.epochs_done, end_epoch):
-            t0 = time.perf_counter()
-            optim.begin_epoch(epoch)
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            seen = 0
-            for step, batch in enumerate(loader):
-                if on_cuda:
-                    batch.x = batch.x.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    loss, logits = regime.loss(step_model, batch)
-                optim.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                optim.opt.step()
-                loss_sum += loss.detach().float() * len(batch.y)
-                correct += (logits.detach().argmax(1) == batch.y).sum()
-                seen += len(batch.y)
-                if step % log_every == 0 or step == len(loader) - 1:
-                    mean_loss = loss_sum.item() / seen
-                    _check_finite(mean_loss, epoch, step, cfg)
-                    rate = seen / max(time.perf_counter() - t0, 1e-9)
-                    progress.update(task, info=f"ep {epoch + 1}/{optim.total_epochs} loss {mean_loss:.3f} "
-                                    f"acc {correct.item() / seen:.3f} {rate:,.0f} img/s")
-                progress.advance(task)
-            epoch_loss = loss_sum.item() / seen
-            _check_finite(epoch_loss, epoch, len(loader) - 1, cfg)
-            optim.epochs_done = epoch + 1
-            history["loss"].append(epoch_loss)
-            history["acc"].append(correct.item() / seen)
-            history["lr"].append(optim.lr(epoch))
-            history["images_per_s"].append(seen / max(time.perf_counter() - t0, 1e-9))
-            history["wall_s"] = time.perf_counter() - start
-            if (checkpoint is not None and checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0
-                    and epoch + 1 < end_epoch):
-                save_checkpoint(Path(checkpoint), optim, model, loader, history)
+    saved = optim.epochs_done if resumed else None  # the epoch the checkpoint on disk holds
+    between_epochs = True
+    try:
+        with make_progress() as progress:
+            task = progress.add_task(describe, total=cfg.epochs * len(loader), info="",
+                                     completed=resumed * len(loader))
+            for epoch in range(optim.epochs_done, end_epoch):
+                between_epochs = False
+                t0 = time.perf_counter()
+                optim.begin_epoch(epoch)
+                loss_sum = torch.zeros((), device=device)
+                correct = torch.zeros((), device=device, dtype=torch.long)
+                seen = 0
+                for step, batch in enumerate(loader):
+                    if on_cuda:
+                        batch.x = batch.x.contiguous(memory_format=torch.channels_last)
+                    with autocast:
+                        loss, logits = regime.loss(step_model, batch)
+                    optim.opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optim.opt.step()
+                    loss_sum += loss.detach().float() * len(batch.y)
+                    correct += (logits.detach().argmax(1) == batch.y).sum()
+                    seen += len(batch.y)
+                    if step % log_every == 0 or step == len(loader) - 1:
+                        mean_loss = loss_sum.item() / seen
+                        _check_finite(mean_loss, epoch, step, cfg)
+                        rate = seen / max(time.perf_counter() - t0, 1e-9)
+                        progress.update(task, info=f"ep {epoch + 1}/{optim.total_epochs} loss {mean_loss:.3f} "
+                                        f"acc {correct.item() / seen:.3f} {rate:,.0f} img/s")
+                    progress.advance(task)
+                epoch_loss = loss_sum.item() / seen
+                _check_finite(epoch_loss, epoch, len(loader) - 1, cfg)
+                optim.epochs_done = epoch + 1
+                history["loss"].append(epoch_loss)
+                history["acc"].append(correct.item() / seen)
+                history["lr"].append(optim.lr(epoch))
+                history["images_per_s"].append(seen / max(time.perf_counter() - t0, 1e-9))
+                history["wall_s"] = time.perf_counter() - start
+                between_epochs = True
+                if (checkpoint is not None and checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0
+                        and epoch + 1 < end_epoch):
+                    save_checkpoint(Path(checkpoint), optim, model, loader, history)
+                    saved = optim.epochs_done
+    except Interrupted as err:
+        if (checkpoint is not None and checkpoint_every > 0 and between_epochs and saved != optim.epochs_done
+                and first_epoch < optim.epochs_done < end_epoch):
+            save_checkpoint(Path(checkpoint), optim, model, loader, history)
+        what = "training" if describe == "train" else f"training ({describe})"
+        err.where = err.where or f"{what} at epoch {min(optim.epochs_done + 1, optim.total_epochs)}/{optim.total_epochs}"
+        raise
     model.eval()
     history["wall_s"] = time.perf_counter() - start
     history["epochs"] = cfg.epochs
