@@ -20,7 +20,8 @@ from bdexp.results import RESULTS_FILE, read_status
 
 def sweep_status(sweep_dir: Path, since: float | None = None) -> dict[str, list[tuple[Path, dict]]]:
     """Jobs under `sweep_dir` grouped by status: complete, skipped (complete and older than
-    `since`), failed, missing (a job directory without results.json)."""
+    `since`), failed, missing (a job directory without results.json), and any other status a
+    results.json has: interrupted (jobs.Interrupted), unreadable (truncated or corrupt)."""
     groups: dict[str, list] = {"complete": [], "skipped": [], "failed": [], "missing": []}
     for job_dir in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and (p / ".hydra").exists()):
         path = job_dir / RESULTS_FILE
@@ -54,7 +55,7 @@ class SweepSummary(Callback):
         for job_dir, payload in groups["failed"]:
             err = payload.get("run", {}).get("error", {})
             console.print(f"  [red]failed[/] {job_dir.name}: {err.get('type')}: {err.get('message')}")
-        if groups["failed"] or groups["missing"]:
+        if any(groups.get(k) for k in ("failed", "missing", "interrupted", "unreadable")):
             console.print(f"  re-run the same command with hydra.sweep.dir={sweep_dir} to run only these jobs")
             if self.exit_on_failure and groups["failed"]:
                 sys.exit(1)

@@ -169,3 +169,47 @@ def test_a_skipped_step_brings_its_files_into_the_new_run_dir(tmp_path):
     assert again.bind("m") == 1
     assert again.get("defense:nc") == [{"metric": "target_flagged", "value": 1.0}]
     assert (second / "nc_masks.png").read_bytes() == b"png"
+
+
+def test_a_signal_inside_deferred_waits_for_the_block(tmp_path):
+    """A checkpoint or record being written is finished first; the signal is acted on after it."""
+    order = []
+    with pytest.raises(jobs.Interrupted) as caught:
+        with jobs.interruptible():
+            with jobs.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                order.append("block finished")
+            order.append("after the block")
+    assert order == ["block finished"] and caught.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+
+
+def test_an_interrupt_mid_epoch_keeps_the_last_saved_epoch(tmp_path):
+    """Half an epoch is never saved: with checkpoint_every=2, a signal in epoch 4 leaves epoch 2."""
+    from bdexp.data.loader import DeviceLoader
+    from bdexp.models import build_model
+    from bdexp.training.base import Regime
+    from bdexp.training.loop import train_model
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(with_tiny("train.epochs=5", "model.width=0.25"))
+    torch.manual_seed(0)
+    x, y = (torch.rand(64, 1, 8, 8) * 255).to(torch.uint8), torch.randint(0, 4, (64,))
+    model = build_model(cfg.model, in_channels=1, num_classes=4, image_size=8, mean=[0.5], std=[0.25])
+    loader = DeviceLoader(x, y, batch_size=32, device=torch.device("cpu"), seed=3, drop_last=True)
+
+    class Signalled(Regime):
+        calls = 0
+
+        def loss(self, model, batch):
+            Signalled.calls += 1
+            if Signalled.calls == 3 * len(loader) + 1:  # first step of epoch 4
+                raise jobs.Interrupted(signal.SIGINT)
+            return super().loss(model, batch)
+
+    with pytest.raises(jobs.Interrupted) as caught:
+        train_model(model, loader, Signalled(cfg.train), cfg.train, torch.device("cpu"),
+                    checkpoint=tmp_path / "c.pt", checkpoint_every=2)
+    assert caught.value.where == "training at epoch 4/5"
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["epoch"] == 2
