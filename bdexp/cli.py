@@ -170,6 +170,9 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _main()
+    except BrokenPipeError:  # `bdexp --help | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except Exception as err:
         message = hydra_message(err) or user_message(err)
         if message is None:  # a bug: its traceback once, from the task function down

@@ -250,3 +250,17 @@ def test_a_model_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path,
     with pytest.raises(OSError):
         atomic_torch_save({"w": torch.ones(2)}, path)
     assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["m.pt"]
+
+
+def test_help_into_a_closed_pipe_is_not_reported_as_a_bug(tmp_path):
+    """`bdexp --help | head -1`: the reader leaves early; bdexp exits quietly (141), no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bdexp", "--help"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the pipe's reader is gone before bdexp writes
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 141) and b"Traceback" not in err and b"bug" not in err
