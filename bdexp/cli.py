@@ -100,12 +100,24 @@ def record_failure(run_dir, cfg: DictConfig, digest: str | None, err: BaseExcept
         return None
 
 
+def _raised_by_mkdir(err: BaseException) -> bool:
+    """True when the innermost frame of `err`'s traceback is a mkdir (os.makedirs, Path.mkdir)."""
+    tb, last = err.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and last.tb_frame.f_code.co_name in ("mkdir", "makedirs")
+
+
 def user_message(err: BaseException) -> str | None:
     """The one line a user error prints, or None for a bug."""
     from bdexp.errors import BdexpError
 
     if isinstance(err, BdexpError):
         return str(err)
+    if isinstance(err, OSError) and err.errno == errno.ENOENT and _raised_by_mkdir(err):
+        # a directory that cannot be made where the user pointed (hydra.run.dir=/proc/x, ...)
+        return (f"cannot create the directory {err.filename or 'asked for'} ({err.strerror}); point "
+                f"hydra.run.dir (sweeps: hydra.sweep.dir) and cache.dir at a writable place")
     if isinstance(err, OSError) and err.errno in USER_ERRNOS:
         where = err.filename or "a file"
         if err.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -264,3 +264,10 @@ def test_help_into_a_closed_pipe_is_not_reported_as_a_bug(tmp_path):
     proc.stdout.close()  # the pipe's reader is gone before bdexp writes
     _, err = proc.communicate(timeout=120)
     assert proc.returncode in (0, 141) and b"Traceback" not in err and b"bug" not in err
+
+
+def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path):
+    """Hydra makes the run directory before bdexp's task starts; /proc refuses new directories
+    (ENOENT), which is the user's path, not a bug."""
+    res = _cli([*with_tiny(), "hydra.run.dir=/proc/bdexp_cannot_be_here"], tmp_path)
+    _assert_one_line(res, "cannot create the directory /proc/bdexp_cannot_be_here", "hydra.run.dir")
