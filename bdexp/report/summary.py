@@ -53,10 +53,11 @@ def fit_tables(headers: list[str], rows: list[list[str]], n_keys: int, title: st
     if _fits(table, width):
         return [], [table]
     lines: list[str] = []
-    if len(rows) > 1:  # keys the same in every row go to one line above the table
+    if rows:  # keys the same in every row go to one line above the table (one row: all of them)
         same = [i for i in range(n_keys) if len({r[i] for r in rows}) == 1]
-        if same and len(same) < n_keys:
-            lines.append("same in every row: " + ", ".join(f"{headers[i]} {rows[0][i]}" for i in same))
+        if same and (len(same) < n_keys or len(rows) == 1):
+            lead = "run: " if len(rows) == 1 else "same in every row: "
+            lines.append(lead + ", ".join(f"{headers[i]} {rows[0][i]}" for i in same))
             keep = [i for i in range(len(headers)) if i not in same]
             headers, rows = [headers[i] for i in keep], [[r[i] for i in keep] for r in rows]
             n_keys -= len(same)
@@ -64,7 +65,8 @@ def fit_tables(headers: list[str], rows: list[list[str]], n_keys: int, title: st
             if _fits(table, width):
                 return lines, [table]
     # transposed: one column per row (headed by its keys), one row per value column
-    t_headers = [" / ".join(headers[:n_keys]) or ""] + [" ".join(r[:n_keys]) or str(i) for i, r in enumerate(rows)]
+    t_headers = [" / ".join(headers[:n_keys]) or ""] + [" ".join(r[:n_keys]) or ("value" if len(rows) == 1 else str(i))
+                                                        for i, r in enumerate(rows)]
     t_rows = [[headers[j]] + [r[j] for r in rows] for j in range(n_keys, len(headers))]
     transposed = _table(f"{title} (transposed)", t_headers, t_rows)
     if _fits(transposed, width):

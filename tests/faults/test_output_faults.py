@@ -217,3 +217,16 @@ def test_report_user_errors_are_one_line_on_stderr(argv, says, sweep, tmp_path, 
     code, out, err = _main(argv, capsys, monkeypatch=monkeypatch)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and out == "" and len(lines) == 1 and says in lines[0] and "Traceback" not in err
+
+
+def test_a_single_run_prints_its_keys_on_a_line_and_its_values_in_a_table():
+    """One row whose keys overflow 80 columns: the keys go to one "run:" line, the table keeps the
+    values whole (it was split into column groups that repeated every key)."""
+    from bdexp.report.summary import fit_tables
+
+    headers = ["dataset", "model", "attack", "attack_mode", "train", "seed", "run_dir", "ba", "asr", "tmr"]
+    row = ["digits", "convnet", "watermark", "one_to_one", "standard", "0", ".", "1.000", "0.972", "0.500"]
+    lines, tables = fit_tables(headers, [row], 7, "runs", 40)
+    assert lines == ["run: dataset digits, model convnet, attack watermark, attack_mode one_to_one, "
+                     "train standard, seed 0, run_dir ."]
+    assert len(tables) == 1 and [c.header for c in tables[0].columns] == ["ba", "asr", "tmr"]
