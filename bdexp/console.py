@@ -1,6 +1,7 @@
 """The shared rich consoles. `console` (stdout) carries results: tables and summaries; piped
-output (logs, CI, sweeps) gets 160 columns instead of rich's default 80, so result tables are not
-truncated. `err_console` (stderr) carries errors, one unwrapped line each."""
+output (CI, sweeps) gets 160 columns instead of rich's default 80, so result tables are not
+truncated. `log_console` (stderr) carries log lines and progress bars, `err_console` (stderr)
+errors, one unwrapped line each."""
 import sys
 
 from rich.console import Console
@@ -8,6 +9,9 @@ from rich.markup import escape
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+# Log lines and progress bars go to stderr, so stdout carries only results (tables, summaries)
+# and `bdexp ... > results.txt` keeps them apart.
+log_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def one_line(text) -> str:

@@ -9,7 +9,7 @@ import logging
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bdexp.console import console
+from bdexp.console import log_console
 
 # `progress=false` in the run config turns every bar off (pipeline.run sets this): sweeps and
 # logs piped to files then carry the log lines only.
@@ -43,7 +43,7 @@ class PlainConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            stream = console.file
+            stream = log_console.file
             stream.write(self.format(record) + "\n")
             stream.flush()
         except Exception:  # logging must never take the run down
@@ -53,8 +53,8 @@ class PlainConsoleHandler(logging.Handler):
 def log_handler() -> logging.Handler:
     """The console handler: rich's columns (time, level, message; same time format as the file) on
     a terminal, where it keeps log lines above a live progress bar; plain lines elsewhere."""
-    if console.is_terminal:
-        handler: logging.Handler = RichHandler(console=console, show_path=False, log_time_format=LOG_DATEFMT,
+    if log_console.is_terminal:
+        handler: logging.Handler = RichHandler(console=log_console, show_path=False, log_time_format=LOG_DATEFMT,
                                                omit_repeated_times=False)
         handler.setFormatter(LineFormatter("%(message)s"))
     else:
@@ -73,7 +73,7 @@ def make_progress() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
-        console=console,
+        console=log_console,
         transient=False,
-        disable=not ENABLED or not console.is_terminal,
+        disable=not ENABLED or not log_console.is_terminal,
     )

@@ -139,7 +139,7 @@ def print_summary(run: dict, metrics: list[dict]) -> None:
         parts = [_skipped_part(name, metric, rows)
                  for (name, metric), rows in skipped.assign(name=skipped["defense"].fillna(skipped["analysis"])
                                                             .fillna("-")).groupby(["name", "metric"], sort=False)]
-        console.print(f"[yellow]skipped: {', '.join(parts)} (see the log above; results.json records each)",
+        console.print(f"[yellow]skipped: {', '.join(parts)} (the log says why; results.json records each)",
                       width=print_width())
 
 def _skipped_part(name: str, metric: str, rows: pd.DataFrame) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,10 @@ bdexp.pipeline.fit = fit
 from bdexp.cli import main
 main()
 """
+
+
+# A log line on stderr (bdexp/progress.py LOG_FORMAT): lines that are not the error itself
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) ")
 
 
 def _cli(args, cwd, prefix=("-m", "bdexp")):
@@ -126,9 +131,10 @@ def test_full_disk_while_running_is_one_line_and_keeps_earlier_results(earlier, 
     res = _cli(["full", *with_tiny(), f"hydra.run.dir={run_dir}", f"cache.dir={cache}"], tmp_path,
                prefix=(str(script),))
     assert res.returncode == 2 and "Traceback" not in res.stdout + res.stderr
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert lines == [f"bdexp error: the disk is full writing {cache}/models/x.pt; free space, "
-                     "or point hydra.run.dir and cache.dir at another disk"]
+    lines = [line for line in res.stderr.splitlines() if line.strip()]  # the run's log lines, then the error
+    assert [line for line in lines if not LOG_LINE.match(line)] == lines[-1:] == [
+        f"bdexp error: the disk is full writing {cache}/models/x.pt; free space, "
+        "or point hydra.run.dir and cache.dir at another disk"]
     after = _snapshot(run_dir, cache)
     assert {k: v for k, v in after.items() if k in before} == before  # complete results kept
     assert not [k for k in after if k.endswith(".tmp")]

@@ -78,7 +78,7 @@ def test_sigint_during_training_keeps_the_epochs_and_resumes(tmp_path):
 
     res = _cli([*args, f"hydra.run.dir={tmp_path / 'r2'}"], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert f"resumed from" in res.stdout and f"after epoch {saved} of 100" in res.stdout
+    assert f"resumed from" in res.stderr and f"after epoch {saved} of 100" in res.stderr  # log lines: stderr
     done = json.loads((tmp_path / "r2" / "results.json").read_text())
     assert done["status"] == "complete" and len(done["metrics"]) > 0
 
@@ -102,8 +102,8 @@ def test_sigterm_during_a_defense_keeps_the_finished_ones_and_the_rerun_skips_th
 
     res = _cli([*args, f"hydra.run.dir={tmp_path / 'r2'}"], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "defense ss: skipped" in res.stdout
-    assert "defense ss_train: skipped" not in res.stdout
+    assert "defense ss: skipped" in res.stderr
+    assert "defense ss_train: skipped" not in res.stderr
     done = json.loads((tmp_path / "r2" / "results.json").read_text())
     assert done["status"] == "complete" and done["run"]["model_cache"] == "hit"
     assert [r for r in done["metrics"] if r.get("defense") == "ss"] == ss_records
@@ -129,7 +129,7 @@ def test_interrupted_sweep_job_is_not_complete_and_a_corrupt_record_is_rerun(tmp
 
     again = _cli(args, tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "resumed from" in again.stdout and "1 complete, 1 skipped" in again.stdout
+    assert "resumed from" in again.stderr and "1 complete, 1 skipped" in again.stdout  # log / result
     assert (sweep / "0" / "results.json").stat().st_mtime_ns == stamp
     assert read_status(sweep / "1" / "results.json")[0] == "complete"
 

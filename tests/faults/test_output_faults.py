@@ -194,8 +194,9 @@ def test_skipped_pools_are_one_warning_with_a_count_and_every_line_is_said_once(
     assert "train: 1 epoch in" in text and "1 epochs" not in text
     assert sum("256 train" in ln for ln in text.splitlines()) == 1  # the dataset line once
     # one format: every log line on the console and in the job's log file
-    logs = [ln for ln in res.stdout.splitlines() if re.match(r"^\S*\d\d:\d\d", ln) or "INFO" in ln]
+    logs = [ln for ln in res.stderr.splitlines() if re.match(r"^\S*\d\d:\d\d", ln) or "INFO" in ln]
     assert logs and all(LOG_LINE.match(ln) for ln in logs), logs
+    assert not any(LOG_LINE.match(ln) for ln in res.stdout.splitlines())  # stdout carries results only
     file_lines = (tmp_path / "run" / "cli.log").read_text().splitlines()
     assert file_lines and all(LOG_LINE.match(ln) for ln in file_lines), file_lines
     # a rerun of a complete run says "skipped" once
@@ -205,9 +206,9 @@ def test_skipped_pools_are_one_warning_with_a_count_and_every_line_is_said_once(
 
 
 def test_hydra_sweep_lines_share_the_log_format(sweep):
-    lines = [ln for ln in sweep[1].stdout.splitlines() if "Launching" in ln or "#0 :" in ln or "#1 :" in ln]
+    lines = [ln for ln in sweep[1].stderr.splitlines() if "Launching" in ln or "#0 :" in ln or "#1 :" in ln]
     assert len(lines) == 3 and all(LOG_LINE.match(ln) for ln in lines), lines
-    assert "[HYDRA]" not in sweep[1].stdout
+    assert "[HYDRA]" not in sweep[1].stdout + sweep[1].stderr
 
 
 @pytest.mark.parametrize("argv,says", [(["{tmp}/nowhere"], "does not exist"),
