@@ -485,3 +485,17 @@ def test_detectors_on_a_planted_backdoor(planted_exp, name, overrides, auroc):
         assert got[(pool, "tpr95")] == (1.0 if auroc == 1.0 else 0.0)
         if name in ("strip", "cd"):  # their own threshold rules catch every triggered input
             assert got[(pool, "tpr")] == 1.0
+
+
+def test_skipped_pools_are_one_warning(tmp_path, caplog):
+    """attack=none: both pools of an input detector have no poisoned input; one warning says so."""
+    from bdexp import pipeline
+    from tests.conftest import compose_cfg, with_tiny
+
+    cfg = compose_cfg(with_tiny("attack=none", "defense=[msp]", "train.epochs=1"))
+    with caplog.at_level("WARNING"):
+        out = pipeline.run(cfg, tmp_path)
+    warned = [r.getMessage() for r in caplog.records if "msp: skipped" in r.getMessage()]
+    # the test pool: 96 test images less the clean reserve (half of each of the 4 classes: 48)
+    assert warned == ["msp: skipped 2 pool(s): train (0 poisoned of 256 inputs), test (0 poisoned of 48 inputs)"]
+    assert sum(r["metric"] == "skipped" for r in out["metrics"] if r.get("defense") == "msp") == 2

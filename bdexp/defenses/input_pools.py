@@ -93,13 +93,15 @@ def clean_reserve(exp, per_class: int) -> Reserve:
     idx = exp.reserve_index.numpy()
     y = exp.data.y_test.numpy()[idx]
     rng = exp.rng("input_pools/reserve")
-    keep = []
+    keep, short = [], []
     for c in range(exp.data.num_classes):
         mine = rng.permutation(idx[y == c])
         if len(mine) < per_class:
-            log.warning("reserve: class %d has %d clean reserve images, fewer than reserve_per_class=%d "
-                        "(screening.reserve_per_class or the test set limits it)", c, len(mine), per_class)
+            short.append(f"{c}: {len(mine)}")
         keep.append(mine[:per_class])
+    if short:  # one line for all short classes
+        log.warning("reserve: %d class(es) have fewer than reserve_per_class=%d clean reserve images (%s; "
+                    "screening.reserve_per_class or the test set limits it)", len(short), per_class, ", ".join(short))
     pos = np.sort(np.concatenate(keep)).astype(np.int64)
     t = torch.as_tensor(pos, dtype=torch.long)
     return Reserve(exp.data.x_test[t], exp.data.y_test[t].clone(), pos)
@@ -185,13 +187,16 @@ def run_input_detector(exp, dcfg: Any, build: Callable[[Any, Reserve, Any], Scor
     pools = [input_pool(exp, p, dcfg.get("max_pool", None)) for p in dcfg.get("pools", POOLS)]
     rows: list[dict] = []
     runnable = []
+    skipped = []
     for pool in pools:
         n_pos = int(pool.labels.sum())
         if n_pos == 0 or n_pos == len(pool.labels):
-            log.warning("%s: skipping pool %s: %d poisoned of %d inputs", name, pool.name, n_pos, len(pool.labels))
+            skipped.append(f"{pool.name} ({n_pos} poisoned of {len(pool.labels)} inputs)")
             rows.append(record("skipped", 1.0, pool=pool.name, **tags))
         else:
             runnable.append(pool)
+    if skipped:  # one line for all of this detector's skipped pools
+        log.warning("%s: skipped %d pool(s): %s", name, len(skipped), ", ".join(skipped))
     if not runnable:
         return rows
     reserve = clean_reserve(exp, int(dcfg.get("reserve_per_class", 10)))
