@@ -182,6 +182,9 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _main()
+    except KeyboardInterrupt:  # Ctrl-C before the run's own handlers are in place (composing, launching)
+        print_error("interrupted before the run started; nothing was computed", prefix="bdexp")
+        sys.exit(130)
     except BrokenPipeError:  # `bdexp --help | head`: the reader left; nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)

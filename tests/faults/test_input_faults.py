@@ -277,3 +277,18 @@ def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path):
     (ENOENT), which is the user's path, not a bug."""
     res = _cli([*with_tiny(), "hydra.run.dir=/proc/bdexp_cannot_be_here"], tmp_path)
     _assert_one_line(res, "cannot create the directory /proc/bdexp_cannot_be_here", "hydra.run.dir")
+
+
+def test_ctrl_c_while_composing_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    """A SIGINT before pipeline.run installs its handlers (Hydra still composing) is one line, 130."""
+    from bdexp import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_main", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted before the run started" in err and "Traceback" not in err
