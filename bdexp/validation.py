@@ -42,8 +42,9 @@ def show(value) -> str:
 
 @dataclass(frozen=True)
 class Rule:
-    """`kind`: int | number | bool | ints | numbers (a non-empty list); `lo`/`hi` bound every
-    number (open bounds with lo_open/hi_open); `null`: None is allowed; `choices`: exact values."""
+    """`kind`: int | number | bool | ints | numbers (a non-empty list) | choice (one of `choices`,
+    e.g. a rule's name); `lo`/`hi` bound every number (open bounds with lo_open/hi_open); `null`:
+    None is allowed; `choices`: exact values."""
 
     kind: str
     lo: float | None = None
@@ -86,6 +87,8 @@ class Rule:
             return self.null
         if self.kind == "bool":
             return isinstance(v, bool)
+        if self.kind == "choice":
+            return v in self.choices
         if self.kind in ("int", "number"):
             return self._scalar_ok(v, self.kind == "int")
         if not isinstance(v, (list, tuple)) or not v:
@@ -140,6 +143,19 @@ RULES: dict[str, Rule] = {
     "dataset.augment.flip": _BOOL,
     "dataset.download": _BOOL,
     "model.width": Rule("number", 0, lo_open=True),
+    # the decision rules of the pool detectors and ISPL's schedules (bdexp/defenses/ac.py, ss.py,
+    # ispl_core.py): a misspelt rule stops here, not after training
+    "defense.ac.criterion": Rule("choice", choices=("reserve", "size", "silhouette")),
+    "defense.ac.reduce": Rule("choice", choices=("fastica", "pca")),
+    "defense.ac_train.criterion": Rule("choice", choices=("size", "silhouette")),
+    "defense.ac_train.reduce": Rule("choice", choices=("fastica", "pca")),
+    "defense.ss.orient": Rule("choice", choices=("reserve", "none")),
+    "defense.ispl.vote_rule": Rule("choice", choices=("paper", "code")),
+    "defense.ispl.st_smooth": Rule("choice", choices=("probs", "agreement")),
+    "defense.ispl.iter_schedule": Rule("choice", choices=("constant", "step")),
+    "defense.ispl.learner_schedule": Rule("choice", choices=("constant", "step")),
+    "defense.ispl.st_schedule": Rule("choice", choices=("constant", "step")),
+    "defense.itlm.round_schedule": Rule("choice", choices=("constant", "step")),
 }
 
 _GENERIC = {"number": Rule("number", null=True), "bool": Rule("bool", null=True),

@@ -14,6 +14,7 @@ from bdexp.defenses.screening import (DetectorOutput, SkipPool, pool_counts, run
                                       screening_pools)
 from bdexp.defenses.sr import detect_sr, energy_rank, fit_subspace
 from bdexp.defenses.ss import detect_ss, n_removed
+from bdexp.errors import ConfigError
 from bdexp.experiment import Experiment
 from tests.conftest import compose_cfg, with_tiny
 
@@ -91,7 +92,7 @@ def test_ss_options_and_errors():
     assert out.flagged.sum() == 15 and out.extra["eps_assumed"] == 0.02
     with pytest.raises(SkipPool, match="orient=none"):
         detect_ss(x, x[:0], {}, assumed_ratio=0.1, rng=np.random.default_rng(0))
-    with pytest.raises(ValueError, match="orient"):
+    with pytest.raises(ConfigError, match="orient"):
         detect_ss(x, reserve, {"orient": "up"}, assumed_ratio=0.1, rng=np.random.default_rng(0))
 
 
@@ -153,7 +154,7 @@ def test_ac_size_and_silhouette_rules_at_an_imbalanced_pool():
                      rng=np.random.default_rng(0)).flagged.sum() == 20
     assert not detect_ac(x, None, {**cfg, "max_size_fraction": 0.05}, assumed_ratio=0.1,
                          rng=np.random.default_rng(0)).flagged.any()
-    with pytest.raises(ValueError, match="criterion"):
+    with pytest.raises(ConfigError, match="criterion"):
         detect_ac(x, None, {**cfg, "criterion": "vote"}, assumed_ratio=0.1, rng=np.random.default_rng(0))
 
 
@@ -164,7 +165,7 @@ def test_ac_pca_reduction_as_ibm_art():
     cfg = {**AC_CFG, "n_components": 10, "reduce": "pca", "min_samples_per_component": 10}
     out = detect_ac(x, None, cfg, assumed_ratio=0.0, rng=np.random.default_rng(0))
     assert metrics.detection_scores(y, out.flagged)["f1"] == 1.0 and out.tags["reduce"] == "pca"
-    with pytest.raises(ValueError, match="reduce"):
+    with pytest.raises(ConfigError, match="reduce"):
         detect_ac(x, None, {**cfg, "reduce": "tsne"}, assumed_ratio=0.0, rng=np.random.default_rng(0))
 
 

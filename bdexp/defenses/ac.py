@@ -37,6 +37,7 @@ from sklearn.metrics import silhouette_score
 
 from bdexp.conf import with_defaults
 from bdexp.defenses import DEFENSES
+from bdexp.errors import ConfigError
 from bdexp.defenses.screening import DetectorOutput, SkipPool, run_pool_detector
 
 _RANK_TOL = 1e-6  # eigenvalues below this fraction of the largest count as zero (float32 features)
@@ -88,7 +89,7 @@ def detect_ac(features: np.ndarray, reserve: np.ndarray | None, dcfg: Any, *, as
     opts = with_defaults(dcfg, "defense", "ac")  # conf/defense/ac.yaml under a partial config
     criterion = str(opts["criterion"])
     if criterion not in CRITERIA:
-        raise ValueError(f"ac.criterion must be one of {list(CRITERIA)}, got {criterion!r}")
+        raise ConfigError(f"defense.ac.criterion must be one of {list(CRITERIA)}, got {criterion!r}")
     tags = {"rule": criterion, "reduce": str(opts["reduce"])}
     # Reduce to what the pool supports. Whitening n−1 dims of n points maps them onto a regular
     # simplex (all pairwise distances equal) and k-means splits at random, so we also keep
@@ -101,7 +102,7 @@ def detect_ac(features: np.ndarray, reserve: np.ndarray | None, dcfg: Any, *, as
     seed = int(rng.integers(2**31 - 1))
     reduce = str(opts["reduce"])
     if reduce not in REDUCTIONS:
-        raise ValueError(f"ac.reduce must be one of {list(REDUCTIONS)}, got {reduce!r}")
+        raise ConfigError(f"defense.ac.reduce must be one of {list(REDUCTIONS)}, got {reduce!r}")
     if reduce == "fastica":  # ML-MMDR §6.1 / Chen et al.; "pca" keeps the unwhitened scores (IBM ART's default)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)

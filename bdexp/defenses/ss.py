@@ -26,6 +26,7 @@ import torch
 
 from bdexp.conf import with_defaults
 from bdexp.defenses import DEFENSES
+from bdexp.errors import ConfigError
 from bdexp.defenses.screening import DetectorOutput, SkipPool, run_pool_detector
 
 ORIENTS = ("reserve", "none")
@@ -81,7 +82,7 @@ def detect_ss(features: np.ndarray, reserve: np.ndarray | None, dcfg: Any, *, as
     opts = with_defaults(dcfg, "defense", "ss")  # conf/defense/ss.yaml under a partial config
     orient = str(opts["orient"])
     if orient not in ORIENTS:
-        raise ValueError(f"ss.orient must be one of {list(ORIENTS)}, got {orient!r}")
+        raise ConfigError(f"defense.ss.orient must be one of {list(ORIENTS)}, got {orient!r}")
     if orient == "reserve":
         if reserve is None or len(reserve) == 0:
             raise SkipPool("ss.orient=reserve needs clean reserve images of the target class "

@@ -292,3 +292,12 @@ def test_ctrl_c_while_composing_is_one_line_and_exit_130(tmp_path, monkeypatch, 
     assert exit_info.value.code == 130
     err = capsys.readouterr().err
     assert "interrupted before the run started" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("defense.ac.criterion=foo", ["defense.ac.criterion='foo'", "reserve, size, silhouette"]),
+    ("defense.ss.orient=up", ["defense.ss.orient='up'", "reserve, none"]),
+])
+def test_a_misspelt_decision_rule_stops_before_training(override, needles, tmp_path):
+    res = _cli([*with_tiny("defense=[ac,ss]"), override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    _assert_one_line(res, *needles)
