@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bdexp.report.tables import (PLOTS, TABLES, leave_out, learnt_runs, pivot_mean, prepare, save_figure,  # noqa: E402
-                                 select)
+from bdexp.report.tables import (PLOTS, TABLES, f1_rows, leave_out, learnt_runs, pivot_mean, prepare,  # noqa: E402
+                                 save_figure, select)
 
 LEVELS = ["s1", "s2", "s3"]
 
@@ -48,21 +48,6 @@ def f1_table(df: pd.DataFrame) -> pd.DataFrame:
     rows = f1_rows(df)
     return pivot_mean(rows, ["dataset", "model", "defense", "f1", "regime", "attack"], ["N", "r", "level"],
                       learnt=learnt_runs(df, "asr"))
-
-
-def f1_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """F1 records of AC, SS and SR with a column `f1` saying which F1 a row is: "rule: <name>" for
-    the detector's own decision (AC's cluster choice, SS's top-⌈1.5·ε̂·n⌉ removal), "max-F1" for the
-    best threshold over the scores (SR's only F1, as ML-MMDR §6.1 scores it; `f1_max` of the others)."""
-    rows = select(df, metric=["f1", "f1_max"], defense=["ac", "ss", "sr"], level=LEVELS)
-    if rows.empty:
-        return rows
-    rows = rows[~((rows["defense"] == "sr") & (rows["metric"] == "f1_max"))].copy()
-    rule = rows["rule"] if "rule" in rows else pd.Series(None, index=rows.index, dtype=object)
-    own = (rows["metric"] == "f1") & (rows["defense"] != "sr")
-    rows["f1"] = "max-F1"
-    rows.loc[own, "f1"] = "rule: " + rule[own].fillna("default").astype(str)
-    return rows
 
 
 @TABLES.register("nc")

@@ -12,6 +12,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from bdexp.console import console
+from bdexp.report.tables import f1_rows
 
 
 def print_width() -> int:
@@ -119,9 +120,9 @@ def print_summary(run: dict, metrics: list[dict]) -> None:
             df[tag] = None
     plain = df[df["defense"].isna() & df["analysis"].isna()]
     print_frame(plain.set_index("metric")[["value"]].T.rename(index={"value": "test set"}).rename_axis("model"), "model")
-    pools = df[df["metric"].eq("f1") & df["N"].notna()]
-    if not pools.empty:
-        print_frame(_pivot(pools.astype({"N": int}), ["defense", "level"], ["N", "r"]),
+    pools = f1_rows(df[df["N"].notna()])
+    if not pools.empty:  # the detector's own rule and the best threshold, labelled (as --table f1_levels)
+        print_frame(_pivot(pools.astype({"N": int}), ["defense", "f1", "level"], ["N", "r"]),
                     "detectors: F1 on the screening pools (columns N, r′)")
     dist = df[df["analysis"].eq("distances") & df["metric"].isin(["mmd2", "ed2", "swd1", "aro"])]
     if not dist.empty:

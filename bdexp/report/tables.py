@@ -234,3 +234,18 @@ def save_figure(fig, out_dir: Path, name: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def f1_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """F1 records of AC, SS and SR with a column `f1` saying which F1 a row is: "rule: <name>" for
+    the detector's own decision (AC's cluster choice, SS's top-⌈1.5·ε̂·n⌉ removal), "max-F1" for the
+    best threshold over the scores (SR's only F1, as ML-MMDR §6.1 scores it; `f1_max` of the others)."""
+    rows = select(df, metric=["f1", "f1_max"], defense=["ac", "ss", "sr"], level=["s1", "s2", "s3"])
+    if rows.empty:
+        return rows
+    rows = rows[~((rows["defense"] == "sr") & (rows["metric"] == "f1_max"))].copy()
+    rule = rows["rule"] if "rule" in rows else pd.Series(None, index=rows.index, dtype=object)
+    own = (rows["metric"] == "f1") & (rows["defense"] != "sr")
+    rows["f1"] = "max-F1"
+    rows.loc[own, "f1"] = "rule: " + rule[own].fillna("default").astype(str)
+    return rows
