@@ -1,7 +1,7 @@
 """One contract for every score: plain tensors/arrays in, floats out.
 
 Accuracy-type metrics take predictions; detection metrics take suspicion scores where higher
-means more suspicious and labels where 1 = malicious (SPEC conventions).
+means more suspicious and labels where 1 = malicious (the project's convention).
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def tpr_at_tpr95_clean(labels, scores) -> float:
 
 
 def best_f1(labels, scores) -> dict[str, float]:
-    """F1 at the best threshold over all observed scores (SPEC §5.2 SR: max-F1)."""
+    """F1 at the best threshold over all observed scores (SR as ML-MMDR §6.1 reports it: max-F1)."""
     labels, scores = _np(labels).astype(int), _np(scores)
     order = np.argsort(-scores, kind="stable")
     tp = np.cumsum(labels[order])

@@ -1,4 +1,4 @@
-"""Long-format result records and the run's results.json (DESIGN data flow step 9)."""
+"""Long-format result records and the run's results.json (a `run` object and a list of `metrics`)."""
 from __future__ import annotations
 
 import json

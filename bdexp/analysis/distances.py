@@ -1,4 +1,4 @@
-"""`analysis=[distances]`: distributional differences and ARO (SPEC §4; ML-MMDR §2.3, §4).
+"""`analysis=[distances]`: distributional differences and ARO (ML-MMDR §2.3, §4).
 
 For a feature level i and a set distance M ∈ {MMD², ED², SWD1}:
     a = M(Z^T_t, Z^V_t)                 benign target class vs. malicious
@@ -84,7 +84,7 @@ def _pair_values(x: torch.Tensor, y: torch.Tensor, opts: dict, seed: int, device
 
 @ANALYSES.register("distances")
 def distances(exp, cfg) -> list[dict]:
-    """Distances a/b/c, ranks and ARO per level (SPEC §4); see the module docstring."""
+    """Distances a/b/c, ranks and ARO per level (ML-MMDR §4); see the module docstring."""
     opts = _options(cfg)
     attack = exp.attack
     if not getattr(attack, "poisons", True) or getattr(attack, "name", "") == "none":

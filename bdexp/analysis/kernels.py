@@ -1,4 +1,4 @@
-"""Set distances on flattened features: MMD² (SPEC §3), ED² and SWD1 (SPEC §4; ML-MMDR §2.3 eq. 3-5).
+"""Set distances on flattened features: MMD², ED² and SWD1 (ML-MMDR §2.3 eq. 3-5).
 
 Everything is vectorized torch and runs on the inputs' device. The math is done in float32 (float64
 inputs stay float64) with autocast switched off, so bf16 training (loop.py) does not degrade it.
@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 
 # Bandwidth multipliers per kernel name. A Gaussian term is exp(-d² / (b · mult)) with b the
-# adaptive base (mean off-diagonal squared distance of the pooled sets, SPEC §3).
-# `gmk_adaptive` is the default of SPEC §3 (the ML-MMDR authors' code). The gk*/gmk* sets are the
+# adaptive base (mean off-diagonal squared distance of the pooled sets, as in the ML-MMDR authors' code).
+# `gmk_adaptive` is the default (the ML-MMDR authors' code). The gk*/gmk* sets are the
 # σ values of ML-MMDR Table 3 (§6.3). The paper calls σ a standard deviation but gives no base
-# scale; SPEC §3 fills that gap by treating σ as a multiplier of the adaptive base (**gap**).
+# scale; we fill that gap by treating σ as a multiplier of the adaptive base (our choice).
 KERNELS: dict[str, tuple[float, ...]] = {
-    "gmk_adaptive": (1 / 4, 1 / 2, 1.0, 2.0, 4.0),  # SPEC §3 default
+    "gmk_adaptive": (1 / 4, 1 / 2, 1.0, 2.0, 4.0),  # default (the ML-MMDR authors' code)
     "gk1": (1 / 2,),  # Table 3: GK1 σ = 1/2
     "gk2": (1.0,),  # Table 3: GK2 σ = 1
     "gk3": (2.0,),  # Table 3: GK3 σ = 2
@@ -62,7 +62,7 @@ def sq_dists(z: torch.Tensor) -> torch.Tensor:
 
 
 def _gaussian_mixture(d2: torch.Tensor, base: torch.Tensor, mults: tuple[float, ...]) -> torch.Tensor:
-    """Σ over multipliers of exp(−d² / (b · mult)) (SPEC §3: a SUM, not a mean)."""
+    """Σ over multipliers of exp(−d² / (b · mult)) (as in the ML-MMDR authors' code: a SUM, not a mean)."""
     k = torch.zeros_like(d2)
     for mult in mults:
         k = k + torch.exp(-d2 / (base * mult))
@@ -83,7 +83,7 @@ def mmd2_masked(z: torch.Tensor, in_x: torch.Tensor, in_y: torch.Tensor, kernel:
             diff = (wx @ z) / nx - (wy @ z) / ny
             return (diff * diff).sum()
         d2 = sq_dists(z)
-        with torch.no_grad():  # bandwidth base: mean off-diagonal d² of the pooled groups (SPEC §3)
+        with torch.no_grad():  # bandwidth base: mean off-diagonal d² of the pooled groups (authors' code)
             u = wx + wy
             n = u.sum()
             base = (u @ d2 @ u) / (n * n - n).clamp_min(1.0)
@@ -96,7 +96,7 @@ def mmd2_masked(z: torch.Tensor, in_x: torch.Tensor, in_y: torch.Tensor, kernel:
 
 
 def mmd2(x: torch.Tensor, y: torch.Tensor, kernel: str = "gmk_adaptive") -> torch.Tensor:
-    """Biased MMD² between sets x (m, d) and y (n, d), a differentiable scalar (SPEC §3)."""
+    """Biased MMD² between sets x (m, d) and y (n, d), a differentiable scalar (ML-MMDR eq. 3)."""
     if len(x) == 0 or len(y) == 0:
         raise ValueError(f"mmd2 needs two non-empty sets, got sizes {len(x)} and {len(y)}")
     m, n = len(x), len(y)
@@ -108,7 +108,7 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, kernel: str = "gmk_adaptive") -> torc
 
 
 def ed2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Energy distance, V-statistic (ML-MMDR eq. 4, SPEC §4):
+    """Energy distance, V-statistic (ML-MMDR eq. 4, §2.3):
     2·mean‖x−y‖ − mean‖x−x′‖ − mean‖y−y′‖ (Euclidean; diagonals included)."""
     if len(x) == 0 or len(y) == 0:
         raise ValueError(f"ed2 needs two non-empty sets, got sizes {len(x)} and {len(y)}")
@@ -124,10 +124,10 @@ def ed2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def swd1(x: torch.Tensor, y: torch.Tensor, num_projections: int = 100,
          generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sliced Wasserstein-1 (ML-MMDR eq. 5, SPEC §4): the mean over `num_projections` random unit
+    """Sliced Wasserstein-1 (ML-MMDR eq. 5, §2.3): the mean over `num_projections` random unit
     directions R of Σ_i |R(x)_(i) − R(y)_(i)| over sorted projections.
 
-    Following SPEC §4 (and eq. 5) literally this is the SUM over the m samples, not the mean, so it
+    Following ML-MMDR eq. 5 literally this is the SUM over the m samples, not the mean, so it
     equals m · W1 of the projected sets and grows with the set size: compare equal sizes only.
     Sets of different sizes are first cut to the smaller size by a random subsample of the larger.
     Directions (and the subsample) come from `generator` (its device); reuse one seed to compare

@@ -1,5 +1,6 @@
-"""A finite-sample upper bound on the overlap index and the one-class score built on it (SPEC §5.6;
-OVL §II, Corollary 1, Alg. 1–2; the formulas are lost in the text, SPEC gives the reconstruction).
+"""A finite-sample upper bound on the overlap index and the one-class score built on it (OVL §II,
+Corollary 1, Alg. 1–2; the formulas are lost in the paper's extracted text, so the form below is our
+reconstruction).
 
 Overlap η(P,Q) = ∫ min(p, q) = 1 − TV(P,Q). On a domain with sup‖x‖ ≤ D and any set A with
 r_A = sup_{x∈A} ‖x‖ (OVL Theorem 1, any norm):
@@ -74,7 +75,7 @@ def _radii(norms: Tensor, k: int) -> Tensor:
 
 
 def _bound(gap: Tensor, d_max: Tensor, radii: Tensor, p_frac: Tensor, q_frac: Tensor) -> Tensor:
-    """min over {∅, A_r1..A_rK} of SPEC §5.6's right-hand side, clipped to [0, 1].
+    """min over {∅, A_r1..A_rK} of the module docstring's right-hand side, clipped to [0, 1].
     gap, d_max: (...,); radii, p_frac, q_frac: broadcastable to (..., K)."""
     safe = torch.where(d_max > 0, d_max, torch.ones_like(d_max))
     ball = (d_max[..., None] - radii).clamp_min(0) * (p_frac - q_frac).abs()  # (D − r)·|P(A) − Q(A)|
@@ -96,7 +97,7 @@ def _bound_about(p: Tensor, q: Tensor, center: Tensor, gap: Tensor, order: float
 
 
 def overlap_bound(p, q, norm=2, num_radii: int = 10, *, center: str = "best", radii_from: str = "pooled") -> float:
-    """Upper bound on η(P, Q) from samples p (n, d) and q (m, d) (SPEC §5.6, OVL Corollary 1).
+    """Upper bound on η(P, Q) from samples p (n, d) and q (m, d) (OVL Corollary 1).
 
     center: where the balls A_r sit and D is measured from (module docstring): "pooled" (mean of
     both samples), "p" (μ_P), "q" (μ_Q), "origin" (OVL's form), or "best" (the smallest of the
@@ -127,8 +128,8 @@ class OverlapScorer:
     """One-class confidence score (OVL §III-B, Alg. 2): the overlap bound between the in-class
     samples P and the point mass at an input x; higher = more in-class.
 
-    fit() keeps only the centre, μ_P, max norm, K radii (quantiles of the in-class norms, SPEC
-    §5.6) and P(A_r); score() is then O(K) per input after its norm (OVL §III-C). For one point,
+    fit() keeps only the centre, μ_P, max norm, K radii (quantiles of the in-class norms, our
+    choice) and P(A_r); score() is then O(K) per input after its norm (OVL §III-C). For one point,
     μ_Q = x and Q(A_r) = 1[‖x − c‖ ≤ r]; D = max(in-class max norm, ‖x − c‖) so it covers both.
     center="p" puts the balls around μ_P, "origin" is OVL's form. score(x)[i] equals
     overlap_bound(feats, x[i:i+1], norm, num_radii, center=center, radii_from="p").

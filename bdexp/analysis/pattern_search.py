@@ -1,4 +1,4 @@
-"""ISCP mask search and predictive power, batched over many masks (ISCP §3, §4, Alg. 1; SPEC §6).
+"""ISCP mask search and predictive power, batched over many masks (ISCP §3, §4, Alg. 1).
 
 One *job* is one search: a class y, a canvas x_c and its own random pairing order over D_n(y),
 the search images whose true class is not y. K jobs run in ONE forward pass per step: masks
@@ -29,7 +29,7 @@ from bdexp.errors import ConfigError
 from bdexp.progress import make_progress
 
 # (w_ce, w_l1 per unit α): the paper's eq. 2, or the authors' code 0.2·CE + 0.8·Σm/(HW/2)
-# = 0.2·CE + 1.6·‖m‖₁/n (SPEC §6, **code**), which ignores α.
+# = 0.2·CE + 1.6·‖m‖₁/n (the ISCP authors' code), which ignores α.
 WEIGHTINGS = ("paper", "code")
 
 

@@ -1,4 +1,4 @@
-"""`analysis=[patterns]`: class-wise input-space patterns and their predictive power (ISCP; SPEC §6).
+"""`analysis=[patterns]`: class-wise input-space patterns and their predictive power (ISCP §3, §4).
 
 For every class y in `classes`: pick N canvases of each type (ISCP §3 "Canvas Sampling"), search
 a mask on each (pattern_search.py: all classes and canvases batched), binarize its top-k% (each
@@ -114,7 +114,7 @@ def canvas_indices(kind: str, c: int, y: np.ndarray, pred: np.ndarray, prob: np.
     """Positions (into the search part) of up to n canvases of one type for class c (ISCP §3):
     positive = the n most confident correctly classified class-c images (all class-c images by
     confidence when none is correct); negative = the n non-target images with the highest p_c, so
-    the most confidently misclassified into c come first (SPEC §6); random = n random class-c
+    the most confidently misclassified into c come first (ISCP §3); random = n random class-c
     images."""
     own = np.flatnonzero(y == c)
     if kind == "positive":

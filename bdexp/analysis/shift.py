@@ -1,5 +1,5 @@
-"""`analysis=[shift]`: the domain-shift bound of OVL Theorem 2 on a backdoored model (SPEC §5.6
-"Domain shift", OVL §IV and Fig. 5; the formulas are lost in the text, SPEC reconstructs them).
+"""`analysis=[shift]`: the domain-shift bound of OVL Theorem 2 on a backdoored model (OVL §IV
+and Fig. 5; the formulas are lost in the paper's extracted text, the form used here is our reconstruction).
 
 A test set T = ρ·P + (1 − ρ)·Q mixes clean images (P) with triggered non-target images (Q, the
 backdoor test set). With a_P the model's accuracy on P and a_Q ≤ a_P its accuracy on Q (w.r.t. the
@@ -135,7 +135,7 @@ def _spaces(exp, images: torch.Tensor, opts: dict) -> dict[str, torch.Tensor]:
 
 @ANALYSES.register("shift")
 def shift(exp, cfg) -> list[dict]:
-    """Measured accuracy and Theorem 2's bound against the purity ρ (SPEC §5.6, OVL Fig. 5)."""
+    """Measured accuracy and Theorem 2's bound against the purity ρ (OVL Theorem 2, Fig. 5)."""
     opts = _options(cfg)
     bd = exp.backdoor_test
     n_clean, n_trig = len(exp.data.y_test), len(bd.y_true)

@@ -1,4 +1,4 @@
-"""Backdoor attacks (SPEC §1). One module per attack registers itself in ``ATTACKS``.
+"""Backdoor attacks (each module cites its attack's paper). One module per attack registers itself in ``ATTACKS``.
 
 Adding an attack = one new module with an ``@ATTACKS.register("name")`` subclass of ``Attack``
 plus ``bdexp/conf/attack/<name>.yaml``.

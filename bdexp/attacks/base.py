@@ -266,7 +266,7 @@ class Attack:
         return torch.cat(chosen).sort().values
 
     def poison_train(self, x: torch.Tensor, y: torch.Tensor) -> PoisonedTrainSet:
-        """Poison a training set: replace in place or append poisoned copies (SPEC §1)."""
+        """Poison a training set: replace in place or append poisoned copies (`inject`)."""
         self._check_images(x, y)
         y = y.long()
         if not self.poisons:
@@ -292,7 +292,7 @@ class Attack:
         return PoisonedTrainSet(x_out, y_out, y_true, poison, cross)
 
     def backdoor_test(self, x: torch.Tensor, y: torch.Tensor) -> BackdoorTestSet:
-        """Triggered copies of every test image the attack targets (SPEC §1, test time)."""
+        """Triggered copies of every test image the attack targets (non-target; one_to_one: source class)."""
         self._check_images(x, y)
         y = y.long()
         if not self.poisons:

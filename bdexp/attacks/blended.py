@@ -1,4 +1,4 @@
-"""`blended`: x' = (1 − α)x + αb with b a fixed image (SPEC §1).
+"""`blended`: x' = (1 − α)x + αb with b a fixed image (Chen et al. 2017).
 
 b is a seeded uniform-noise image, or the image file `image` (resized to the data's H×W and
 converted to its channel count). α = 0.1 follows the ML-MMDR authors' code; CD used 0.2.

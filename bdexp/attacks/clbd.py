@@ -42,11 +42,11 @@ from bdexp.errors import ConfigError
 from bdexp.seeding import derive_seed
 
 NORMS = ("linf", "l2")
-# ε when `pgd_eps` is null. ℓ∞: 8/255 (SPEC §1; Turner's `inf_8`). ℓ2: 300/255, Turner et al.'s
+# ε when `pgd_eps` is null. ℓ∞: 8/255 (Turner et al.'s `inf_8`). ℓ2: 300/255, Turner et al.'s
 # `two_300` dataset (their ℓ2 bound 300 is on the 0..255 pixel scale; here images are in [0, 1]).
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 300 / 255}
 # Step size when `pgd_step_size` is null: 2.5·ε/steps (Madry et al.'s rule of thumb), which gives
-# exactly SPEC's 2/255 for ℓ∞ ε = 8/255 and 10 steps.
+# exactly ISCP §4.4's PGD step 2/255 for ℓ∞ ε = 8/255 and 10 steps.
 STEP_FACTOR = 2.5
 _PGD_BATCH = 256  # images per PGD forward/backward; the result does not depend on it (eval mode)
 

@@ -1,4 +1,4 @@
-"""`dlbd`: ISPL's dirty-label backdoor (ISPL §4.1, App. B; SPEC §1; after Gu et al. / Tran et al.).
+"""`dlbd`: ISPL's dirty-label backdoor (ISPL §4.1, App. B; after Gu et al. / Tran et al.).
 
 Per scenario, a perturbation is drawn once: a shape chosen uniformly among {pixel, X, L} (all fit
 within a 3×3 box), a position chosen uniformly so the whole shape is inside the image ("the X-shape
@@ -55,7 +55,7 @@ class DirtyLabelBackdoor(ScenarioAttack):
         # Position of the bounding box's top-left corner: the whole shape stays visible (ISPL App. B).
         top = int(torch.randint(0, h - bh + 1, (1,), generator=g))
         left = int(torch.randint(0, w - bw + 1, (1,), generator=g))
-        # Colour: each channel uniform in 0..254, as SPEC §1 (ISPL says 0..255; the reference code's
+        # Colour: each channel uniform in 0..254, as the authors' code (ISPL says 0..255; the reference code's
         # exclusive upper bound gives 0..254). One grey value for 1-channel images.
         colour = torch.randint(0, 255, (c,), generator=g).float() / 255.0
 

@@ -1,6 +1,6 @@
-"""`patched` (BadNets): x' = (1 − m)⊙x + m⊙b with m a small square mask (SPEC §1).
+"""`patched` (BadNets): x' = (1 − m)⊙x + m⊙b with m a small square mask (Gu et al., BadNets).
 
-Defaults (SPEC §1 table): a 3×3 checkerboard touching the bottom-right corner. Works for any
+Defaults (our choice, after BadNets): a 3×3 checkerboard touching the bottom-right corner. Works for any
 channel count; the checkerboard/white/black patterns are the same in every channel.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""`sig`: x' = clip(x + b), b(i, j) = Δ·sin(2π j f / W), a horizontal sinusoid (SPEC §1).
+"""`sig`: x' = clip(x + b), b(i, j) = Δ·sin(2π j f / W), a horizontal sinusoid (Barni et al.).
 
-Defaults Δ = 20/255, f = 6 (SPEC §1 table, after Barni et al.'s SIG). The signal is the same in
+Defaults Δ = 20/255, f = 6 (after Barni et al.'s SIG). The signal is the same in
 every row and channel; j is the column index.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`warped` (WaNet): x' = W(x, b), resampling with a fixed random smooth warp (SPEC §1).
+"""`warped` (WaNet): x' = W(x, b), resampling with a fixed random smooth warp (Nguyen & Tran, WaNet).
 
 The warp: a k×k control grid of uniform[-1, 1] offsets, normalized by its mean absolute value,
 upsampled bicubically to H×W (align_corners=True), scaled by s/H, added to the identity sampling

@@ -1,4 +1,4 @@
-"""`watermark`: ISPL's WATERMARK attack (ISPL §4.1, App. B; SPEC §1).
+"""`watermark`: ISPL's WATERMARK attack (ISPL §4.1, App. B).
 
 An 8×8 mark with a transparent background is blended into the upper-left corner at 80 % opacity:
 x' = (1 − o·a)⊙x + o·a⊙mark, with a the mark's alpha and o the opacity (0 % returns the original

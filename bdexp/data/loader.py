@@ -1,4 +1,4 @@
-"""The on-device batch loader (DESIGN data flow step 3, after airbench).
+"""The on-device batch loader (tensors stay on the device, batch-wise augmentation; after airbench).
 
 The whole training set lives on the run's device as uint8; each epoch is one random
 permutation, and augmentation (random crop with padding, horizontal flip) is applied to the

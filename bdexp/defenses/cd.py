@@ -1,4 +1,4 @@
-"""Cognitive Distillation (Huang et al., ICLR 2023; SPEC §5.5, **code**: the authors'
+"""Cognitive Distillation (Huang et al., ICLR 2023; follows the authors'
 detection/cognitive_distillation.py and analysis/cognitive_distillation.py).
 
 Per input x, with the model frozen, learn a one-channel mask m = (tanh(w) + 1)/2 (w starts at 1)
@@ -9,7 +9,7 @@ that keeps the model's output while blanking as much of x as possible:
 
 with Adam (lr 0.1, betas (0.1, 0.1)), 100 steps; f = logits (α 0.01, β 1) or, `variant: feature`,
 the last conv stage s3 (α 0.001, β 10, lr 0.05). Backdoored inputs distil to a tiny pattern:
-the suspicion score is −‖m‖₁, and the authors' rule flags ‖m‖₁ < μ − t·σ (t = 0.5, SPEC §5.5)
+the suspicion score is −‖m‖₁, and the authors' rule flags ‖m‖₁ < μ − t·σ (t = 0.5)
 with μ, σ the mean and (unbiased, as torch.std) standard deviation over the clean reserve.
 
 Batched: a whole batch of masks is optimised at once with the per-image losses *summed*, so each
@@ -68,7 +68,7 @@ def output_fn(model: nn.Module, variant: str, level: str, output: str = "logits"
               ) -> Callable[[torch.Tensor], torch.Tensor]:
     """What CD matches: the logits (authors' code), the softmax probabilities at a temperature
     (`output: probs`, softmax(z / temperature); our option, see cd_probs.yaml), or the flattened
-    features at `level` (SPEC §5.5 feature variant)."""
+    features at `level` (the authors' feature variant)."""
     if variant == "logit":
         if output == "logits":
             return lambda x: model(x)
@@ -143,7 +143,7 @@ def _params(dcfg: Any) -> dict[str, Any]:
 
 
 def build_cd(exp, reserve: Reserve, dcfg: Any):
-    """CD on the clean reserve gives μ, σ of ‖m‖₁ for the threshold rule (SPEC §5.5)."""
+    """CD on the clean reserve gives μ, σ of ‖m‖₁ for the threshold rule (the authors' code)."""
     params = _params(dcfg)
     t = float(with_defaults(dcfg, "defense", "cd")["threshold_t"])
     ref = cd_l1_norms(exp.model, reserve.x, exp.device, seed=exp.seed, tag="reserve", **params)

@@ -1,16 +1,16 @@
 """The input-level detection protocol shared by CD, the one-class overlap detector, STRIP,
-Mahalanobis, MSP and energy (SPEC §5.5–5.7) — the evaluator side.
+Mahalanobis, MSP and energy (CD; OVL Table II) — the evaluator side.
 
 The defender holds the frozen model and a small clean reserve: `reserve_per_class` clean test
 images per class (OVL §III-D3: "10 samples from each class"), a seeded subset of
 `exp.reserve_index`. It scores single inputs from two pools (higher = more suspicious):
 
   train — the poisoned training set as the learner saw it; positive = poison flag
-          (CD reports detection on the poisoned training set, SPEC §5.5); WaNet noise-mode
+          (CD reports detection on the poisoned training set); WaNet noise-mode
           "cross" samples carry no poison flag and count as clean;
   test  — the backdoor test set: every clean test image outside the reserve (`exp.screen_index`)
           plus every triggered non-target image (`exp.backdoor_test`) whose clean original is
-          outside the reserve; positive = triggered (OVL Table II / SPEC §5.6).
+          outside the reserve; positive = triggered (OVL Table II).
 
 `max_pool` caps a pool by a stratified seeded subsample (the poison share is kept); the draw
 depends only on the run seed, the pool and the cap, so every detector with the same cap sees

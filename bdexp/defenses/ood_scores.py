@@ -1,4 +1,4 @@
-"""Out-of-distribution scores as backdoor-input detectors (SPEC §5.7, OVL Table II baselines):
+"""Out-of-distribution scores as backdoor-input detectors (OVL Table II baselines):
 `msp`, `energy` (from the logits) and `mahalanobis` (from a feature level), all one forward pass.
 
 Direction (decided a priori, never flipped per run): these are OOD detectors, and OVL compares

@@ -1,4 +1,4 @@
-"""The overlap-index one-class detector (OVL §III, Alg. 1–2; SPEC §5.6), registered as `overlap`.
+"""The overlap-index one-class detector (OVL §III, Alg. 1–2), registered as `overlap`.
 
 One `OverlapScorer` (bdexp.analysis.overlap) per class is fitted on the clean reserve's features of
 that class (OVL §III-D3: 10 clean samples per class, features from the backdoored model); an input
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bdexp.analysis.overlap import OverlapScorer  # the bound itself lives with the analyses (SPEC §5.6)
+from bdexp.analysis.overlap import OverlapScorer  # the bound itself lives with the analyses (bdexp/analysis/overlap.py)
 from bdexp.conf import with_defaults
 from bdexp.defenses import DEFENSES
 from bdexp.defenses.input_pools import Reserve, run_input_detector

@@ -1,5 +1,5 @@
-"""The test-time screening protocol shared by the pool detectors AC, SS and SR (SPEC §5.1,
-ML-MMDR §6.1) — the evaluator side.
+"""The test-time screening protocol shared by the pool detectors AC, SS and SR
+(ML-MMDR §6.1) — the evaluator side.
 
 A pool (N, r′) is N benign test images the model predicts as the target t plus round(r′·N)
 triggered test images it predicts as t (r′ = malicious : benign). Pools are drawn once per run
@@ -69,13 +69,13 @@ class ScreeningPools:
 
 
 def _round_half_up(x: float) -> int:
-    """round(r′·N) of SPEC §5.1, halves up (Python's round() would send 2.5 to 2)."""
+    """round(r′·N) of ML-MMDR §6.1, halves up (Python's round() would send 2.5 to 2)."""
     return int(math.floor(x + 0.5 + 1e-9))
 
 
 def pool_counts(n_requested: int, ratio: float, n_benign_available: int, n_malicious_available: int) -> tuple[int, int]:
     """(n_benign, n_malicious) of pool (N, r′): the first N benign, fewer if fewer exist, plus
-    round(r′·n_benign) malicious, fewer if fewer exist (SPEC §5.1)."""
+    round(r′·n_benign) malicious, fewer if fewer exist (ML-MMDR §6.1)."""
     n_b = min(int(n_requested), n_benign_available)
     n_m = min(_round_half_up(float(ratio) * n_b), n_malicious_available)
     return n_b, n_m
@@ -127,7 +127,7 @@ def screening_pools(exp) -> ScreeningPools:
         pools.append(Pool(n, r, n_b, n_m, rows[order], labels[order]))
 
     reserve_idx = exp.reserve_index.numpy()
-    reserve_idx = reserve_idx[exp.data.y_test.numpy()[reserve_idx] == t]  # true class t (SR, SPEC §5.2)
+    reserve_idx = reserve_idx[exp.data.y_test.numpy()[reserve_idx] == t]  # true class t (SR, ML-MMDR §6.1)
     # one forward pass over pool images (benign rows, then malicious rows) and the reserve
     x = torch.cat([exp.data.x_test[torch.as_tensor(benign, dtype=torch.long)],
                    bd.x[torch.as_tensor(malicious, dtype=torch.long)],
@@ -183,7 +183,7 @@ def score_pool(labels: np.ndarray, out: DetectorOutput) -> dict[str, float]:
 
 
 def run_pool_detector(exp, dcfg: Any, detect: Detector) -> list[dict]:
-    """Run `detect` on every level × pool (N, r′) of SPEC §5.1 and score it (the evaluator side).
+    """Run `detect` on every level × pool (N, r′) of ML-MMDR §6.1 and score it (the evaluator side).
 
     Records per level × pool, tagged ``level``, ``N`` (requested) and ``r`` (r′) and the detector's
     own `tags` (its decision rule): f1, precision, recall (of that rule), f1_max, auroc, n_benign,
@@ -203,7 +203,7 @@ def run_pool_detector(exp, dcfg: Any, detect: Detector) -> list[dict]:
                 rows.append(_skipped(level, pool, why, skips))
                 continue
             feats = sp.features[level][pool.rows]  # a fresh copy: detectors cannot touch the shared arrays
-            ratio = pool.ratio / (1.0 + pool.ratio)  # the defender's assumed poison fraction (SPEC §5.2)
+            ratio = pool.ratio / (1.0 + pool.ratio)  # the defender's assumed poison fraction (our choice)
             rng = exp.rng(f"{name}/{level}/{pool.n_requested}/{pool.ratio}")
             try:
                 out = detect(feats, sp.reserve[level], dcfg, assumed_ratio=ratio, rng=rng)

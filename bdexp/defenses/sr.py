@@ -1,4 +1,4 @@
-"""Subspace Reconstruction (Javaheripi et al.; SPEC §5.2, ML-MMDR §6.1): fit PCA on clean reserve
+"""Subspace Reconstruction (Javaheripi et al.; ML-MMDR §3.3, §6.1): fit PCA on clean reserve
 features of the target class, keep the smallest k restoring ≥ `energy` of their variance, and score
 each pool sample by its ℓ2 reconstruction error. SR has no threshold of its own: the evaluator
 reports F1 at the best threshold (max-F1), as the paper does."""

@@ -1,4 +1,4 @@
-"""STRIP (Gao et al., ACSAC 2019; SPEC §5.7, OVL Table II baseline).
+"""STRIP (Gao et al., ACSAC 2019; OVL Table II baseline).
 
 Superimpose each input with `n_overlay` clean images, x + x_i clipped to [0, 1] (STRIP's
 cv2.addWeighted(x, 1, x_i, 1, 0); the CD authors' detection/strip.py does the same), and average

@@ -1,4 +1,4 @@
-"""Image classifiers that return logits and the feature levels {s1, s2, s3, penult} (SPEC §2).
+"""Image classifiers that return logits and the feature levels {s1, s2, s3, penult} (ML-MMDR App. A).
 
 `build_model(cfg, ...)` turns a `conf/model/*.yaml` node into a `FeatureModel`; the node's `name`
 selects the factory in `MODELS` and every other key is passed to it as a keyword argument.
@@ -22,7 +22,7 @@ __all__ = ["LEVELS", "MODELS", "FeatureModel", "build_model", "model_options"]
 # Arguments build_model supplies itself; they are not config keys.
 _PROVIDED = ("in_channels", "num_classes", "mean", "std")
 
-# Smallest input side every model supports (SPEC: 8×8 digits are the smallest images).
+# Smallest input side every model supports (our choice: 8×8 digits are the smallest images).
 MIN_IMAGE_SIZE = 8
 
 

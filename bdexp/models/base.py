@@ -1,4 +1,4 @@
-"""The model contract (SPEC §2): logits plus the named features {s1, s2, s3, penult} from one pass.
+"""The model contract (levels after ML-MMDR App. A): logits plus the named features {s1, s2, s3, penult} from one pass.
 
 Every model is a `FeatureModel` built from five parts, so that all families share one `forward`:
 
@@ -7,7 +7,7 @@ Every model is a `FeatureModel` built from five parts, so that all families shar
 stage3 includes the last activation (e.g. PreActResNet's final BN-ReLU) and `head` only pools, so
 a channel zeroed by the mask is zero in `penult` too (neuron pruning, ML-MMDR §6.2 / Fig. 10).
 
-Features are returned from `forward` itself, not collected with hooks (SPEC §2: the ML-MMDR
+Features are returned from `forward` itself, not collected with hooks (the ML-MMDR
 authors report that hook-based training did worse).
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ class FeatureModel(nn.Module):
     """Base class: subclasses set `stage1..3`, `head` (s3 map -> (N, D) vector) and `fc`, then call `_finish`.
 
     Inputs are float images in [0, 1], NCHW; the model normalizes them with its own per-channel
-    `mean`/`std` buffers (SPEC conventions: models own any normalization).
+    `mean`/`std` buffers (project convention: models own any normalization).
     """
 
     stage1: nn.Module

@@ -3,7 +3,7 @@
 A 3×3 stem conv with 16 channels, then three stages of n basic blocks with widths 16/32/64
 (strides 1/2/2), global average pool and a linear layer. Shortcuts are option A: identity, or a
 stride-2 subsample padded with zero channels when the shape changes (parameter-free).
-SPEC §2: s1/s2/s3 = stage-1/2/3 outputs, penult = pooled 64-d vector.
+Levels (our mapping, by analogy with ML-MMDR App. A): s1/s2/s3 = stage-1/2/3 outputs, penult = pooled 64-d vector.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""A small, fast ConvNet: the CPU default for 16 px digits and 28 px Fashion-MNIST (SPEC §2, last row).
+"""A small, fast ConvNet: the CPU default for 16 px digits and 28 px Fashion-MNIST (our choice).
 
-A VGG in miniature, so its levels sit where VGG-11's do (SPEC §2: s1/s2/s3 at 1/4, 1/8 and 1/16
+A VGG in miniature, so its levels sit where VGG-11's do (ML-MMDR App. A: s1/s2/s3 at 1/4, 1/8 and 1/16
 of a 32 px input, each taken after a conv's ReLU and before the pool):
 
     stage1: conv(32), maxpool, conv(64)   s1 at 1/2 resolution   (64×14×14 at 28 px)

@@ -2,7 +2,7 @@
 
 Each 3×3 conv is followed by BN and ReLU; "M" is a 2×2 max-pool. The classifier is a global average
 pool (1×1 at 32 px after the last pool) and one Linear(512·width, num_classes), as in the common
-CIFAR variant. Feature taps follow SPEC §2: s1/s2/s3 end at the listed (1-based) ReLU.
+CIFAR variant. Feature taps follow ML-MMDR App. A: s1/s2/s3 end at the listed (1-based) ReLU.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ VGG_CFGS: dict[str, list[LayerSpec]] = {
 }
 
 # The ReLU (1-based count) that ends s1, s2, s3. VGG-11: 4th/6th/8th, i.e. ML-MMDR App. A layers
-# 14/21/28 of the BN Sequential; VGG-16: 7th/10th/13th (SPEC §2 gap, by analogy; layers 23/33/43).
+# 14/21/28 of the BN Sequential; VGG-16: 7th/10th/13th (our choice, by analogy; App. A layers 23/33/43).
 VGG_TAPS: dict[str, tuple[int, int, int]] = {
     "vgg11": (4, 6, 8),
     "vgg16": (7, 10, 13),

@@ -1,4 +1,4 @@
-"""The input-detection table (SPEC §7 `detect`: OVL Tables II/VII, CD): rows attack × pool ×
+"""The input-detection table (`detect`: OVL Tables II/VII, CD): rows attack × pool ×
 metric (TPR95, AUROC, AUPR), one column per detector, mean over seeds.
 
 Rows carry the pool (train = poisoned training set, test = backdoor test set) as a row level, so

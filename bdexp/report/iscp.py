@@ -1,4 +1,4 @@
-"""ISCP's tables and figures (SPEC §7): pw (Tables 1–3, Fig. 3), pw_canvas (Fig. 12) and
+"""ISCP's tables and figures: pw (Tables 1–3, Fig. 3), pw_canvas (Fig. 12) and
 pw_trigger (Fig. 7 middle), all from the `patterns` analysis records."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OVL's domain-shift figure (SPEC §7 `shift`; OVL §IV, Fig. 5): measured accuracy and Theorem 2's
+"""OVL's domain-shift figure (`shift`; OVL §IV, Fig. 5): measured accuracy and Theorem 2's
 bounds against the purity ρ, from the records of analysis=[shift] (bdexp/analysis/shift.py)."""
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""`train=adversarial`: PGD adversarial training (Madry et al. 2018; ISCP §4.4; SPEC §3).
+"""`train=adversarial`: PGD adversarial training (Madry et al. 2018; ISCP §4.4).
 
 Every step trains on x_adv = PGD(x) instead of x (Madry et al. eq. 2.1: min over θ of the
 expected max over ‖δ‖∞ ≤ ε of the loss): a uniform random start in the ε-ball, then `steps`
 signed-gradient ascent steps on the cross-entropy, each followed by projection onto the ε-ball
 around x and onto the image range [0, 1] (batch.x is in [0, 1]: data/loader.py). Defaults:
-ℓ∞ ε = 8/255, step 2/255, 10 steps (SPEC §3; ISCP §4.4). Everything the loop measures (loss,
+ℓ∞ ε = 8/255, step 2/255, 10 steps (ISCP §4.4). Everything the loop measures (loss,
 accuracy) is then on adversarial examples.
 
 Model mode during the attack (`pgd_model_mode`): `eval` by default, as in the TRADES / MART

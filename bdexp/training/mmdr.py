@@ -1,12 +1,12 @@
 """`train=mlmmdr` / `train=slmmdr`: backdoor training with multi-level MMD regularization
-(ML-MMDR Algorithm 1, eq. 6; SPEC §3).
+(ML-MMDR Algorithm 1, eq. 6).
 
 Per mini-batch: X1 = benign rows, X2 = malicious (poisoned) rows, X3 = benign rows labelled t.
     L = CE_mean(X1) + CE_mean(X2) + λ · (1/|I|) Σ_{i∈I} MMD²(Z_i(X2), Z_i(X3))   (Alg. 1, lines 9-12)
 with all features from one forward pass. λ = 0 is the paper's regular backdoor training (RBT).
 The groups are selected with masks (weighted means), not boolean indexing, so a step never waits
 for the device: an empty CE group contributes 0, and a level's MMD term is 0 unless both X2 and
-X3 have at least 2 rows (SPEC §3: "a level term is 0 when a group is empty").
+X3 have at least 2 rows (our choice: a level term is 0 when a group is empty).
 """
 from __future__ import annotations
 

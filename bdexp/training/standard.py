@@ -1,4 +1,4 @@
-"""`train=standard`: plain cross-entropy (SPEC §3; schedule in conf/train/standard.yaml)."""
+"""`train=standard`: plain cross-entropy (schedule in conf/train/standard.yaml)."""
 from bdexp.training.base import REGIMES, Regime
 
 REGIMES.register("standard")(Regime)
