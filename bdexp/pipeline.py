@@ -149,6 +149,8 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, start: float, con
         "train_wall_s": history.get("wall_s"),
         "train_images_per_s": (sum(history["images_per_s"]) / len(history["images_per_s"])
                                if history.get("images_per_s") else None),
+        # Per-epoch loss/acc/lr and the regime's diagnostics (e.g. the MMD term's batch make-up).
+        "train_history": {k: v for k, v in history.items() if isinstance(v, list)},
         "n_train": len(train.y),
         "n_poison": int(train.poison.sum()),
         "n_skipped_files": len(data.skipped), "skipped_files": data.skipped,  # dataset.skip_bad_files

@@ -156,3 +156,35 @@ def test_rbt_models_share_one_cache_entry():
     assert key("train=mlmmdr", "train.mmd_weight=0") == key("train=slmmdr", "train.mmd_weight=0")
     assert key("train=mlmmdr", "train.mmd_weight=0.3") != key("train=slmmdr", "train.mmd_weight=0.3")
     assert key("train=mlmmdr", "train.mmd_weight=0") != key("train=standard")
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3])
+def test_epoch_stats_count_the_rows_the_mmd_term_sees(model, weight):
+    """Per batch on average: |X2| (malicious), |X3| (benign target-class), the fraction of batches
+    with both >= 2 rows, and the term's mean (0 at λ = 0, where only the counts are kept)."""
+    regime = _regime(mmd_weight=weight)
+    regime.begin_epoch()
+    regime.loss(model, _batch(**BATCH))  # 3 malicious, 3 benign target
+    regime.loss(model, _batch(poison=[False] * 9 + [True], y=[1, 2, 3, 1, 0, 0, 2, 3, 1, 0]))  # 1 and 2
+    stats = regime.epoch_stats()
+    assert stats["mmd_malicious_per_batch"] == pytest.approx(2.0)
+    assert stats["mmd_target_per_batch"] == pytest.approx(2.5)
+    assert stats["mmd_active_batches"] == pytest.approx(0.5)  # the second batch has one malicious row
+    b = _batch(**BATCH)
+    with torch.no_grad():
+        _, feats = model(b.x, features=True)
+    want = _regime(mmd_weight=1.0).mmd_term(feats, b.poison, ~b.poison & (b.y == 0)).item() / 2 if weight else 0.0
+    assert stats["mmd_term"] == pytest.approx(want, rel=1e-5, abs=1e-9)
+    regime.begin_epoch()
+    assert regime.epoch_stats() == {}  # reset: nothing seen in the new epoch yet
+
+
+def test_training_history_in_the_results_holds_the_mmd_batch_counts(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("train=mlmmdr", "train.epochs=2")
+    out = pipeline.run(cfg, tmp_path / "run")
+    history = out["run"]["train_history"]
+    assert len(history["loss"]) == 2 and len(history["mmd_malicious_per_batch"]) == 2
+    # ε = 10 % of the batch is malicious on average (the attack poisons round(ε·N) rows)
+    batch = int(cfg.train.batch_size)
+    assert 0.0 < history["mmd_malicious_per_batch"][0] < batch
+    assert all(0.0 <= a <= 1.0 for a in history["mmd_active_batches"])

@@ -132,3 +132,24 @@ def test_class_sanitizers_in_the_pipeline_record_their_assumptions(tiny_cfg, tmp
     assert ss["assumed_eps"] == 0.1 and ss["removal_fraction"] == 0.2
     for rows in (ss, ac):
         assert rows["n_removed"] == rows["fp"] + (n_poison - rows["fn"])
+
+
+def test_intermediate_stages_are_scored_by_the_evaluator(tiny_cfg, tmp_path, monkeypatch):
+    """A sanitizer's info["stages"] masks (ISPL: the set after boosting) get fp_<stage>/fn_<stage>
+    records computed from the ground truth, which the sanitizer itself never sees."""
+    from bdexp.defenses import ispl as ispl_module
+
+    def fake_keep(exp, cfg):  # a known answer: the test may read the flags, a defense may not
+        poison = exp.train_set.poison
+        final = ~poison
+        final[torch.nonzero(~poison).flatten()[:5]] = False  # 5 clean rows removed, every poison removed
+        boost = torch.ones_like(poison)
+        boost[torch.nonzero(~poison).flatten()[:7]] = False  # 7 clean removed, every poison kept
+        return final, {"model_epochs": 0, "stages": {"boost": boost}}
+
+    monkeypatch.setattr(ispl_module, "ispl_keep", fake_keep)
+    out = pipeline.run(tiny_cfg("defense=[ispl]", "train.epochs=1"), tmp_path)
+    rec = _by_defense(out, "ispl")
+    n_poison = out["run"]["n_poison"]
+    assert (rec["fp"], rec["fn"]) == (5, 0)
+    assert (rec["fp_boost"], rec["fn_boost"]) == (7, n_poison)

@@ -60,8 +60,10 @@ def ispl_keep(exp, cfg) -> tuple[torch.Tensor, dict]:
     for key in ISPL_EPOCH_KEYS:
         algo[key] = scaled_epochs(exp, cfg, algo[key])
     keep, info = ispl_boost(make_trainer(exp, cfg), exp.train_set.y.numpy(), algo, exp.rng("ispl"))
-    info.pop("arrays", None)
-    return torch.from_numpy(keep), {"model_epochs": info["cost"]["model_epochs"], **info}
+    arrays = info.pop("arrays", {})
+    # The set after boosting alone, so the evaluator can score each stage (FP/FN per stage).
+    stages = {"boost": torch.from_numpy(arrays["keep_boost"])} if algo.get("self_training") else {}
+    return torch.from_numpy(keep), {"model_epochs": info["cost"]["model_epochs"], "stages": stages, **info}
 
 
 def itlm_fraction(cfg) -> float:

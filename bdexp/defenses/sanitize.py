@@ -38,7 +38,9 @@ from bdexp.training.fit import fit
 
 log = logging.getLogger(__name__)
 
-# (exp, cfg) -> (keep: bool tensor over the training set, info: {"model_epochs": ..., ...})
+# (exp, cfg) -> (keep: bool tensor over the training set, info: {"model_epochs": ..., ...}).
+# info["stages"] (optional): {stage name: bool keep-mask} of intermediate sets (ISPL: the set after
+# boosting, before self-training); the evaluator scores each as records fp_<stage> and fn_<stage>.
 KeepFn = Callable[..., tuple[torch.Tensor, dict]]
 
 
@@ -74,9 +76,8 @@ def run_sanitizer(exp, dcfg, keep_fn: KeepFn, retrain: bool = True) -> list[dict
     train_cfg = defender_training(exp, dcfg) if retrain else None
     start = time.perf_counter()
     keep, info = keep_fn(exp, dcfg)
-    keep = torch.as_tensor(keep, dtype=torch.bool).cpu()
-    if keep.shape != exp.train_set.poison.shape:
-        raise ValueError(f"{name}: keep-mask has shape {tuple(keep.shape)}, the training set {len(keep)} rows")
+    keep = _mask(keep, exp, name)
+    stages = {stage: _mask(mask, exp, f"{name} ({stage})") for stage, mask in (info.pop("stages", None) or {}).items()}
     defense_s = time.perf_counter() - start
     kept = keep.nonzero().flatten()
     if not retrain:
@@ -100,6 +101,9 @@ def run_sanitizer(exp, dcfg, keep_fn: KeepFn, retrain: bool = True) -> list[dict
         record("fn", float((keep & poison).sum())),  # poisoned samples kept
         record("n_removed", float((~keep).sum())),
         record("n_poison", float(poison.sum())),
+        *[rec for stage, mask in stages.items() for rec in (
+            record(f"fp_{stage}", float((~mask & ~poison).sum())),
+            record(f"fn_{stage}", float((mask & poison).sum())))],
         record("defense_wall_s", defense_s),
         record("model_epochs", float(info.get("model_epochs", 0))),
         record("retrain_cache", 1.0 if from_cache else 0.0),  # ND: the run's model, nothing trained
@@ -121,6 +125,14 @@ def run_sanitizer(exp, dcfg, keep_fn: KeepFn, retrain: bool = True) -> list[dict
              len(keep), int((keep & poison).sum()), defense_s,
              f"retrained ({regime})" if retrain else "scored the run's model")
     return rows
+
+
+def _mask(keep, exp, what: str) -> torch.Tensor:
+    keep = torch.as_tensor(keep, dtype=torch.bool).cpu()
+    if keep.shape != exp.train_set.poison.shape:
+        raise ValueError(f"{what}: keep-mask has shape {tuple(keep.shape)}, the training set "
+                         f"{len(exp.train_set.poison)} rows")
+    return keep
 
 
 @DEFENSES.register("nd")

@@ -32,6 +32,13 @@ class Regime:
         cannot change the model."""
         return OmegaConf.to_container(cfg, resolve=True)
 
+    def begin_epoch(self) -> None:
+        """Called by the loop before each epoch; regimes with per-batch diagnostics reset them."""
+
+    def epoch_stats(self) -> dict[str, float]:
+        """Per-epoch diagnostics the loop appends to the training history (one list per key)."""
+        return {}
+
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(batch.x)
         return nn.functional.cross_entropy(logits, batch.y), logits

@@ -160,6 +160,7 @@ def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: tor
                 between_epochs = False
                 t0 = time.perf_counter()
                 optim.begin_epoch(epoch)
+                regime.begin_epoch()
                 loss_sum = torch.zeros((), device=device)
                 correct = torch.zeros((), device=device, dtype=torch.long)
                 seen = 0
@@ -189,6 +190,8 @@ def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: tor
                 history["lr"].append(optim.lr(epoch))
                 history["images_per_s"].append(seen / max(time.perf_counter() - t0, 1e-9))
                 history["wall_s"] = time.perf_counter() - start
+                for key, value in regime.epoch_stats().items():
+                    history.setdefault(key, []).append(value)
                 between_epochs = True
                 if (checkpoint is not None and checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0
                         and epoch + 1 < end_epoch):
