@@ -231,6 +231,11 @@ def validate_config(cfg: DictConfig) -> None:
             value = OmegaConf.to_container(value, resolve=True)
         if not rule.ok(value):
             problems.append(f"{key}={show(value)} is not allowed: use {rule.describe()}")
+    own = cfg.get("own_scale")
+    if own and cfg.get("scale_name") != own:
+        # scale/*.yaml merges after the experiment preset, so it would silently undo the preset's epochs
+        problems.append(f"scale={cfg.get('scale_name')} cannot be combined with a preset that sets its own scale "
+                        f"({own}: its data, epochs and schedule); drop scale=..., or set train.epochs etc. yourself")
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -96,3 +96,30 @@ def test_ispl_gtsrb_uses_the_papers_alpha():
     # ISPL App. D.2.5: "α = 1/2 (for GTSRB, due to the imbalanced class sizes) and α = 1/4 (for CIFAR-10)"
     assert compose_cfg(["experiment=ispl_gtsrb"]).defense.ispl.alpha == 0.5
     assert compose_cfg(["experiment=ispl_cifar_dlbd"]).defense.ispl.alpha == 0.25
+
+
+RGB_PRESETS = ["rgb_mlmmdr", "rgb_ispl", "rgb_iscp", "rgb_ovl", "rgb_cd"]
+
+
+@pytest.mark.parametrize("preset", RGB_PRESETS)
+def test_rgb_presets_are_their_own_cpu_scale(preset):
+    """The rgb_* presets run on an image folder with their own epochs, recorded as scale rgb_cpu;
+    scale=cpu (merged after the preset) would undo their epochs, so it is refused by name."""
+    from bdexp.errors import ConfigError
+    from bdexp.validation import validate_config
+
+    cfg = compose_cfg([f"experiment={preset}", "dataset.root=/some/cifar"])
+    validate_config(cfg)
+    assert cfg.dataset.name == "imagefolder" and cfg.dataset.root == "/some/cifar"
+    assert cfg.scale_name == "rgb_cpu" and cfg.train.epochs > 8
+    assert (cfg.dataset.train_limit, cfg.dataset.test_limit) == (10000, 2000)
+    with pytest.raises(ConfigError, match="scale=cpu cannot be combined"):
+        validate_config(compose_cfg([f"experiment={preset}", "scale=cpu"]))
+
+
+def test_rgb_detection_presets_share_one_model_setting():
+    """rgb_cd, rgb_ovl and rgb_iscp train the same models (one cache entry per attack)."""
+    keys = [{k: OmegaConf.to_container(compose_cfg([f"experiment={p}", "attack=patched"])[k], resolve=True)
+             for k in ("dataset", "model", "train")} for p in ("rgb_cd", "rgb_ovl", "rgb_iscp")]
+    assert keys[0] == keys[1] == keys[2]
+    assert keys[0]["dataset"]["augment"] == {"crop_padding": 0, "flip": False}
