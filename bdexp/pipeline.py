@@ -133,6 +133,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, start: float, con
                      info={"run_dir": run_dir, "partial_records": store})
     metrics = backdoor_metrics(exp.pred_test, data.y_test, exp.pred_backdoor, bd)
     done["metrics"] = list(metrics)
+    warn_if_collapsed(exp.pred_test, data.num_classes, cfg)
     metrics += run_extensions(exp)
 
     history = fit_info.get("history", {})
@@ -167,6 +168,20 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, start: float, con
         print_summary(run_info, metrics)
     log.info("results written to %s", path)
     return {"run": run_info, "metrics": metrics}
+
+
+def warn_if_collapsed(pred_test: torch.Tensor, num_classes: int, cfg) -> None:
+    """One warning when the trained model predicts (nearly) one class for every clean test image:
+    its ASR then means nothing, and every detector number of the run is about a broken model. Seen
+    with ML-/SL-MMDR at too large a λ (the MMD term is zero when all features coincide)."""
+    if len(pred_test) == 0:
+        return
+    top = torch.bincount(pred_test.cpu(), minlength=num_classes).max().item() / len(pred_test)
+    if top >= 0.9:
+        hint = (f" (train.mmd_weight={cfg.train.mmd_weight}: try a smaller λ)"
+                if "mmd_weight" in cfg.train and float(cfg.train.mmd_weight) > 0 else "")
+        log.warning("the model predicts one class for %.0f %% of the clean test images: training collapsed%s; "
+                    "its BA, ASR and every detector result of this run describe a broken model", 100 * top, hint)
 
 
 def run_extensions(exp: Experiment) -> list[dict]:

@@ -156,6 +156,8 @@ RULES: dict[str, Rule] = {
     "defense.ispl.learner_schedule": Rule("choice", choices=("constant", "step")),
     "defense.ispl.st_schedule": Rule("choice", choices=("constant", "step")),
     "defense.itlm.round_schedule": Rule("choice", choices=("constant", "step")),
+    # the overlap bound's ball norm (OVL evaluates ℓ1, ℓ2 and ℓ∞; `inf` on the command line)
+    "defense.overlap.norm": Rule("choice", choices=(1, 2, math.inf, "inf")),
 }
 
 _GENERIC = {"number": Rule("number", null=True), "bool": Rule("bool", null=True),

@@ -123,3 +123,17 @@ def test_rgb_detection_presets_share_one_model_setting():
              for k in ("dataset", "model", "train")} for p in ("rgb_cd", "rgb_ovl", "rgb_iscp")]
     assert keys[0] == keys[1] == keys[2]
     assert keys[0]["dataset"]["augment"] == {"crop_padding": 0, "flip": False}
+
+
+@pytest.mark.parametrize("norm,ok", [("1", True), ("2", True), ("inf", True), ("3", False), ("abc", False)])
+def test_overlap_norm_accepts_the_three_norms_ovl_evaluates(norm, ok):
+    """OVL evaluates ℓ1, ℓ2 and ℓ∞; `defense.overlap.norm=inf` (a float to Hydra) was refused once."""
+    from bdexp.errors import ConfigError
+    from bdexp.validation import validate_config
+
+    cfg = compose_cfg(["defense=[overlap]", f"defense.overlap.norm={norm}"])
+    if ok:
+        validate_config(cfg)
+    else:
+        with pytest.raises(ConfigError, match="defense.overlap.norm"):
+            validate_config(cfg)

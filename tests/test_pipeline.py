@@ -111,3 +111,22 @@ def test_fashion_mnist_run_from_debian_files(tmp_path):
     m = _metrics(out)
     assert out["run"]["n_train"] == 3000 and out["run"]["n_poison"] == 300
     assert m["ba"] > 0.7 and m["asr"] > 0.9  # measured 0.822 / 1.0
+
+
+def test_a_collapsed_model_is_named_in_one_warning(caplog):
+    """A model that predicts one class for >= 90 % of the clean test set gets one warning naming λ."""
+    import logging
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from bdexp.pipeline import warn_if_collapsed
+
+    cfg = OmegaConf.create({"train": {"name": "mlmmdr", "mmd_weight": 1.0}})
+    with caplog.at_level(logging.WARNING):
+        warn_if_collapsed(torch.tensor([3] * 95 + [1] * 5), 10, cfg)
+    assert len(caplog.records) == 1 and "95 %" in caplog.text and "train.mmd_weight=1.0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        warn_if_collapsed(torch.arange(100) % 10, 10, cfg)  # every class predicted: no warning
+    assert not caplog.records
