@@ -22,6 +22,11 @@ from bdexp.training.base import REGIMES, Regime
 MIN_GROUP = 2  # rows each of X2 and X3 need for a level's MMD term to count
 
 
+def _enough(in_x: torch.Tensor, in_y: torch.Tensor) -> torch.Tensor:
+    """1.0 when X2 and X3 both have at least MIN_GROUP rows (the MMD term counts), else 0.0."""
+    return ((in_x.sum() >= MIN_GROUP) & (in_y.sum() >= MIN_GROUP)).float()
+
+
 def _masked_ce(ce: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of per-sample losses `ce` over `mask`; 0 when the mask is empty (Alg. 1, lines 9-10)."""
     w = mask.to(ce.dtype)
@@ -92,9 +97,8 @@ class MMDRegime(Regime):
     def _count(self, in_x: torch.Tensor, in_y: torch.Tensor, term: torch.Tensor) -> None:
         """Accumulate the epoch's diagnostics on the device (no host synchronisation per step);
         counted at λ = 0 too, so RBT's history shows the same batch make-up."""
-        n_x, n_y = in_x.sum().float(), in_y.sum().float()
-        enough = ((n_x >= MIN_GROUP) & (n_y >= MIN_GROUP)).float()
-        row = torch.stack([torch.ones((), device=in_x.device), n_x, n_y, enough, term.detach().float()])
+        row = torch.stack([torch.ones((), device=in_x.device), in_x.sum().float(), in_y.sum().float(),
+                           _enough(in_x, in_y), term.detach().float()])
         self._sums = row if self._sums is None else self._sums + row
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +117,7 @@ class MMDRegime(Regime):
 
     def mmd_term(self, feats: dict[str, torch.Tensor], in_x: torch.Tensor, in_y: torch.Tensor) -> torch.Tensor:
         """(1/|I|) Σ_{i∈I} MMD²(Z_i(X2), Z_i(X3)) (Alg. 1, line 11); 0 when a group has < 2 rows."""
-        enough = ((in_x.sum() >= MIN_GROUP) & (in_y.sum() >= MIN_GROUP)).float()
+        enough = _enough(in_x, in_y)
         total = sum(mmd2_masked(feats[lv], in_x, in_y, self.kernel) for lv in self.levels)
         return enough * total / len(self.levels)
 
