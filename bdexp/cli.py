@@ -19,7 +19,7 @@ USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, 
                          errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG})
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://bdexp.conf", config_name="config")
 def _main(cfg: DictConfig) -> None:
     # Imports live inside: process launchers (joblib, submitit) pickle this function by value,
     # so it must not capture module globals such as the rich console (it holds a lock).

@@ -6,7 +6,7 @@ traceback minutes into a run.
 Two layers:
 - `RULES`: the keys every run reads, with their type and range (a declarative table).
 - Every other number, flag or list of numbers in a selected group (defense.*, analysis.*,
-  train.*, dataset.*, model.*, attack.*) must keep the kind its YAML default in bdexp/conf has:
+  train.*, dataset.*, model.*, attack.*) must keep the kind its YAML default in conf/ has:
   `defense.nc.steps=abc` is refused because defense/nc.yaml sets `steps: 300`. Ranges of those
   keys are checked by the method that reads them.
 """
@@ -24,20 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bdexp.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-def show(value) -> str:
-    """A value as it is written on the command line: null, true, 'abc', [0.1, 'x']."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(show(v) for v in value) + "]"
-    return repr(value)
+from bdexp.options import CONF_DIR, _num, show
 
 
 @dataclass(frozen=True)
@@ -215,6 +202,43 @@ def one_line(text) -> str:
 _ABSENT = object()
 
 
+def method_nodes(cfg: DictConfig):
+    """(dotted key, registry, config node) of every method the run selects: the dataset, model,
+    attack and training regime, and each entry of `defense` and `analysis`."""
+    from bdexp.analysis import ANALYSES
+    from bdexp.attacks import ATTACKS
+    from bdexp.data import DATASETS
+    from bdexp.defenses import DEFENSES
+    from bdexp.models import MODELS
+    from bdexp.training import REGIMES
+
+    for key, registry in (("dataset", DATASETS), ("model", MODELS), ("attack", ATTACKS), ("train", REGIMES)):
+        node = cfg.get(key)
+        if isinstance(node, DictConfig) and node.get("name") is not None:
+            yield key, registry, node
+    for group, registry in (("defense", DEFENSES), ("analysis", ANALYSES)):
+        for entry, node in (cfg.get(group) or {}).items():
+            if isinstance(node, DictConfig) and node.get("name") is not None:
+                yield f"{group}.{entry}", registry, node
+
+
+def declared_problems(cfg: DictConfig) -> tuple[list[str], tuple[str, ...]]:
+    """Problems of every selected method's node against its Options declaration, and the dotted
+    keys (with a trailing dot) those declarations cover."""
+    problems, covered = [], []
+    for where, registry, node in method_nodes(cfg):
+        name = str(node.name)
+        if name not in registry:
+            problems.append(f"{where}.name={name!r} is not a {registry.kind}; choose one of {', '.join(registry.names())}")
+            continue
+        options = registry.options(name)
+        if options is None:  # not declared yet: the generic kind check below covers it
+            continue
+        covered.append(where + ".")
+        problems += options.problems(node, where)
+    return problems, tuple(covered)
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming every key whose value has the wrong type or range, or an
     interpolation that does not resolve."""
@@ -222,9 +246,9 @@ def validate_config(cfg: DictConfig) -> None:
         OmegaConf.to_container(cfg, resolve=True)
     except Exception as err:  # omegaconf's InterpolationKeyError, UnsupportedInterpolationType, ...
         raise ConfigError(f"the config does not resolve: {one_line(err)}") from None
-    rules = {k: _GENERIC[v] for k, v in declared_kinds().items()}
-    rules.update(RULES)
-    problems = []
+    problems, declared = declared_problems(cfg)
+    rules = {k: _GENERIC[v] for k, v in declared_kinds().items() if not k.startswith(declared)}
+    rules.update({k: r for k, r in RULES.items() if not k.startswith(declared)})
     for key, rule in rules.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is _ABSENT:

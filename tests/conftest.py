@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "bdexp" / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # A run that trains in about a second: generated data, a thin ConvNet, three epochs.
 TINY = [

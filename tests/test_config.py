@@ -61,12 +61,12 @@ def test_misspelt_key_is_rejected():
 
 
 def test_a_built_wheel_ships_every_config(tmp_path):
-    """`pip install .` (not editable) must find the configs: they are package data."""
+    """`pip install .` (not editable) ships the top-level conf/ tree as the package bdexp.conf."""
     import subprocess
     import sys
     import zipfile
 
-    root = CONF_DIR.parents[1]
+    root = CONF_DIR.parent
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path), str(root)], check=True, capture_output=True)
     wheel = next(tmp_path.glob("bdexp-*.whl"))

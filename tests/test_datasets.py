@@ -1,6 +1,6 @@
 """Dataset sources and load_dataset: shapes, splits, limits, caching and clear failures.
 
-Configs are the real YAMLs from bdexp/conf/dataset, loaded with OmegaConf and overridden.
+Configs are the real YAMLs from conf/dataset, loaded with OmegaConf and overridden.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from bdexp.errors import ConfigError
 from bdexp.models import LEVELS, MODELS, FeatureModel, build_model, model_options
 
 ALL_MODELS = ("convnet", "vgg11", "vgg16", "resnet18", "preact18", "resnet32", "resnet56")
-CONF_DIR = Path(__file__).resolve().parents[1] / "bdexp" / "conf" / "model"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 # Documented feature sizes (C·H·W) at 32 px and width 1.0 (SPEC §2).
 DIMS_32PX = {

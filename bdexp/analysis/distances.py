@@ -16,7 +16,7 @@ import torch
 
 from bdexp.analysis import ANALYSES
 from bdexp.analysis.kernels import KERNEL_NAMES, ed2, mmd2, swd1
-from bdexp.conf import with_defaults
+from bdexp.options import with_defaults
 from bdexp.errors import ConfigError
 from bdexp.models.base import LEVELS
 from bdexp.results import record

@@ -31,7 +31,7 @@ import torch
 from bdexp.analysis import ANALYSES
 from bdexp.analysis.pattern_search import (Job, SearchOptions, iou, pasted_apply, pasted_predictions,
                                            predictive_power, search_masks)
-from bdexp.conf import with_defaults
+from bdexp.options import with_defaults
 from bdexp.data.loader import iterate_eval, to_float
 from bdexp.errors import ConfigError
 from bdexp.results import record

@@ -37,7 +37,7 @@ import torch
 
 from bdexp.analysis import ANALYSES
 from bdexp.analysis.overlap import CENTERS, norm_name, norm_order, overlap_bound
-from bdexp.conf import with_defaults
+from bdexp.options import with_defaults
 from bdexp.errors import ConfigError
 from bdexp.models.base import LEVELS
 from bdexp.results import record

@@ -1,7 +1,7 @@
 """Backdoor attacks (each module cites its attack's paper). One module per attack registers itself in ``ATTACKS``.
 
 Adding an attack = one new module with an ``@ATTACKS.register("name")`` subclass of ``Attack``
-plus ``bdexp/conf/attack/<name>.yaml``.
+plus ``conf/attack/<name>.yaml``.
 """
 from __future__ import annotations
 

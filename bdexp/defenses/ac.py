@@ -35,7 +35,7 @@ from sklearn.decomposition import FastICA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 
-from bdexp.conf import with_defaults
+from bdexp.options import with_defaults
 from bdexp.defenses import DEFENSES
 from bdexp.errors import ConfigError
 from bdexp.defenses.screening import DetectorOutput, SkipPool, run_pool_detector

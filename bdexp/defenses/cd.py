@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bdexp.conf import with_defaults
+from bdexp.options import with_defaults
 from bdexp.defenses import DEFENSES
 from bdexp.defenses.input_pools import Reserve, float_batches, run_input_detector
 from bdexp.defenses.screening import DetectorOutput

@@ -42,7 +42,7 @@ from bdexp.results import record
 log = logging.getLogger(__name__)
 
 POOLS = ("train", "test")
-# keys every input detector's YAML carries (see bdexp/conf/defense/msp.yaml for their comments)
+# keys every input detector's YAML carries (see conf/defense/msp.yaml for their comments)
 COMMON_KEYS = frozenset({"name", "pools", "max_pool", "reserve_per_class"})
 INFO_KEY = "input_pools"
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdexp.conf import with_defaults
+from bdexp.options import with_defaults
 from bdexp.data.loader import to_float
 from bdexp.defenses import DEFENSES
 from bdexp.defenses.pruning import pruning_curve

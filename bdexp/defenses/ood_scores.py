@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from sklearn.covariance import EmpiricalCovariance, LedoitWolf
 
-from bdexp.conf import with_defaults
+from bdexp.options import with_defaults
 from bdexp.defenses import DEFENSES
 from bdexp.defenses.input_pools import Reserve, run_input_detector
 from bdexp.defenses.screening import DetectorOutput

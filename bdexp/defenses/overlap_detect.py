@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from bdexp.analysis.overlap import OverlapScorer  # the bound itself lives with the analyses (bdexp/analysis/overlap.py)
-from bdexp.conf import with_defaults
+from bdexp.options import with_defaults
 from bdexp.defenses import DEFENSES
 from bdexp.defenses.input_pools import Reserve, run_input_detector
 from bdexp.defenses.screening import DetectorOutput

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from bdexp import metrics
-from bdexp.conf import with_defaults
+from bdexp.options import with_defaults
 from bdexp.data.loader import iterate_eval
 from bdexp.errors import ConfigError
 from bdexp.evaluate import predict

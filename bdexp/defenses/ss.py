@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bdexp.conf import with_defaults
+from bdexp.options import with_defaults
 from bdexp.defenses import DEFENSES
 from bdexp.errors import ConfigError
 from bdexp.defenses.screening import DetectorOutput, SkipPool, run_pool_detector

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdexp.conf import with_defaults
+from bdexp.options import with_defaults
 from bdexp.defenses import DEFENSES
 from bdexp.defenses.input_pools import Reserve, float_batches, run_input_detector
 from bdexp.defenses.screening import DetectorOutput

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import bdexp.conf
+from bdexp.options import CONF_DIR
 from bdexp.data.loader import DeviceLoader
 from bdexp.errors import ConfigError
 from bdexp.training.base import REGIMES
@@ -85,7 +85,7 @@ def regime_train_cfg(run_train: DictConfig, regime: str) -> DictConfig:
     """`conf/train/<regime>.yaml` with the run's values for every key that file has (but `name`):
     the run's optimiser and schedule (epochs, lr, milestones, batch size, ... as scale= and
     command-line overrides left them) under another regime's loss."""
-    path = Path(bdexp.conf.__file__).parent / "train" / f"{regime}.yaml"
+    path = CONF_DIR / "train" / f"{regime}.yaml"
     if not path.exists():
         raise ConfigError(f"training regime {regime!r} has no config {path}; add one (see train/standard.yaml)")
     base = OmegaConf.load(path)
