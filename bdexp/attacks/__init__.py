@@ -9,13 +9,13 @@ from collections.abc import Mapping
 
 from omegaconf import DictConfig
 
-from bdexp.attacks.base import ATTACKS, Attack, BackdoorTestSet, PoisonedTrainSet
+from bdexp.attacks.base import ATTACKS, Attack, BackdoorTestSet, PoisonedTrainSet, has_backdoor
 from bdexp.errors import ConfigError
 from bdexp.registry import import_submodules
 
 import_submodules(__name__, __path__)
 
-__all__ = ["ATTACKS", "Attack", "BackdoorTestSet", "PoisonedTrainSet", "build_attack"]
+__all__ = ["ATTACKS", "Attack", "BackdoorTestSet", "PoisonedTrainSet", "build_attack", "has_backdoor"]
 
 
 def build_attack(

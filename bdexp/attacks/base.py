@@ -314,3 +314,9 @@ class Attack:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.cfg}, seed={self.seed})"
+
+
+def has_backdoor(attack: Attack | None) -> bool:
+    """Whether a run with `attack` has a backdoor to measure: the one check every evaluator,
+    regime and analysis asks (attack=none, or no attack at all, has none)."""
+    return attack is not None and bool(getattr(attack, "poisons", True))
