@@ -1,28 +1,36 @@
-"""Attacks (SPEC §1): triggers change only what they should; selection, labels and determinism."""
+"""Attacks (docs/attacks.md): triggers change only what they should; selection, labels and determinism."""
 from __future__ import annotations
 
-from pathlib import Path
+from functools import lru_cache
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-import bdexp
 from bdexp.attacks import ATTACKS, Attack, BackdoorTestSet, PoisonedTrainSet, build_attack
-from bdexp.attacks.base import COMMON_DEFAULTS
 from bdexp.errors import ConfigError
+from tests.conftest import CONF_DIR, compose_cfg
 
-CONF = Path(bdexp.__file__).parent / "conf" / "attack"
+CONF = CONF_DIR / "attack"
 NAMES = ["none", "patched", "blended", "sig", "warped"]
+COMMON = {"target", "mode", "source", "poison_rate", "budget", "inject", "label_mode"}
 K = 10
 
 
-def cfg(name: str, **over):
-    """The shipped YAML for `name` with overrides, as the pipeline would compose it."""
-    c = OmegaConf.load(CONF / f"{name}.yaml")
+@lru_cache(maxsize=None)
+def _composed(name: str) -> dict:
+    return OmegaConf.to_container(compose_cfg([f"attack={name}"]).attack, resolve=True)
+
+
+def attack_cfg(name: str, **over):
+    """conf/attack/<name>.yaml as the pipeline composes it (its bases included), with overrides."""
+    c = OmegaConf.create(_composed(name))
     for key, value in over.items():
         c[key] = value
     return c
+
+
+cfg = attack_cfg
 
 
 def data(n: int = 64, c: int = 3, hw: int = 16, seed: int = 0):
@@ -39,20 +47,33 @@ def make(name: str, shape=(3, 16, 16), seed: int = 0, **over) -> Attack:
 def test_registry_and_yamls_match():
     assert set(NAMES) <= set(ATTACKS.names())
     for name in NAMES:
-        c = OmegaConf.load(CONF / f"{name}.yaml")
+        c = cfg(name)
         assert c.name == name
-        assert {"target", "mode", "source", "poison_rate", "budget", "inject", "label_mode"} <= set(c)
+        assert COMMON <= set(c)  # inherited from _common.yaml
         attack = make(name)
-        assert set(c) == set(attack.cfg)  # the YAML lists every key the attack takes
+        assert set(c) - {"name"} == set(attack.opts.as_dict())  # the YAML lists every key the attack takes
+
+
+def test_common_keys_are_declared_once():
+    """The common block lives in conf/attack/_common.yaml (mirroring AttackOptions); an attack's
+    own file states only what it adds or changes."""
+    from bdexp.attacks.base import AttackOptions
+
+    common = OmegaConf.load(CONF / "_common.yaml")
+    assert OmegaConf.to_container(common) == AttackOptions.defaults()
+    for path in sorted(CONF.glob("[!_]*.yaml")):
+        own = OmegaConf.to_container(OmegaConf.load(path))
+        assert own.pop("defaults") in (["_common", "_self_"], ["_scenario", "_self_"]), path.name
+        assert not {"target", "source", "inject"} & set(own), path.name
 
 
 def test_every_attack_yaml_declares_its_budget():
     """ISPL's attacks count ε per class (ISPL App. B), ML-MMDR's and the generic ones over the whole
     training set (ML-MMDR §3.2's ratio r); each YAML states its attack's default."""
     ispl = {"dlbd", "watermark", "clbd"}
-    for path in sorted(CONF.glob("*.yaml")):
-        c = OmegaConf.load(path)
-        code_default = {**COMMON_DEFAULTS, **ATTACKS.get(c.name).options}["budget"]
+    for path in sorted(CONF.glob("[!_]*.yaml")):
+        c = cfg(path.stem)
+        code_default = ATTACKS.options(c.name).defaults()["budget"]
         assert c.budget == code_default == ("class" if c.name in ispl else "dataset"), c.name
     x, y = data(n=1800)  # 180 per class
     out = make("patched", poison_rate=0.05).poison_train(x, y)
@@ -84,7 +105,7 @@ def test_patched_only_inside_mask():
         attack = make("patched", shape=shape, **over)
         mask = attack.trigger_mask()
         assert mask.dtype == torch.bool and mask.shape == shape[1:]
-        assert int(mask.sum()) == attack.cfg["size"] ** 2
+        assert int(mask.sum()) == attack.opts.size ** 2
         out = attack.poison_train(x, y)
         changed = (out.x != x).any(dim=1)  # (N, H, W)
         assert not changed[:, ~mask].any()

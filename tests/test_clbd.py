@@ -3,30 +3,23 @@ kept; only the corner checkerboards at test time, on every non-target image by d
 supplies a cached clean reference."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
-import bdexp
 from bdexp import pipeline
 from bdexp.attacks import ATTACKS, build_attack
 from bdexp.attacks.clbd import DEFAULT_EPS
 from bdexp.data.loader import to_float, to_uint8
 from bdexp.errors import ConfigError
+from tests.test_attacks import attack_cfg
 
-CONF = Path(bdexp.__file__).parent / "conf" / "attack"
 K, HW = 10, 16
 CHECKER = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 0, 1]])
 
 
 def make(seed: int = 0, k: int = K, **over):
-    c = OmegaConf.load(CONF / "clbd.yaml")
-    for key, value in over.items():
-        c[key] = value
-    return build_attack(c, num_classes=k, image_shape=(3, HW, HW), seed=seed)
+    return build_attack(attack_cfg("clbd", **over), num_classes=k, image_shape=(3, HW, HW), seed=seed)
 
 
 def data(n: int = 200, seed: int = 0):
@@ -65,9 +58,9 @@ def loss(model, x, y):
 
 def test_registered_yaml_lists_every_key_and_scenario_defaults():
     assert "clbd" in ATTACKS.names()
-    c = OmegaConf.load(CONF / "clbd.yaml")
+    c = attack_cfg("clbd")
     attack = make()
-    assert set(c) == set(attack.cfg)
+    assert set(c) - {"name"} == set(attack.opts.as_dict())
     # ISPL §4.1 measures "misclassify an image from any non-source class": all_to_one, source null
     assert attack.label_mode == "clean" and attack.mode == "all_to_one" and c.scenario == 0
     assert (attack.source, attack.target) == (None, 2)  # ISPL scenario 0's target (bird)
@@ -75,7 +68,28 @@ def test_registered_yaml_lists_every_key_and_scenario_defaults():
     one = make(mode="one_to_one")  # the scenario's source comes back with one_to_one
     assert (one.source, one.target) == (0, 2)
     assert attack.eps == pytest.approx(8 / 255) and attack.step_size == pytest.approx(2 / 255)
-    assert attack.steps == 10 and type(attack).needs_reference_model is True
+    assert attack.steps == 10
+
+
+def test_clbd_asks_the_pipeline_for_its_clean_model_through_attach():
+    """The pipeline knows no attack: clbd takes its reference model from AttackServices, which
+    trains it only when called; an attack that needs nothing never calls it."""
+    from bdexp.attacks import build_attack
+    from bdexp.attacks.base import AttackServices
+
+    asked = []
+    reference = torch.nn.Linear(1, 1)
+
+    def clean_model():
+        asked.append(1)
+        return reference
+
+    services = AttackServices(device=lambda: torch.device("cpu"), clean_model=clean_model)
+    attack = make()
+    attack.attach(services)
+    assert asked == [1] and attack._model is reference
+    build_attack(attack_cfg("patched"), num_classes=10, image_shape=(3, 8, 8), seed=0).attach(services)
+    assert asked == [1]
 
 
 def test_poison_train_without_reference_model_raises():

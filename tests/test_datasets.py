@@ -14,11 +14,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from bdexp.data import DATASETS, cache_path, convert_channels, load_dataset
+from bdexp.data import DATASETS, cache_path, convert_channels, dataset_options, load_dataset
 from bdexp.errors import ConfigError, DatasetUnavailable
+from tests.conftest import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[1] / "bdexp" / "conf" / "dataset"
-YAMLS = sorted(p.stem for p in CONF.glob("*.yaml"))
+CONF = CONF_DIR / "dataset"
+YAMLS = sorted(p.stem for p in CONF.glob("[!_]*.yaml"))
 DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"
 
 
@@ -109,7 +110,8 @@ def test_fashion_mnist_from_debian_files(tmp_path):
     )
     # An empty root and no download: the data can only come from the Debian files.
     cfg = conf("fashion_mnist", root=str(tmp_path), download=False)
-    full = DATASETS.get("fashion_mnist")(cfg)
+    _, source, opts = dataset_options(cfg)
+    full = source(opts)
     assert full.x_train.shape == (60000, 1, 28, 28) and full.x_test.shape == (10000, 1, 28, 28)
     assert full.classes[0] == "T-shirt/top" and full.classes[9] == "Ankle boot"
     assert class_counts(full.y_train, 10).tolist() == [6000] * 10
@@ -283,3 +285,18 @@ def test_train_limit_above_the_size_warns_and_changes_nothing(caplog):
     assert torch.equal(full.x_train, big.x_train) and torch.equal(full.y_test, big.y_test)
     assert "train_limit=5000 is larger than the 1437 train images" in caplog.text
     assert "test_limit" not in caplog.text  # equal to the size: nothing to say
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("image_size", 4, "dataset.image_size=4 is not allowed: use an integer >= 8"),
+    ("channels", 2, "dataset.channels=2 is not allowed: use one of 1, 3"),
+    ("train_limit", 0, "dataset.train_limit=0 is not allowed: use an integer or null >= 1"),
+    ("test_fraction", 1.0, "dataset.test_fraction=1.0 is not allowed: use a number > 0 and < 1"),
+    ("augment.crop_padding", -1, "dataset.augment.crop_padding=-1 is not allowed: use an integer >= 0"),
+    ("bogus", 1, "dataset: unknown key(s) bogus"),
+])
+def test_a_bad_option_names_the_key_and_what_is_allowed(key, value, message):
+    """Every source reads its declared options (DataOptions subclasses), checked before any data is read."""
+    with pytest.raises(ConfigError) as err:
+        load_dataset(conf("digits", **{key: value}), seed=0)
+    assert message in str(err.value)

@@ -3,6 +3,8 @@ never with the run's regime, which under train=mlmmdr is the attacker's and read
 runs whose model the attacker trained mark their sanitizer records (threat_model_conflict)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import logging
 
 import pytest
@@ -156,16 +158,22 @@ def test_itlm_rounds_are_fresh_defender_models_with_their_own_step_schedule(sgd_
     """ITLM under a train=mlmmdr run: every round a fresh model (ISPL App. C: "a fresh model
     beginning each iteration") trained with plain cross-entropy and the run's step schedule over
     that round's epochs; α from the ε the defender is told (App. C: 96 % at ε = 10 %)."""
-    from types import SimpleNamespace
-
-    from bdexp.data.synthetic import synthetic
-    from bdexp.defenses.ispl import itlm_fraction, itlm_keep
+    from bdexp.data.synthetic import SyntheticOptions, synthetic
+    from bdexp.defenses.contexts import ModelView, SanitizerContext
+    from bdexp.defenses.ispl import ITLMOptions, itlm_fraction, itlm_keep
+    from bdexp.defenses.ispl_core import TensorTrainer
+    from bdexp.defenses.sanitize import defender_training
 
     cfg = compose_cfg(with_tiny("train=mlmmdr", "train.epochs=4", "defense=[itlm]", "attack.poison_rate=0.1"))
-    data = synthetic({"num_classes": 4, "train_size": 64, "test_size": 4, "split_seed": 0})
-    exp = SimpleNamespace(cfg=cfg, seed=0, device=torch.device("cpu"),
-                          train_set=SimpleNamespace(x=data.x_train, y=data.y_train))
-    keep, info = itlm_keep(exp, cfg.defense.itlm)
+    data = synthetic(SyntheticOptions.parse({"num_classes": 4, "train_size": 64, "test_size": 4, "split_seed": 0}))
+    opts = ITLMOptions.parse(cfg.defense.itlm)
+    train_cfg = defender_training(SimpleNamespace(cfg=cfg), "itlm", opts)  # the defender's: standard, the run's schedule
+    ctx = SanitizerContext(seed=0, x=data.x_train, y=data.y_train, num_classes=4,
+                           view=ModelView(torch.nn.Identity(), torch.device("cpu"), 64), model_name="convnet",
+                           make_trainer=lambda: TensorTrainer(data.x_train, data.y_train, cfg.model, train_cfg,
+                                                              torch.device("cpu")),
+                           train_epochs=4, reference_epochs=100.0)
+    keep, info = itlm_keep(ctx, opts)
     assert info["keep_fraction"] == pytest.approx(0.96) and int(keep.sum()) == round(0.96 * 64)
     # paper epochs 80, 40, 40 at 4/100 of the length: 3, 2, 2; milestones 0.5, 0.7 of each round:
     # epoch 2 of 3 (round(1.5) = round(2.1) = 2) and epoch 1 of 2
@@ -175,6 +183,6 @@ def test_itlm_rounds_are_fresh_defender_models_with_their_own_step_schedule(sgd_
     assert [s for _, s in sgd_steps] == pytest.approx(first + later + later, rel=1e-9)
     optimizers = [o for o, _ in sgd_steps]
     assert len({id(o) for o in optimizers}) == 3
-    with pytest.raises(ConfigError, match="defense.itlm.eps"):
-        itlm_fraction({"keep_fraction": None, "eps": 1.5})
-    assert itlm_fraction({"keep_fraction": None, "eps": 0.2}) == pytest.approx(0.92)
+    with pytest.raises(ConfigError, match=r"defense\.itlm\.eps=1\.5 is not allowed"):
+        ITLMOptions.parse({"keep_fraction": None, "eps": 1.5}, "defense.itlm")
+    assert itlm_fraction(ITLMOptions.parse({"keep_fraction": None, "eps": 0.2})) == pytest.approx(0.92)

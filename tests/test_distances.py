@@ -21,7 +21,7 @@ def _sets(m=7, n=9, d=5, shift=0.5, seed=0, dtype=torch.float64):
 
 
 def _mmd2_loops(x: np.ndarray, y: np.ndarray, kernel: str) -> float:
-    """Biased MMD² by explicit double loops (ML-MMDR eq. 3) with the kernel of SPEC §3."""
+    """Biased MMD² by explicit double loops (ML-MMDR eq. 3) with the adaptive Gaussian-mixture kernel (docs/analyses.md)."""
     z = np.concatenate([x, y])
     n_all = len(z)
     d2 = np.array([[np.sum((z[i] - z[j]) ** 2) for j in range(n_all)] for i in range(n_all)])

@@ -2,30 +2,19 @@
 budget in every mode, errors."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-import bdexp
 from bdexp import pipeline
 from bdexp.attacks import ATTACKS, build_attack
 from bdexp.attacks.dlbd import SHAPES
 from bdexp.attacks.scenarios import SCENARIOS
 from bdexp.attacks.watermark import MARKS
 from bdexp.errors import ConfigError
+from tests.test_attacks import attack_cfg as cfg
 
-CONF = Path(bdexp.__file__).parent / "conf" / "attack"
 K = 10
-SPEC_PAIRS = [(0, 2), (1, 3), (3, 5), (7, 4), (2, 5), (8, 6), (9, 2), (3, 7)]
-
-
-def cfg(name: str, **over):
-    c = OmegaConf.load(CONF / f"{name}.yaml")
-    for key, value in over.items():
-        c[key] = value
-    return c
+ISPL_PAIRS = [(0, 2), (1, 3), (3, 5), (7, 4), (2, 5), (8, 6), (9, 2), (3, 7)]
 
 
 def make(name: str, image=(3, 16, 16), seed: int = 0, k: int = K, **over):
@@ -48,10 +37,10 @@ def per_class(y: torch.Tensor, poison: torch.Tensor) -> list[int]:
 @pytest.mark.parametrize("name", ["dlbd", "watermark"])
 def test_registered_and_yaml_lists_every_key(name):
     assert name in ATTACKS.names()
-    c = OmegaConf.load(CONF / f"{name}.yaml")
+    c = cfg(name)
     assert c.name == name and c.scenario == 0 and c.target is None and c.source is None
     assert c.mode == "one_to_one"
-    assert set(c) == set(make(name).cfg)
+    assert set(c) - {"name"} == set(make(name).opts.as_dict())
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -108,8 +97,8 @@ def test_dlbd_deterministic_per_seed_and_scenario():
 @pytest.mark.parametrize("name", ["dlbd", "watermark"])
 @pytest.mark.parametrize("k", range(8))
 def test_scenario_pairs_one_to_one(name, k):
-    assert SCENARIOS[k] == SPEC_PAIRS[k]
-    src, tgt = SPEC_PAIRS[k]
+    assert SCENARIOS[k] == ISPL_PAIRS[k]
+    src, tgt = ISPL_PAIRS[k]
     x, y = data(n=300)
     attack = make(name, scenario=k, poison_rate=0.2)
     assert (attack.source, attack.target, attack.mode) == (src, tgt, "one_to_one")

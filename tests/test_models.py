@@ -1,4 +1,4 @@
-"""The model contract of SPEC §2: logits, feature levels, the s3 pruning mask, normalization, configs."""
+"""The model contract (ML-MMDR App. A levels; docs/datasets_models.md): logits, feature levels, the s3 pruning mask, normalization, configs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from bdexp.errors import ConfigError
-from bdexp.models import LEVELS, MODELS, FeatureModel, build_model, model_options
+from bdexp.models import LEVELS, MODELS, FeatureModel, ModelOptions, build_for, build_model, image_stats
 
 ALL_MODELS = ("convnet", "vgg11", "vgg16", "resnet18", "preact18", "resnet32", "resnet56")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 
-# Documented feature sizes (C·H·W) at 32 px and width 1.0 (SPEC §2).
+# Documented feature sizes (C·H·W) at 32 px and width 1.0 (docs/datasets_models.md).
 DIMS_32PX = {
     "convnet": (64 * 16 * 16, 128 * 8 * 8, 128 * 4 * 4, 128),
     "vgg11": (256 * 8 * 8, 512 * 4 * 4, 512 * 2 * 2, 512),
@@ -224,5 +224,16 @@ def test_scalar_stats_broadcast_to_channels() -> None:
 def test_yaml_keys_match_factory(name: str) -> None:
     cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml")
     assert cfg.name == name
-    assert set(cfg) - {"name"} == set(model_options(name))
-    assert cfg.width == 1.0
+    assert MODELS.options(name) is ModelOptions
+    assert {k: v for k, v in cfg.items() if k != "name"} == ModelOptions.defaults() == {"width": 1.0}
+
+
+def test_build_for_normalizes_with_the_training_images_stats() -> None:
+    x = torch.randint(0, 256, (20, 3, 16, 16), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    model = build_for({"name": "convnet", "width": 0.25}, x, num_classes=4)
+    xf = x.float() / 255
+    torch.testing.assert_close(model.mean, xf.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(model.std, xf.std(dim=(0, 2, 3)))
+    for a, b in zip(image_stats(xf), image_stats(x)):  # float images in [0, 1]: the same stats
+        assert a == pytest.approx(b)
+    assert model(xf[:2]).shape == (2, 4)

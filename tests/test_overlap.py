@@ -1,4 +1,4 @@
-"""The overlap-index bound (SPEC §5.6, OVL Theorem 1 / Corollary 1) against distributions with a
+"""The overlap-index bound (OVL Theorem 1 / Corollary 1; docs/analyses.md) against distributions with a
 known overlap, and the one-class scorer built on it (OVL §III)."""
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _boxes(rng, d: int, s: float):
 
 
 def _gaussians(rng, d: int, delta: float):
-    """N(0, I) vs N(δ·e1, I): η = 2Φ(−δ/2) (SPEC §5.6: 2Φ(−|μ1−μ2|/2σ), σ = 1)."""
+    """N(0, I) vs N(δ·e1, I): η = 2Φ(−δ/2) (two Gaussians of equal σ overlap by 2Φ(−|μ1−μ2|/2σ), σ = 1 here)."""
     q = rng.normal(size=(N, d))
     q[:, 0] += delta
     return rng.normal(size=(N, d)), q, 2 * _phi(-delta / 2)

@@ -1,5 +1,5 @@
-"""ISCP class-wise patterns (SPEC §6): mask search, top-k, PW, batching, the analysis end to end,
-the `pw` report, the adversarial regime (SPEC §3) and the ISCP presets."""
+"""ISCP class-wise patterns (ISCP §3-4, App. A): mask search, top-k, PW, batching, the analysis end to end,
+the `pw` report, the adversarial regime (docs/training.md) and the ISCP presets."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -13,7 +13,7 @@ from torch import nn
 from bdexp import pipeline
 from bdexp.analysis.pattern_search import (Job, SearchOptions, iou, pasted_predictions, predictive_power,
                                            search_masks, top_k_mask)
-from bdexp.analysis.patterns import options, patterns, split
+from bdexp.analysis.patterns import PatternOptions, options, patterns, split
 from bdexp.data.loader import to_uint8
 from bdexp.errors import BdexpError, ConfigError
 from bdexp.evaluate import predict
@@ -104,7 +104,7 @@ def test_top_k_keeps_exactly_k_pixels_even_with_ties(hw):
 
 
 def test_pw_of_an_all_zero_pattern_is_the_base_rate():
-    """With m_γ = 0 nothing is pasted, so PW = P(f(x_n) = y) / ACC(f(x_y), y) (ISCP §4, SPEC §6):
+    """With m_γ = 0 nothing is pasted, so PW = P(f(x_n) = y) / ACC(f(x_y), y) (ISCP §4):
     the share of non-target images the model already sends to y, relative to its accuracy on y."""
     g = torch.Generator().manual_seed(2)
     model = _convnet(classes=3, seed=3)
@@ -218,20 +218,21 @@ def test_known_answer_the_1pct_pattern_is_the_region(tmp_path):
 
 def test_option_errors():
     for bad, match in (({"canvases": ["blue"]}, "canvases"), ({"canvases": []}, "canvases"),
-                       ({"sizes": [0.0]}, "fractions"), ({"sizes": []}, "fractions"), ({"classes": [5]}, "classes"),
+                       ({"sizes": [0.0]}, "sizes"), ({"sizes": []}, "sizes"), ({"classes": [5]}, "classes"),
                        ({"typo": 1}, "typo"), ({"pw_on": "some"}, "pw_on"), ({"weighting": "mine"}, "weighting"),
                        ({"step_size": 0}, "step_size"), ({"select_by": "best"}, "select_by")):
         with pytest.raises(ConfigError, match=match):
             options(bad, 3)
-    opts = options({}, 3)  # defaults: SPEC §6
-    assert opts["classes"] == [0, 1, 2] and opts["sizes"] == [0.01, 0.02, 0.03, 0.05, 0.1]
-    s = opts["search"]
+    opts = options({}, 3)  # defaults: conf/analysis/patterns.yaml (ISCP App. A)
+    assert opts.classes == (0, 1, 2) and opts.sizes == (0.01, 0.02, 0.03, 0.05, 0.1)
+    s = opts.search
+    assert isinstance(s, SearchOptions) and not isinstance(s, PatternOptions)
     assert (s.alpha, s.step_size, s.batch_size, s.epochs, s.mask_init) == (0.2, 0.02, 4, 5, 0.5)
-    assert opts["num_canvases"] == 5 and opts["subset_fraction"] == 0.2
+    assert opts.num_canvases == 5 and opts.subset_fraction == 0.2
     assert SearchOptions(weighting="code").weights == (0.2, 1.6)  # 0.8·Σm/(HW/2) = 1.6‖m‖₁/n
 
 
-# ---- adversarial training (SPEC §3) ---------------------------------------------------------------
+# ---- adversarial training (docs/training.md) ------------------------------------------------------
 
 def test_pgd_stays_in_the_eps_ball_and_raises_the_loss():
     model = _convnet(seed=6)
@@ -309,7 +310,7 @@ def test_presets_compose_with_scale_cpu(preset):
     cfg = compose_cfg([f"experiment={preset}", "scale=cpu"])
     assert "patterns" in cfg.analysis and cfg.train.epochs == 8 and cfg.dataset.test_limit == 2000
     opts = options(cfg.analysis.patterns, 10)
-    assert opts["sizes"] == [0.01, 0.02, 0.03, 0.05, 0.1]
+    assert opts.sizes == (0.01, 0.02, 0.03, 0.05, 0.1)
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="bdexp.conf", version_base="1.3"):
         hcfg = compose("config", overrides=[f"experiment={preset}", "scale=cpu"], return_hydra_config=True)
@@ -320,4 +321,4 @@ def test_presets_compose_with_scale_cpu(preset):
     if preset == "iscp_backdoor":
         assert set(sweep["attack"].split(",")) == {"patched", "none"} and cfg.attack.name == "patched"
     if preset == "iscp_canvases":
-        assert opts["canvases"] == ["positive", "negative", "random", "white"] and opts["per_canvas"]
+        assert opts.canvases == ("positive", "negative", "random", "white") and opts.per_canvas

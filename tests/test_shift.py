@@ -1,4 +1,4 @@
-"""analysis=[shift] (SPEC §5.6 "Domain shift", OVL Theorem 2 / Fig. 5), its report table and preset."""
+"""analysis=[shift] (OVL Theorem 2 / Fig. 5; docs/analyses.md), its report table and preset."""
 from __future__ import annotations
 
 import logging

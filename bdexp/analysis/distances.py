@@ -11,14 +11,17 @@ ARO = mean rank over the three distances (3.0: the malicious set is farther than
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from bdexp.analysis import ANALYSES
-from bdexp.analysis.kernels import KERNEL_NAMES, ed2, mmd2, swd1
-from bdexp.options import with_defaults
+from bdexp.analysis.kernels import Kernel, ed2, mmd2, swd1
+from bdexp.attacks import has_backdoor
 from bdexp.errors import ConfigError
-from bdexp.models.base import LEVELS
+from bdexp.models.base import LEVELS, Level
+from bdexp.options import Options, option
 from bdexp.results import record
 
 DISTANCES: tuple[str, ...] = ("mmd2", "ed2", "swd1")  # the three metrics ARO averages (ML-MMDR §4)
@@ -31,26 +34,24 @@ def rank_of_a(a: float, b: float, c: float) -> int:
     return 1 + int(b < a) + int(c < a)
 
 
-def _options(cfg) -> dict:
-    get = with_defaults(cfg, "analysis", "distances").get  # defaults: conf/analysis/distances.yaml
-    opts = {
-        "levels": [str(lv) for lv in (get("levels") or [])],
-        "set_size": int(get("set_size")),
-        "repeats": int(get("repeats")),
-        "min_class_size": int(get("min_class_size")),
-        "num_projections": int(get("num_projections")),
-        "kernel": str(get("kernel")),
-        "exclude_reserve": bool(get("exclude_reserve")),
-    }
-    bad = [lv for lv in opts["levels"] if lv not in LEVELS]
-    if bad or not opts["levels"]:
-        raise ConfigError(f"analysis.distances.levels: unknown level(s) {bad}; choose from {list(LEVELS)}")
-    if opts["kernel"] not in KERNEL_NAMES:
-        raise ConfigError(f"analysis.distances.kernel={opts['kernel']!r}; choose one of: {', '.join(KERNEL_NAMES)}")
-    for key, low in (("set_size", 2), ("repeats", 1), ("min_class_size", 2), ("num_projections", 1)):
-        if opts[key] < low:
-            raise ConfigError(f"analysis.distances.{key}={opts[key]} must be >= {low}")
-    return opts
+@dataclass(frozen=True)
+class DistanceOptions(Options):
+    """conf/analysis/distances.yaml (ML-MMDR §4)."""
+
+    levels: tuple[Level, ...] = option(["s1", "s2", "s3"])  # feature levels (ML-MMDR §4)
+    set_size: int = option(500, lo=2)  # samples per set (ML-MMDR §4); capped per run to one common size m
+    repeats: int = option(3, lo=1)  # random draws averaged (ML-MMDR §4)
+    min_class_size: int = option(10, lo=2)  # classes with fewer predicted test images are left out
+    num_projections: int = option(100, lo=1)  # SWD1 random directions L (our choice)
+    kernel: Kernel = "gmk_adaptive"  # MMD² kernel (ML-MMDR authors' code; ablation kernels of Table 3)
+    exclude_reserve: bool = False  # draw only from test images outside the defender's reserve
+
+    @classmethod
+    def parse(cls, node=None, where: str | None = "analysis.distances") -> "DistanceOptions":
+        opts = super().parse(node, where)
+        if not opts.levels:
+            raise ConfigError(f"{where}.levels=[]: choose a non-empty subset of {list(LEVELS)}")
+        return opts
 
 
 def _skipped(reason: str) -> list[dict]:
@@ -73,31 +74,32 @@ def _draws(rng: np.random.Generator, target_idx: np.ndarray, trig_idx: np.ndarra
     return out
 
 
-def _pair_values(x: torch.Tensor, y: torch.Tensor, opts: dict, seed: int, device: torch.device) -> dict[str, float]:
+def _pair_values(x: torch.Tensor, y: torch.Tensor, opts: DistanceOptions, seed: int,
+                 device: torch.device) -> dict[str, float]:
     gen = torch.Generator(device=device).manual_seed(seed)  # same directions for every pair of a repeat
     return {
-        "mmd2": float(mmd2(x, y, opts["kernel"])),
+        "mmd2": float(mmd2(x, y, opts.kernel)),
         "ed2": float(ed2(x, y)),
-        "swd1": float(swd1(x, y, opts["num_projections"], generator=gen)),
+        "swd1": float(swd1(x, y, opts.num_projections, generator=gen)),
     }
 
 
-@ANALYSES.register("distances")
+@ANALYSES.register("distances", options=DistanceOptions)
 def distances(exp, cfg) -> list[dict]:
     """Distances a/b/c, ranks and ARO per level (ML-MMDR §4); see the module docstring."""
-    opts = _options(cfg)
+    opts = DistanceOptions.parse(cfg)
     attack = exp.attack
-    if not getattr(attack, "poisons", True) or getattr(attack, "name", "") == "none":
+    if not has_backdoor(attack):
         return _skipped("attack=none: there is no backdoor target class")
     if attack.mode == "all_to_all":
         return _skipped("attack.mode=all_to_all: there is no single target class")
-    t, k_min = int(exp.target), opts["min_class_size"]
+    t, k_min = int(exp.target), opts.min_class_size
     num_classes = int(exp.data.num_classes)
     pred = exp.pred_test.cpu().numpy()
     pred_bd = exp.pred_backdoor.cpu().numpy()
     pool = np.arange(len(pred))
     trig_idx = np.flatnonzero(pred_bd == t)
-    if opts["exclude_reserve"]:  # draw only from test images outside the defender's reserve
+    if opts.exclude_reserve:  # draw only from test images outside the defender's reserve
         pool = exp.screen_index.cpu().numpy()
         trig_idx = trig_idx[np.isin(exp.backdoor_test.index.cpu().numpy()[trig_idx], pool)]
     by_class = {j: pool[pred[pool] == j] for j in range(num_classes)}
@@ -114,8 +116,8 @@ def distances(exp, cfg) -> list[dict]:
         return _skipped(f"no class other than {t} has min_class_size={k_min} predictions")
     # One common set size for every set of the run: the biased MMD² (and ED², and SWD1 as a sum
     # over samples) depend on the set size, so a, b and c are only comparable at equal sizes.
-    m = min(opts["set_size"], len(target_idx) // 2, len(trig_idx), *(len(i) for i in others.values()))
-    draws = _draws(exp.rng("distances"), target_idx, trig_idx, others, m, opts["repeats"])
+    m = min(opts.set_size, len(target_idx) // 2, len(trig_idx), *(len(i) for i in others.values()))
+    draws = _draws(exp.rng("distances"), target_idx, trig_idx, others, m, opts.repeats)
 
     # Features only of the sampled images: the union of every draw, clean and triggered.
     clean_u = np.unique(np.concatenate([np.concatenate([d["A"], d["B"], *d["C"].values()]) for d in draws]))
@@ -128,7 +130,7 @@ def distances(exp, cfg) -> list[dict]:
 
     out: list[dict] = [record("set_size", m)]
     aro: dict[str, float] = {}
-    for lv in opts["levels"]:
+    for lv in opts.levels:
         # One extraction per level keeps host memory to |union| x dim(level) (s1 can be 32k-dim).
         feats = exp.features(images, levels=(lv,))[1][lv]
         sums = {d: {"malicious": 0.0, "intra": 0.0, **{j: 0.0 for j in others}} for d in DISTANCES}
@@ -142,7 +144,7 @@ def distances(exp, cfg) -> list[dict]:
         del feats
         ranks = []
         for dist in DISTANCES:
-            mean = {key: np.float64(s) / opts["repeats"] for key, s in sums[dist].items()}  # average over repeats
+            mean = {key: np.float64(s) / opts.repeats for key, s in sums[dist].items()}  # average over repeats
             nearest = min(others, key=lambda j: mean[j])  # min over j of the repeat-averaged value
             a, b, c = mean["malicious"], mean["intra"], mean[nearest]
             for pair, v in zip(PAIRS, (a, b, c)):

@@ -9,6 +9,8 @@ batch by 0/1 masks, with no host synchronisation (no boolean indexing), for the 
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 # Bandwidth multipliers per kernel name. A Gaussian term is exp(-d² / (b · mult)) with b the
@@ -30,6 +32,7 @@ KERNELS: dict[str, tuple[float, ...]] = {
     "lk": (),  # Table 3: LK, linear kernel: MMD² = ||mean(x) - mean(y)||²
 }
 KERNEL_NAMES: tuple[str, ...] = tuple(KERNELS)
+Kernel = Literal[KERNEL_NAMES]  # the type an option naming a kernel declares (bdexp/options.py)
 
 
 def check_kernel(kernel: str) -> str:

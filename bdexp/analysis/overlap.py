@@ -25,13 +25,17 @@ vanishes), which is why μ_P and μ_Q are in the set. The one-class scorer centr
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 NORM_NAMES: dict[float, str] = {1.0: "l1", 2.0: "l2", math.inf: "linf"}  # the norms OVL evaluates (§IV)
+# A norm as an option declares it (bdexp/options.py): 1, 2 or inf (`inf` in YAML is the string 'inf')
+Norm = Literal[1, 2, "inf", math.inf]
 CENTERS = ("best", "pooled", "p", "q", "origin")
+Center = Literal[CENTERS]
 RADII_FROM = ("pooled", "p")
 
 

@@ -10,12 +10,13 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bdexp.analysis.pattern_search import pasted_predictions
+from bdexp.analysis.pattern_search import Selection, pasted_predictions
 
 
 def _show(ax, img: torch.Tensor, title: str = "", color: str = "black") -> None:
@@ -54,10 +55,24 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
-def write_figures(exp, opts, result, jobs, chosen, x, pw_index, y_pw, run_dir: Path, pw=None) -> list[Path]:
+@dataclass(frozen=True)
+class PWImages:
+    """The PW set: `x` every test image (float, on the device), `index` the PW set's positions in
+    it and `y` their labels."""
+
+    x: torch.Tensor
+    index: torch.Tensor
+    y: torch.Tensor
+
+
+def write_figures(exp, opts, sel: Selection, images: PWImages, run_dir: Path) -> list[Path]:
+    """The PNGs of the module docstring for the patterns `sel` (`opts`: the analysis's
+    PatternOptions); returns the files written."""
     names = list(getattr(exp.data, "classes", []) or [])
     label = (lambda c: f"{c}: {names[c]}"[:14] if c < len(names) else str(c))
-    classes, sizes, fig_size = opts["classes"], opts["sizes"], opts["figure_size"]
+    classes, sizes, fig_size = opts.classes, opts.sizes, opts.figure_size
+    result, jobs, chosen, pw = sel.result, sel.jobs, sel.chosen, sel.pw
+    x, pw_index, y_pw = images.x, images.index, images.y
 
     def job_for(c, kind):  # the job chosen at figure_size, else at the largest size
         return chosen.get((c, kind, fig_size), chosen.get((c, kind, max(sizes))))
@@ -76,10 +91,10 @@ def write_figures(exp, opts, result, jobs, chosen, x, pw_index, y_pw, run_dir: P
             _show(axes[r, col], on_white(result.binary(k, size), result.canvases[k]), title)
     written.append(_save(plt, fig, run_dir / "patterns.png"))
 
-    if len(opts["canvases"]) > 1:
-        plt, fig, axes = _grid(len(classes), len(opts["canvases"]))
+    if len(opts.canvases) > 1:
+        plt, fig, axes = _grid(len(classes), len(opts.canvases))
         for r, c in enumerate(classes):
-            for col, kind in enumerate(opts["canvases"]):
+            for col, kind in enumerate(opts.canvases):
                 k = job_for(c, kind)
                 if k is None:
                     axes[r, col].axis("off")
@@ -89,19 +104,19 @@ def write_figures(exp, opts, result, jobs, chosen, x, pw_index, y_pw, run_dir: P
             axes[r, 0].set_ylabel(label(c), fontsize=7)
         written.append(_save(plt, fig, run_dir / "patterns_canvases.png"))
 
-    if opts["samples"] > 0:
+    if opts.samples > 0:
         rng = exp.rng("patterns/samples")
-        plt, fig, axes = _grid(len(classes), opts["samples"] + 1)
+        plt, fig, axes = _grid(len(classes), opts.samples + 1)
         for r, c in enumerate(classes):
             k = job_for(c, None)
             mask = result.binary(k, fig_size)
             _show(axes[r, 0], on_white(mask, result.canvases[k]), f"pattern {100 * fig_size:g}%")
             axes[r, 0].set_ylabel(label(c), fontsize=7)
             others = pw_index[y_pw != c].numpy()
-            pick = torch.as_tensor(rng.choice(others, size=min(opts["samples"], len(others)), replace=False))
+            pick = torch.as_tensor(rng.choice(others, size=min(opts.samples, len(others)), replace=False))
             imgs = x[pick.to(x.device)]
             preds = pasted_predictions(exp.model, mask[None], result.canvases[k][None], imgs, exp.device)[0]
-            for col in range(1, opts["samples"] + 1):
+            for col in range(1, opts.samples + 1):
                 if col > len(pick):
                     axes[r, col].axis("off")
                     continue

@@ -18,50 +18,36 @@ mask steps and as many canvas steps, canvas ← clip(C − canvas_step · sign(�
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bdexp.errors import ConfigError
+from bdexp.options import Options, option
 from bdexp.progress import make_progress
 
-# (w_ce, w_l1 per unit α): the paper's eq. 2, or the authors' code 0.2·CE + 0.8·Σm/(HW/2)
+# `weighting` (w_ce, w_l1 per unit α): the paper's eq. 2, or the authors' code 0.2·CE + 0.8·Σm/(HW/2)
 # = 0.2·CE + 1.6·‖m‖₁/n (the ISCP authors' code), which ignores α.
-WEIGHTINGS = ("paper", "code")
 
 
 @dataclass(frozen=True)
-class SearchOptions:
-    alpha: float = 0.2  # ISCP §4 / App. A: α ∈ [0.1, 0.3], "slightly adjusted around 0.2"
-    weighting: str = "paper"  # paper: CE + α‖m‖₁/n; code: 0.2·CE + 1.6‖m‖₁/n
-    step_size: float = 0.02  # η (App. A)
-    batch_size: int = 4  # B (App. A)
-    epochs: int = 5  # T passes over D_n (App. A)
-    mask_init: float = 0.5  # App. A: "all 0.5 values"
-    tv_weight: float = 0.0  # β of eq. 3 (App. E: 0.2 or 1); 0 = plain eq. 2
-    learn_canvas: bool = False  # eq. 4 (App. H)
-    canvas_step: float = 2 / 255  # App. H: canvas step size 2/255
-    alternate_steps: int = 5  # App. H: 5 mask steps, then 5 canvas steps
-    masks_per_step: int | None = None  # jobs per forward pass (None: all at once)
+class SearchOptions(Options):
+    """The mask search's options (ISCP App. A, Algorithm 1); part of `analysis.patterns`."""
 
-    def __post_init__(self):
-        if self.weighting not in WEIGHTINGS:
-            raise ConfigError(f"analysis.patterns.weighting={self.weighting!r}; choose one of {list(WEIGHTINGS)}")
-        for key in ("step_size", "canvas_step"):
-            if not float(getattr(self, key)) > 0:
-                raise ConfigError(f"analysis.patterns.{key}={getattr(self, key)} must be > 0")
-        for key in ("batch_size", "epochs", "alternate_steps"):
-            if int(getattr(self, key)) < 1:
-                raise ConfigError(f"analysis.patterns.{key}={getattr(self, key)} must be an int >= 1")
-        if not 0.0 <= float(self.mask_init) <= 1.0:
-            raise ConfigError(f"analysis.patterns.mask_init={self.mask_init} must be in [0, 1]")
-        if float(self.alpha) < 0 or float(self.tv_weight) < 0:
-            raise ConfigError("analysis.patterns.alpha and tv_weight must be >= 0")
-        if self.masks_per_step is not None and int(self.masks_per_step) < 1:
-            raise ConfigError(f"analysis.patterns.masks_per_step={self.masks_per_step} must be >= 1 or null")
+    alpha: float = option(0.2, lo=0)  # ISCP §4 / App. A: α ∈ [0.1, 0.3], "slightly adjusted around 0.2"
+    weighting: Literal["paper", "code"] = "paper"  # paper: CE + α‖m‖₁/n; code: 0.2·CE + 1.6‖m‖₁/n
+    step_size: float = option(0.02, lo=0, lo_open=True)  # η (App. A)
+    batch_size: int = option(4, lo=1)  # B (App. A)
+    epochs: int = option(5, lo=1)  # T passes over D_n (App. A)
+    mask_init: float = option(0.5, lo=0, hi=1)  # App. A: "all 0.5 values"
+    tv_weight: float = option(0.0, lo=0)  # β of eq. 3 (App. E: 0.2 or 1); 0 = plain eq. 2
+    learn_canvas: bool = False  # eq. 4 (App. H)
+    canvas_step: float = option(2 / 255, lo=0, lo_open=True)  # App. H: canvas step size 2/255
+    alternate_steps: int = option(5, lo=1)  # App. H: 5 mask steps, then 5 canvas steps
+    masks_per_step: int | None = option(None, lo=1)  # jobs per forward pass (None: all at once)
 
     @property
     def weights(self) -> tuple[float, float]:
@@ -90,6 +76,18 @@ class SearchResult:
     def binary(self, k, size: float) -> torch.Tensor:
         """m_γ of job(s) k at `size`: the top-k% pixels, ties by the step-averaged mask."""
         return top_k_mask(self.masks[k], size, self.mean_masks[k])
+
+
+@dataclass
+class Selection:
+    """The searched patterns after selection (analysis/patterns.py): the search `result` of
+    `jobs`, `chosen[(class, canvas type or None, size)]` = the job with the lowest loss (None:
+    over every canvas type), and `pw[(job, size)]` = its predictive power."""
+
+    result: SearchResult
+    jobs: list[Job]
+    chosen: dict[tuple[int, str | None, float], int]
+    pw: dict[tuple[int, float], float] = field(default_factory=dict)
 
 
 def pairing_order(pool_size: int, opts: SearchOptions, seed: int) -> torch.Tensor:

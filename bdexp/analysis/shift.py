@@ -31,68 +31,56 @@ A measured accuracy above a bound by more than the tolerance is logged as a warn
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 from bdexp.analysis import ANALYSES
-from bdexp.analysis.overlap import CENTERS, norm_name, norm_order, overlap_bound
-from bdexp.options import with_defaults
+from bdexp.analysis.overlap import Center, Norm, norm_name, norm_order, overlap_bound
+from bdexp.attacks import has_backdoor
 from bdexp.errors import ConfigError
-from bdexp.models.base import LEVELS
+from bdexp.models.base import Level
+from bdexp.options import Options, option
 from bdexp.results import record
 
 log = logging.getLogger(__name__)
 
-SPACES: tuple[str, ...] = ("input", "hidden", "output")  # OVL §IV: raw image, hidden layer, model output
-OUTPUTS: tuple[str, ...] = ("softmax", "logits")
-CLEAN_FROM: tuple[str, ...] = ("p", "disjoint")  # where T's clean images come from
 
+@dataclass(frozen=True)
+class ShiftOptions(Options):
+    """conf/analysis/shift.yaml (OVL §IV, Fig. 5)."""
 
-def _options(cfg) -> dict:
-    get = with_defaults(cfg, "analysis", "shift").get  # defaults: conf/analysis/shift.yaml
-    opts = {
-        "purities": [float(r) for r in get("purities") or []],
-        "spaces": [str(s) for s in get("spaces") or []],
-        "hidden_level": str(get("hidden_level")),
-        "output": str(get("output")),
-        "norms": list(get("norms") or []),
-        "num_radii": int(get("num_radii")),
-        "center": str(get("center")),
-        "set_size": int(get("set_size")),
-        "repeats": int(get("repeats")),
-        "tolerance": get("tolerance"),
-        "clean_from": str(get("clean_from")),
-    }
-    if opts["clean_from"] not in CLEAN_FROM:
-        raise ConfigError(f"analysis.shift.clean_from={opts['clean_from']!r}; choose one of {list(CLEAN_FROM)}")
-    tol = opts["tolerance"]
-    if not (tol == "auto" or (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol >= 0)):
-        raise ConfigError(f"analysis.shift.tolerance={tol!r}: use 'auto' (√(2/m)) or a number >= 0")
-    bad = [r for r in opts["purities"] if not 0.0 <= r <= 1.0]
-    if bad or not opts["purities"]:
-        raise ConfigError(f"analysis.shift.purities={opts['purities']}: need a non-empty list of values in [0, 1]")
-    bad = [s for s in opts["spaces"] if s not in SPACES]
-    if bad or not opts["spaces"]:
-        raise ConfigError(f"analysis.shift.spaces={opts['spaces']}: need a non-empty subset of {list(SPACES)}")
-    if opts["hidden_level"] not in LEVELS:
-        raise ConfigError(f"analysis.shift.hidden_level={opts['hidden_level']!r}; choose one of {list(LEVELS)}")
-    if opts["output"] not in OUTPUTS:
-        raise ConfigError(f"analysis.shift.output={opts['output']!r}; choose one of {list(OUTPUTS)}")
-    opts["purities"] = sorted(set(opts["purities"]))
-    opts["spaces"] = list(dict.fromkeys(opts["spaces"]))
-    try:
-        opts["norms"] = list(dict.fromkeys(norm_order(n) for n in opts["norms"]))
-    except ValueError as err:
-        raise ConfigError(f"analysis.shift.norms: {err}") from None
-    if not opts["norms"]:
-        raise ConfigError("analysis.shift.norms is empty; list some of 1, 2, inf")
-    if opts["center"] not in CENTERS:
-        raise ConfigError(f"analysis.shift.center={opts['center']!r}; choose one of {list(CENTERS)}")
-    for key, low in (("num_radii", 0), ("set_size", 2), ("repeats", 1)):
-        if opts[key] < low:
-            raise ConfigError(f"analysis.shift.{key}={opts[key]} must be >= {low}")
-    return opts
+    purities: tuple[float, ...] = option([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], lo=0, hi=1)
+    spaces: tuple[Literal["input", "hidden", "output"], ...] = option(["input", "hidden", "output"])
+    hidden_level: Level = "penult"  # the feature level used as the hidden space
+    output: Literal["softmax", "logits"] = "softmax"  # softmax: bounded, as Theorem 1 assumes
+    norms: tuple[Norm, ...] = option([1, 2, "inf"])  # ℓ1, ℓ2, ℓ∞ (OVL §IV)
+    num_radii: int = option(10, lo=0)  # K balls A_r (OVL §II-C, K = 10)
+    center: Center = "best"  # ball centre (overlap.py)
+    clean_from: Literal["p", "disjoint"] = "p"  # where T's clean images come from (module docstring)
+    set_size: int = option(500, lo=2)  # |T| = |P| = m, capped at the test sets
+    repeats: int = option(3, lo=1)  # random draws averaged
+    tolerance: Literal["auto"] | float = option("auto", lo=0)  # auto = √(2/m) (module docstring)
+
+    @classmethod
+    def parse(cls, node=None, where: str | None = "analysis.shift") -> "ShiftOptions":
+        opts = super().parse(node, where)
+        empty = [k for k in ("purities", "spaces", "norms") if not getattr(opts, k)]
+        if empty:
+            raise ConfigError(f"{where}: {', '.join(empty)} must not be empty")
+        return opts
+
+    @property
+    def rhos(self) -> list[float]:
+        """The purities, ascending, each once."""
+        return sorted(set(self.purities))
+
+    @property
+    def orders(self) -> list[float]:
+        """The norms as vector-norm orders (1.0, 2.0, inf), each once."""
+        return list(dict.fromkeys(norm_order(n) for n in self.norms))
 
 
 def shift_draws(rng: np.random.Generator, n_clean: int, n_triggered: int, m: int, repeats: int,
@@ -119,33 +107,35 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x.float().div(255) if x.dtype == torch.uint8 else x.float()
 
 
-def _spaces(exp, images: torch.Tensor, opts: dict) -> dict[str, torch.Tensor]:
+def _spaces(exp, images: torch.Tensor, opts: ShiftOptions) -> dict[str, torch.Tensor]:
+    """Each of `opts.spaces` (once, in order): the points the bound compares."""
     out = {}
-    if "input" in opts["spaces"]:
+    if "input" in opts.spaces:
         out["input"] = images.flatten(1)
-    if {"hidden", "output"} & set(opts["spaces"]):
-        levels = (opts["hidden_level"],) if "hidden" in opts["spaces"] else ()
+    if {"hidden", "output"} & set(opts.spaces):
+        levels = (opts.hidden_level,) if "hidden" in opts.spaces else ()
         logits, feats = exp.features(images, levels=levels)
-        if "hidden" in opts["spaces"]:
-            out["hidden"] = feats[opts["hidden_level"]].flatten(1)
-        if "output" in opts["spaces"]:
-            out["output"] = logits.float().softmax(1) if opts["output"] == "softmax" else logits.float()
-    return {s: out[s].double() for s in opts["spaces"]}  # float64 once: overlap_bound computes in it
+        if "hidden" in opts.spaces:
+            out["hidden"] = feats[opts.hidden_level].flatten(1)
+        if "output" in opts.spaces:
+            out["output"] = logits.float().softmax(1) if opts.output == "softmax" else logits.float()
+    return {s: out[s].double() for s in opts.spaces}  # float64 once: overlap_bound computes in it
 
 
-@ANALYSES.register("shift")
+@ANALYSES.register("shift", options=ShiftOptions)
 def shift(exp, cfg) -> list[dict]:
     """Measured accuracy and Theorem 2's bound against the purity ρ (OVL Theorem 2, Fig. 5)."""
-    opts = _options(cfg)
+    opts = ShiftOptions.parse(cfg)
+    rhos, norms = opts.rhos, opts.orders
     bd = exp.backdoor_test
     n_clean, n_trig = len(exp.data.y_test), len(bd.y_true)
-    if not getattr(exp.attack, "poisons", True) or n_trig == 0:
+    if not has_backdoor(exp.attack) or n_trig == 0:
         return [record("shift_skipped", 1.0, reason="no triggered test images (attack=none?)")]
-    m = min(opts["set_size"], n_clean if opts["clean_from"] == "p" else n_clean // 2, n_trig)
+    m = min(opts.set_size, n_clean if opts.clean_from == "p" else n_clean // 2, n_trig)
     if m < 2:
         return [record("shift_skipped", 1.0, reason=f"set size {m}: too few test images")]
-    tol = float(np.sqrt(2 / m)) if opts["tolerance"] == "auto" else float(opts["tolerance"])
-    draws = shift_draws(exp.rng("shift"), n_clean, n_trig, m, opts["repeats"], opts["clean_from"])
+    tol = float(np.sqrt(2 / m)) if opts.tolerance == "auto" else float(opts.tolerance)
+    draws = shift_draws(exp.rng("shift"), n_clean, n_trig, m, opts.repeats, opts.clean_from)
 
     correct_clean = (exp.pred_test.cpu() == exp.data.y_test.cpu()).numpy()
     correct_trig = (exp.pred_backdoor.cpu() == bd.y_true.cpu()).numpy()  # w.r.t. the TRUE labels
@@ -163,18 +153,18 @@ def shift(exp, cfg) -> list[dict]:
 
     no_trig = np.zeros(0, dtype=np.int64)
     a_p = [float(correct_clean[d["P"]].mean()) for d in draws]  # accuracy on P, per repeat
-    acc = {rho: 0.0 for rho in opts["purities"]}
-    eta = {(rho, s, n): 0.0 for rho in opts["purities"] for s in spaces for n in opts["norms"]}
+    acc = {rho: 0.0 for rho in rhos}
+    eta = {(rho, s, n): 0.0 for rho in rhos for s in spaces for n in norms}
     bound = dict(eta)
     for draw, ap in zip(draws, a_p):
         p_pos = rows(draw["P"], no_trig)
-        for rho in opts["purities"]:
+        for rho in rhos:
             tc, tt = mixture(draw, rho, m)
             acc[rho] += float(np.r_[correct_clean[tc], correct_trig[tt]].mean()) / len(draws)
             t_pos = rows(tc, tt)
             for s, z in spaces.items():
-                for n in opts["norms"]:
-                    b = overlap_bound(z[p_pos], z[t_pos], n, opts["num_radii"], center=opts["center"])
+                for n in norms:
+                    b = overlap_bound(z[p_pos], z[t_pos], n, opts.num_radii, center=opts.center)
                     eta[rho, s, n] += b / len(draws)
                     bound[rho, s, n] += (a_q + (ap - a_q) * b) / len(draws)  # OVL eq. (12)
 
@@ -184,10 +174,10 @@ def shift(exp, cfg) -> list[dict]:
                     "assumes a_Q <= a_P (did the attack fail?)", a_q, mean_ap)
     out = [record("shift_set_size", m), record("shift_clean_acc", mean_ap), record("shift_trigger_acc", a_q)]
     violations = 0
-    for rho in opts["purities"]:
+    for rho in rhos:
         out.append(record("shift_acc", acc[rho], rho=round(rho, 6)))
         for s in spaces:
-            for n in opts["norms"]:
+            for n in norms:
                 tags = {"rho": round(rho, 6), "space": s, "norm": norm_name(n)}
                 out.append(record("shift_overlap", eta[rho, s, n], **tags))
                 out.append(record("shift_bound", bound[rho, s, n], **tags))

@@ -1,7 +1,8 @@
 """Backdoor attacks (each module cites its attack's paper). One module per attack registers itself in ``ATTACKS``.
 
 Adding an attack = one new module with an ``@ATTACKS.register("name")`` subclass of ``Attack``
-plus ``conf/attack/<name>.yaml``.
+whose ``Options`` (an ``AttackOptions`` subclass) declares its keys, plus ``conf/attack/<name>.yaml``
+listing them (inheriting the common keys from ``conf/attack/_common.yaml``).
 """
 from __future__ import annotations
 

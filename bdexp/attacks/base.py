@@ -1,9 +1,11 @@
 """The attack contract: common knobs, sample selection, and the poisoned/backdoor sets.
 
-A subclass declares its own config keys in ``options`` (name -> default), builds its trigger once
-in ``build`` from a seeded local generator, and implements ``apply_trigger`` (x' = G(x, b)).
-Everything else — validation of the common keys, which samples are poisoned, relabelling,
-replace/append injection and the backdoor test set — lives here so every attack shares it.
+A subclass declares its options once, in an ``AttackOptions`` subclass set as its ``Options``
+(bdexp/options.py; the registry picks it up, and conf/attack/<name>.yaml lists the same defaults),
+builds its trigger once in ``build`` from a seeded local generator, and implements
+``apply_trigger`` (x' = G(x, b)). Everything else — the checks of the common keys that need the
+run (the class count), which samples are poisoned, relabelling, replace/append injection and the
+backdoor test set — lives here so every attack shares it.
 
 How many samples are poisoned is each attack's declared `budget` (its YAML states which):
 - `dataset` (ML-MMDR's and the generic attacks): n = round(ε·N) of the whole training set N, drawn
@@ -18,35 +20,41 @@ How many samples are poisoned is each attack's declared `budget` (its YAML state
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar, Literal
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bdexp.errors import ConfigError
+from bdexp.options import Options, option
 from bdexp.registry import Registry
 from bdexp.seeding import derive_seed
 
 # name -> Attack subclass; the YAML's `name` key selects it (see bdexp.attacks.build_attack).
 ATTACKS: Registry = Registry("attack")
 
-MODES = ("all_to_one", "one_to_one", "all_to_all")
-INJECTS = ("replace", "append")
-LABEL_MODES = ("dirty", "clean")
-BUDGETS = ("dataset", "class")  # what poison_rate is a fraction of (module docstring)
-# Keys every attack YAML carries, with the generic attacks' defaults (ISPL's attacks override
-# target/mode/budget in bdexp.attacks.scenarios; each YAML restates its own).
-COMMON_DEFAULTS: dict[str, Any] = {
-    "target": 0,
-    "mode": "all_to_one",
-    "source": None,
-    "poison_rate": 0.1,
-    "budget": "dataset",
-    "inject": "replace",
-    "label_mode": "dirty",
-}
+
+Mode = Literal["all_to_one", "one_to_one", "all_to_all"]
+Budget = Literal["dataset", "class"]  # what poison_rate is a fraction of (module docstring)
+LabelMode = Literal["dirty", "clean"]
+
+
+@dataclass(frozen=True)
+class AttackOptions(Options):
+    """The keys every attack takes, with the generic attacks' defaults (conf/attack/_common.yaml);
+    ISPL's attacks override target/mode/budget (bdexp.attacks.scenarios.ScenarioOptions)."""
+
+    target: int = option(0, lo=0)  # < the class count: checked by Attack, which knows it
+    mode: Mode = "all_to_one"
+    source: int | None = option(None, lo=0)  # one_to_one only
+    poison_rate: float = option(0.1, lo=0, hi=1)  # a fraction of what `budget` says (module docstring)
+    budget: Budget = "dataset"
+    inject: Literal["replace", "append"] = "replace"
+    label_mode: LabelMode = "dirty"
+
+
 _CHUNK = 4096  # images per apply_trigger call: bounded memory on full CIFAR-size sets
 
 
@@ -54,7 +62,7 @@ _CHUNK = 4096  # images per apply_trigger call: bounded memory on full CIFAR-siz
 class PoisonedTrainSet:
     """The training set the model sees. `poison`/`y_true` are for the evaluator only."""
 
-    x: torch.Tensor  # float NCHW in [0, 1]
+    x: torch.Tensor  # float NCHW in [0, 1] from poison_train; uint8 after pipeline.prepare (to_uint8)
     y: torch.Tensor  # labels given to the learner (relabelled where dirty-label poisoned)
     y_true: torch.Tensor  # original labels
     poison: torch.Tensor  # bool: carries the trigger
@@ -65,18 +73,10 @@ class PoisonedTrainSet:
 class BackdoorTestSet:
     """Triggered test images and the label the attacker wants for each."""
 
-    x: torch.Tensor  # triggered float NCHW
+    x: torch.Tensor  # triggered float NCHW from backdoor_test; uint8 after pipeline.prepare
     y_target: torch.Tensor
     y_true: torch.Tensor
     index: torch.Tensor  # int64 indices into the clean test set
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def apportion(quotas: list[float]) -> list[int]:
@@ -93,71 +93,80 @@ def apportion(quotas: list[float]) -> list[int]:
     return floors
 
 
+@dataclass(frozen=True)
+class AttackServices:
+    """What the pipeline offers an attack before it poisons (`Attack.attach`): the run's device and
+    a model trained on the unpoisoned training set, trained (or loaded from the cache) only when
+    called."""
+
+    device: Callable[[], torch.device]
+    clean_model: Callable[[], torch.nn.Module]
+
+
 class Attack:
-    """Base class. Subclasses set ``name``/``options`` and implement ``apply_trigger``."""
+    """Base class. Subclasses set ``name``/``Options`` and implement ``apply_trigger``."""
 
     name: ClassVar[str] = ""
-    options: ClassVar[dict[str, Any]] = {}  # attack-specific keys -> defaults
+    Options: ClassVar[type[AttackOptions]] = AttackOptions  # the declaration; the registry reads it
     poisons: ClassVar[bool] = True  # False only for the `none` attack
 
     def __init__(self, cfg: Mapping | DictConfig, num_classes: int, image_shape: tuple[int, int, int], seed: int):
-        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-        assert isinstance(raw, dict)
         if len(tuple(image_shape)) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
         self.num_classes = int(num_classes)
         self.image_shape: tuple[int, int, int] = tuple(int(s) for s in image_shape)  # type: ignore[assignment]
         self.seed = int(seed)
-        allowed = {"name", *COMMON_DEFAULTS, *self.options}
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise ConfigError(
-                f"attack {self.name!r}: unknown key(s) {unknown}; allowed keys: {sorted(allowed)}"
-            )
-        if raw.get("name", self.name) != self.name:
-            raise ConfigError(f"attack.name={raw['name']!r} but the {self.name!r} attack was built")
-        merged = {**COMMON_DEFAULTS, **self.options, **raw}
-        self.cfg: dict[str, Any] = merged
-        self._validate_common(merged)
-        self.target: int = merged["target"]
-        self.mode: str = merged["mode"]
-        self.source: int | None = merged["source"]
-        self.poison_rate: float = float(merged["poison_rate"])
-        self.budget: str = merged["budget"]
-        self.inject: str = merged["inject"]
-        self.label_mode: str = merged["label_mode"]
+        name = cfg.get("name") if cfg is not None else None
+        if name is not None and name != self.name:
+            raise ConfigError(f"attack.name={name!r} but the {self.name!r} attack was built")
+        self.opts = self.resolve(self.Options.parse(cfg, "attack"))
+        self._validate_common()
+        o = self.opts
+        self.target: int = o.target
+        self.mode: str = o.mode
+        self.source: int | None = o.source
+        self.poison_rate: float = o.poison_rate
+        self.budget: str = o.budget
+        self.inject: str = o.inject
+        self.label_mode: str = o.label_mode
         self.build(torch.Generator().manual_seed(derive_seed(self.seed, f"trigger/{self.name}")))
 
     # ---------------------------------------------------------------- validation
-    def _validate_common(self, c: dict[str, Any]) -> None:
-        k = self.num_classes
-        if not _is_int(c["target"]) or not 0 <= c["target"] < k:
-            raise ConfigError(f"attack.target={c['target']!r} must be an int class index in [0, {k - 1}]")
-        for key, allowed in (("mode", MODES), ("budget", BUDGETS), ("inject", INJECTS), ("label_mode", LABEL_MODES)):
-            if c[key] not in allowed:
-                raise ConfigError(f"attack.{key}={c[key]!r} is not allowed; choose one of {list(allowed)}")
-        src = c["source"]
-        if c["mode"] == "one_to_one":
+    def resolve(self, opts: AttackOptions) -> AttackOptions:
+        """The options with what they imply filled in (ISPL's scenario: target/source); identity here."""
+        return opts
+
+    def _validate_common(self) -> None:
+        """What the declaration cannot check: class indices against the class count, and the
+        combinations of mode, source and label_mode."""
+        o, k = self.opts, self.num_classes
+        if not 0 <= o.target < k:
+            raise ConfigError(f"attack.target={o.target} is not allowed: use a class index in 0..{k - 1} "
+                              f"(the dataset has {k} classes)")
+        src = o.source
+        if o.mode == "one_to_one":
             if src is None:
                 raise ConfigError("attack.mode=one_to_one needs attack.source (an int class index); got null")
-            if not _is_int(src) or not 0 <= src < k:
-                raise ConfigError(f"attack.source={src!r} must be an int class index in [0, {k - 1}]")
-            if src == c["target"]:
+            if not 0 <= src < k:
+                raise ConfigError(f"attack.source={src} is not allowed: use a class index in 0..{k - 1} "
+                                  f"(the dataset has {k} classes)")
+            if src == o.target:
                 raise ConfigError(f"attack.source={src} equals attack.target; they must differ for one_to_one")
         elif src is not None:
             raise ConfigError(
-                f"attack.source={src!r} is only used with mode=one_to_one (mode={c['mode']!r}); set it to null"
+                f"attack.source={src!r} is only used with mode=one_to_one (mode={o.mode!r}); set it to null"
             )
-        rate = c["poison_rate"]
-        if not _is_number(rate) or not 0.0 <= float(rate) <= 1.0:
-            raise ConfigError(f"attack.poison_rate={rate!r} must be a number in [0, 1]")
-        if c["label_mode"] == "clean" and c["mode"] == "all_to_all":
+        if o.label_mode == "clean" and o.mode == "all_to_all":
             raise ConfigError(
                 "attack.label_mode=clean cannot be combined with mode=all_to_all "
                 "(clean label poisons only target-class samples); use all_to_one or one_to_one"
             )
 
     # ---------------------------------------------------------------- subclass hooks
+    def attach(self, services: AttackServices) -> None:
+        """Called once before poisoning with what the run can provide on demand (e.g. clbd's clean
+        reference model); the default needs nothing."""
+
     def build(self, generator: torch.Generator) -> None:
         """Validate attack-specific options and build the fixed trigger (override)."""
 
@@ -313,7 +322,7 @@ class Attack:
         return BackdoorTestSet(self.apply(x[index]), y_target, y_true, index)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.cfg}, seed={self.seed})"
+        return f"{type(self).__name__}({self.opts}, seed={self.seed})"
 
 
 def has_backdoor(attack: Attack | None) -> bool:

@@ -5,13 +5,15 @@ converted to its channel count). α = 0.1 follows the ML-MMDR authors' code; CD 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bdexp.attacks.base import ATTACKS, Attack, _is_number
+from bdexp.attacks.base import ATTACKS, Attack, AttackOptions
 from bdexp.errors import ConfigError
+from bdexp.options import option
 
 
 def load_image(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -33,23 +35,23 @@ def load_image(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
     return t.clamp(0, 1).contiguous()
 
 
+@dataclass(frozen=True)
+class BlendedOptions(AttackOptions):
+    alpha: float = option(0.1, lo=0, hi=1)  # blend ratio α
+    image: str | None = None  # null: b = seeded uniform noise; or an image file
+
+
 @ATTACKS.register("blended")
 class BlendedAttack(Attack):
     name = "blended"
-    options = {"alpha": 0.1, "image": None}
+    Options = BlendedOptions
 
     def build(self, generator: torch.Generator) -> None:
-        alpha = self.cfg["alpha"]
-        if not _is_number(alpha) or not 0.0 <= float(alpha) <= 1.0:
-            raise ConfigError(f"attack.alpha={alpha!r} must be a number in [0, 1]")
-        self.alpha = float(alpha)
-        image = self.cfg["image"]
-        if image is None:
+        self.alpha = self.opts.alpha
+        if self.opts.image is None:
             self.pattern = torch.rand(self.image_shape, generator=generator)
-        elif isinstance(image, str):
-            self.pattern = load_image(image, self.image_shape)
         else:
-            raise ConfigError(f"attack.image={image!r} must be null (seeded noise) or an image file path")
+            self.pattern = load_image(self.opts.image, self.image_shape)
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         b = self.pattern.to(x.device, x.dtype)

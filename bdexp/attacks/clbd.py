@@ -26,51 +26,53 @@ placed on the image." So x_poison = stamp(PGD(x)); ``apply_trigger`` is the stam
 
 `poison_rate` is the fraction of the target class perturbed and stamped (Turner's
 `poisoning_proportion`, ISPL's ε), in every mode: the base class's `budget: class` rule for clean
-labels, the only budget clbd accepts. The attack needs a clean reference model:
-``bdexp.pipeline.prepare`` trains (or loads) one and calls ``set_reference_model`` first.
+labels, the only budget clbd accepts. The attack needs a clean reference model: it asks the
+pipeline's `AttackServices` for one (`attach`), which trains or loads it.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from bdexp.attacks.base import ATTACKS, PoisonedTrainSet, _is_int, _is_number
-from bdexp.attacks.scenarios import SCENARIO_OPTIONS, ScenarioAttack
+from bdexp.attacks.base import ATTACKS, AttackServices, LabelMode, Mode, PoisonedTrainSet
+from bdexp.attacks.scenarios import ScenarioAttack, ScenarioOptions
 from bdexp.errors import ConfigError
+from bdexp.options import option
 from bdexp.seeding import derive_seed
 
-NORMS = ("linf", "l2")
 # ε when `pgd_eps` is null. ℓ∞: 8/255 (Turner et al.'s `inf_8`). ℓ2: 300/255, Turner et al.'s
 # `two_300` dataset (their ℓ2 bound 300 is on the 0..255 pixel scale; here images are in [0, 1]).
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 300 / 255}
 # Step size when `pgd_step_size` is null: 2.5·ε/steps (Madry et al.'s rule of thumb), which gives
-# exactly ISCP §4.4's PGD step 2/255 for ℓ∞ ε = 8/255 and 10 steps.
+# exactly train=adversarial's PGD step 2/255 for ℓ∞ ε = 8/255 and 10 steps (Madry et al.'s CIFAR-10 setting).
 STEP_FACTOR = 2.5
 _PGD_BATCH = 256  # images per PGD forward/backward; the result does not depend on it (eval mode)
+
+
+@dataclass(frozen=True)
+class ClbdOptions(ScenarioOptions):
+    mode: Mode = "all_to_one"  # ISPL §4 (opening): "misclassify an image from any non-source class"
+    label_mode: LabelMode = "clean"  # must be clean (checked in build, with the reason)
+    size: int = option(3, lo=1)  # side of each corner checkerboard (ISPL App. B: 3x3)
+    pgd_norm: Literal["linf", "l2"] = "linf"
+    pgd_eps: float | None = option(None, lo=0)  # null: DEFAULT_EPS of the norm
+    pgd_steps: int = option(10, lo=0)  # 0 = stamp only
+    pgd_step_size: float | None = option(None, lo=0)  # null: STEP_FACTOR * eps / steps
+    pgd_random_start: bool = True
 
 
 @ATTACKS.register("clbd")
 class CleanLabelBackdoor(ScenarioAttack):
     name = "clbd"
-    options = {
-        **SCENARIO_OPTIONS,
-        "mode": "all_to_one",  # ISPL §4 (opening): "misclassify an image from any non-source class"
-        "label_mode": "clean",
-        "size": 3,
-        "pgd_norm": "linf",
-        "pgd_eps": None,
-        "pgd_steps": 10,
-        "pgd_step_size": None,
-        "pgd_random_start": True,
-    }
+    Options = ClbdOptions
     # The pipeline trains a clean reference model for attacks that set this (bdexp.pipeline.prepare).
-    needs_reference_model: ClassVar[bool] = True
 
     def build(self, generator: torch.Generator) -> None:
         c, h, w = self.image_shape
-        cfg = self.cfg
+        o = self.opts
         if self.label_mode != "clean":
             raise ConfigError(
                 "attack.label_mode must be clean for clbd (Turner et al.'s attack keeps every label); "
@@ -81,26 +83,15 @@ class CleanLabelBackdoor(ScenarioAttack):
                 f"attack.budget={self.budget!r}: clbd's poison_rate is always a fraction of the target class "
                 "(Turner et al.'s `poisoning_proportion`, ISPL Table 6); set attack.budget=class"
             )
-        size = cfg["size"]
-        if not _is_int(size) or size < 1 or 2 * size > min(h, w):
+        size, steps = o.size, o.pgd_steps
+        if 2 * size > min(h, w):
             raise ConfigError(
-                f"attack.size={size!r} must be an int >= 1 with 4 non-overlapping size×size corner patches "
-                f"in a {h}×{w} image (size <= {min(h, w) // 2})"
+                f"attack.size={size} is not allowed: use at most {min(h, w) // 2}, so that the 4 size×size "
+                f"corner patches of a {h}×{w} image do not overlap"
             )
-        if cfg["pgd_norm"] not in NORMS:
-            raise ConfigError(f"attack.pgd_norm={cfg['pgd_norm']!r} is not allowed; choose one of {list(NORMS)}")
-        steps = cfg["pgd_steps"]
-        if not _is_int(steps) or steps < 0:
-            raise ConfigError(f"attack.pgd_steps={steps!r} must be an int >= 0 (0 = no perturbation)")
-        eps = DEFAULT_EPS[cfg["pgd_norm"]] if cfg["pgd_eps"] is None else cfg["pgd_eps"]
-        if not _is_number(eps) or eps < 0:
-            raise ConfigError(f"attack.pgd_eps={cfg['pgd_eps']!r} must be null or a number >= 0 (images in [0, 1])")
-        step = STEP_FACTOR * eps / max(steps, 1) if cfg["pgd_step_size"] is None else cfg["pgd_step_size"]
-        if not _is_number(step) or step < 0:
-            raise ConfigError(f"attack.pgd_step_size={cfg['pgd_step_size']!r} must be null or a number >= 0")
-        if not isinstance(cfg["pgd_random_start"], bool):
-            raise ConfigError(f"attack.pgd_random_start={cfg['pgd_random_start']!r} must be true or false")
-        self.size, self.eps, self.step_size, self.steps = size, float(eps), float(step), steps
+        eps = DEFAULT_EPS[o.pgd_norm] if o.pgd_eps is None else o.pgd_eps
+        step = STEP_FACTOR * eps / max(steps, 1) if o.pgd_step_size is None else o.pgd_step_size
+        self.size, self.eps, self.step_size, self.steps = size, eps, step, steps
 
         # The stamp: a size×size checkerboard in each corner, white where the distance (in rows +
         # columns) from the image corner is even, so every corner pixel is white and the four
@@ -122,6 +113,9 @@ class CleanLabelBackdoor(ScenarioAttack):
         return self.mask.clone()
 
     # ---------------------------------------------------------------- reference model
+    def attach(self, services: AttackServices) -> None:
+        self.set_reference_model(services.clean_model(), services.device())
+
     def set_reference_model(self, model: nn.Module, device: torch.device | str) -> None:
         """The clean model PGD attacks (ISPL App. B: "a reference model trained on clean data")."""
         self._device = torch.device(device)
@@ -135,19 +129,19 @@ class CleanLabelBackdoor(ScenarioAttack):
             raise RuntimeError(
                 "clbd needs a clean reference model for its PGD perturbation: call "
                 "attack.set_reference_model(model, device) before poison_train "
-                "(bdexp.pipeline.prepare does this for attacks with needs_reference_model)"
+                "(bdexp.pipeline.prepare does this through Attack.attach)"
             )
         if len(x) == 0 or self.steps == 0 or self.eps == 0:
             return x.clone()
         # Random start drawn on the CPU from a seeded generator: the same on every device.
         g = torch.Generator().manual_seed(derive_seed(self.seed, "clbd/pgd_start"))
-        start = self._random_start(x.shape, g) if self.cfg["pgd_random_start"] else torch.zeros(x.shape)
+        start = self._random_start(x.shape, g) if self.opts.pgd_random_start else torch.zeros(x.shape)
         out = [self._pgd(xb, yb, sb) for xb, yb, sb in zip(x.split(_PGD_BATCH), y.split(_PGD_BATCH),
                                                            start.split(_PGD_BATCH))]
         return torch.cat(out).to(x.device, x.dtype)
 
     def _random_start(self, shape: torch.Size, g: torch.Generator) -> torch.Tensor:
-        if self.cfg["pgd_norm"] == "linf":  # uniform in the ε-cube
+        if self.opts.pgd_norm == "linf":  # uniform in the ε-cube
             return (torch.rand(shape, generator=g) * 2 - 1) * self.eps
         # ℓ2: a uniformly random direction at a radius uniform in [0, ε]
         d = torch.randn(shape, generator=g)
@@ -155,7 +149,7 @@ class CleanLabelBackdoor(ScenarioAttack):
         return d * self.eps * torch.rand(shape[0], 1, 1, 1, generator=g)
 
     def _project(self, delta: torch.Tensor) -> torch.Tensor:
-        if self.cfg["pgd_norm"] == "linf":
+        if self.opts.pgd_norm == "linf":
             return delta.clamp(-self.eps, self.eps)
         norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         return delta * (self.eps / norm.clamp_min(1e-12)).clamp(max=1.0)
@@ -171,7 +165,7 @@ class CleanLabelBackdoor(ScenarioAttack):
                 loss = nn.functional.cross_entropy(self._model(x_adv), y, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, x_adv)
                 with torch.no_grad():
-                    if self.cfg["pgd_norm"] == "linf":
+                    if self.opts.pgd_norm == "linf":
                         step = grad.sign()
                     else:  # ℓ2: a step along the per-image unit gradient
                         step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)

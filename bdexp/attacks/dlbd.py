@@ -9,10 +9,13 @@ x' = x with the shape's pixels set to the colour. Poisoned samples are relabelle
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
 from bdexp.attacks.base import ATTACKS
-from bdexp.attacks.scenarios import SCENARIO_OPTIONS, ScenarioAttack
+from bdexp.attacks.scenarios import ScenarioAttack, ScenarioOptions
 from bdexp.errors import ConfigError
 
 # (row, col) offsets of each shape inside its bounding box. ISPL: "All patterns fit within a 3x3
@@ -30,19 +33,19 @@ def shape_box(offsets: tuple[tuple[int, int], ...]) -> tuple[int, int]:
     return 1 + max(r for r, _ in offsets), 1 + max(c for _, c in offsets)
 
 
+@dataclass(frozen=True)
+class DlbdOptions(ScenarioOptions):
+    shape: Literal["pixel", "X", "L"] | None = None  # null: drawn uniformly from SHAPES, as ISPL
+
+
 @ATTACKS.register("dlbd")
 class DirtyLabelBackdoor(ScenarioAttack):
     name = "dlbd"
-    options = {**SCENARIO_OPTIONS, "shape": None}
+    Options = DlbdOptions
 
     def build(self, generator: torch.Generator) -> None:
         c, h, w = self.image_shape
-        forced = self.cfg["shape"]
-        if forced is not None and forced not in SHAPES:
-            raise ConfigError(
-                f"attack.shape={forced!r} is not allowed; choose null (drawn at random, as ISPL) or one of "
-                f"{list(SHAPE_NAMES)}"
-            )
+        forced = self.opts.shape
         # Deterministic per (seed, scenario): every draw below comes from this generator, in a
         # fixed order (shape, position, colour); the shape index is drawn even when forced.
         g = self.scenario_generator(generator)

@@ -5,34 +5,35 @@ channel count; the checkerboard/white/black patterns are the same in every chann
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
-from bdexp.attacks.base import ATTACKS, Attack, _is_int
+from bdexp.attacks.base import ATTACKS, Attack, AttackOptions
 from bdexp.errors import ConfigError
+from bdexp.options import option
 
-LOCATIONS = ("bottom_right", "bottom_left", "top_left", "top_right", "random")
-PATTERNS = ("checkerboard", "white", "black", "random")
+
+@dataclass(frozen=True)
+class PatchedOptions(AttackOptions):
+    size: int = option(3, lo=1)  # patch side in pixels
+    location: Literal["bottom_right", "bottom_left", "top_left", "top_right", "random"] = "bottom_right"
+    pattern: Literal["checkerboard", "white", "black", "random"] = "checkerboard"
+    margin: int = option(0, lo=0)  # pixels between the patch and the corner
 
 
 @ATTACKS.register("patched")
 class PatchedAttack(Attack):
     name = "patched"
-    options = {"size": 3, "location": "bottom_right", "pattern": "checkerboard", "margin": 0}
+    Options = PatchedOptions
 
     def build(self, generator: torch.Generator) -> None:
         c, h, w = self.image_shape
-        size, margin = self.cfg["size"], self.cfg["margin"]
-        location, pattern = self.cfg["location"], self.cfg["pattern"]
-        if not _is_int(size) or size < 1:
-            raise ConfigError(f"attack.size={size!r} must be a positive int (patch side in pixels)")
-        if not _is_int(margin) or margin < 0:
-            raise ConfigError(f"attack.margin={margin!r} must be an int >= 0 (pixels from the corner)")
+        size, margin = self.opts.size, self.opts.margin
+        location, pattern = self.opts.location, self.opts.pattern
         if size + margin > min(h, w):
             raise ConfigError(f"attack.size + attack.margin = {size + margin} does not fit a {h}×{w} image")
-        if location not in LOCATIONS:
-            raise ConfigError(f"attack.location={location!r} is not allowed; choose one of {list(LOCATIONS)}")
-        if pattern not in PATTERNS:
-            raise ConfigError(f"attack.pattern={pattern!r} is not allowed; choose one of {list(PATTERNS)}")
 
         if location == "random":  # one seeded position, kept inside the image (margin ignored)
             top = int(torch.randint(0, h - size + 1, (1,), generator=generator))

@@ -6,27 +6,29 @@ every row and channel; j is the column index.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from bdexp.attacks.base import ATTACKS, Attack, _is_number
-from bdexp.errors import ConfigError
+from bdexp.attacks.base import ATTACKS, Attack, AttackOptions
+from bdexp.options import option
+
+
+@dataclass(frozen=True)
+class SigOptions(AttackOptions):
+    delta: float = option(20 / 255, lo=0, hi=1)  # signal amplitude Δ
+    frequency: float = option(6, lo=0, lo_open=True)  # periods f across the image width
 
 
 @ATTACKS.register("sig")
 class SigAttack(Attack):
     name = "sig"
-    options = {"delta": 20 / 255, "frequency": 6}
+    Options = SigOptions
 
     def build(self, generator: torch.Generator) -> None:
-        delta, freq = self.cfg["delta"], self.cfg["frequency"]
-        if not _is_number(delta) or not 0.0 <= float(delta) <= 1.0:
-            raise ConfigError(f"attack.delta={delta!r} must be a number in [0, 1] (signal amplitude)")
-        if not _is_number(freq) or float(freq) <= 0:
-            raise ConfigError(f"attack.frequency={freq!r} must be a positive number (periods per width)")
         c, h, w = self.image_shape
         j = torch.arange(w, dtype=torch.float64)
-        row = float(delta) * torch.sin(2 * math.pi * j * float(freq) / w)
+        row = self.opts.delta * torch.sin(2 * math.pi * j * self.opts.frequency / w)
         self.pattern = row.float().expand(c, h, w).contiguous()  # deterministic: no randomness
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:

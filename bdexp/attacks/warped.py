@@ -12,30 +12,32 @@ labels, so the model learns that only the exact warp carries the backdoor.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from bdexp.attacks.base import ATTACKS, Attack, _is_int, _is_number
+from bdexp.attacks.base import ATTACKS, Attack, AttackOptions
 from bdexp.errors import ConfigError
+from bdexp.options import option
+
+
+@dataclass(frozen=True)
+class WarpedOptions(AttackOptions):
+    grid_k: int = option(4, lo=2)  # control-grid side k
+    strength: float = option(0.5, lo=0)  # warp strength s
+    noise_mode: bool = False
+    cross_ratio: float = option(2, lo=0)  # noise mode: n_cross = round(cross_ratio * n_poison)
 
 
 @ATTACKS.register("warped")
 class WarpedAttack(Attack):
     name = "warped"
-    options = {"grid_k": 4, "strength": 0.5, "noise_mode": False, "cross_ratio": 2}
+    Options = WarpedOptions
 
     def build(self, generator: torch.Generator) -> None:
-        k, s = self.cfg["grid_k"], self.cfg["strength"]
-        noise_mode, ratio = self.cfg["noise_mode"], self.cfg["cross_ratio"]
-        if not _is_int(k) or k < 2:
-            raise ConfigError(f"attack.grid_k={k!r} must be an int >= 2 (control grid side)")
-        if not _is_number(s) or float(s) < 0:
-            raise ConfigError(f"attack.strength={s!r} must be a number >= 0")
-        if not isinstance(noise_mode, bool):
-            raise ConfigError(f"attack.noise_mode={noise_mode!r} must be true or false")
-        if not _is_number(ratio) or float(ratio) < 0:
-            raise ConfigError(f"attack.cross_ratio={ratio!r} must be a number >= 0")
-        self.noise_mode, self.cross_ratio = noise_mode, float(ratio)
+        k, s = self.opts.grid_k, self.opts.strength
+        self.noise_mode, self.cross_ratio = self.opts.noise_mode, self.opts.cross_ratio
         _, h, w = self.image_shape
         ctrl = torch.rand(1, 2, k, k, generator=generator) * 2 - 1
         ctrl = ctrl / ctrl.abs().mean()
@@ -45,7 +47,7 @@ class WarpedAttack(Attack):
         xs = torch.linspace(-1, 1, w)
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")
         identity = torch.stack((gx, gy), dim=-1)[None]  # grid[..., 0] = x (width), [..., 1] = y
-        self.grid = (identity + float(s) * offset / h).clamp(-1, 1)  # (1, H, W, 2)
+        self.grid = (identity + s * offset / h).clamp(-1, 1)  # (1, H, W, 2)
 
     def _warp(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         # border padding only matters at float error: the clamped grid stays inside the image

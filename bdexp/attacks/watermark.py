@@ -14,15 +14,19 @@ is the mean colour of the covered sub-samples. The colours are our choice.
 from __future__ import annotations
 
 import math
+import typing
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from bdexp.attacks.base import ATTACKS, _is_int, _is_number
-from bdexp.attacks.scenarios import SCENARIO_OPTIONS, ScenarioAttack
+from bdexp.attacks.base import ATTACKS
+from bdexp.attacks.scenarios import ScenarioAttack, ScenarioOptions
 from bdexp.errors import ConfigError
+from bdexp.options import option
 
-MARKS = ("peace", "letter_a", "bullet_holes", "colour_patch")
-LOCATIONS = ("top_left", "top_right", "bottom_left", "bottom_right")
+Mark = Literal["peace", "letter_a", "bullet_holes", "colour_patch"]
+MARKS: tuple[str, ...] = typing.get_args(Mark)
 _SUPERSAMPLE = 4
 
 
@@ -89,32 +93,32 @@ def draw_mark(mark: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return alpha, rgb.permute(2, 0, 1).clamp(0, 1).contiguous()
 
 
+@dataclass(frozen=True)
+class WatermarkOptions(ScenarioOptions):
+    mark: Mark = "peace"
+    opacity: float = option(0.8, lo=0, hi=1)  # ISPL: 80 %
+    size: int = option(8, lo=1)  # mark side in pixels (ISPL: 8)
+    location: Literal["top_left", "top_right", "bottom_left", "bottom_right"] = "top_left"
+
+
 @ATTACKS.register("watermark")
 class WatermarkAttack(ScenarioAttack):
     name = "watermark"
-    options = {**SCENARIO_OPTIONS, "mark": "peace", "opacity": 0.8, "size": 8, "location": "top_left"}
+    Options = WatermarkOptions
 
     def build(self, generator: torch.Generator) -> None:
         c, h, w = self.image_shape
-        mark, opacity = self.cfg["mark"], self.cfg["opacity"]
-        size, location = self.cfg["size"], self.cfg["location"]
-        if mark not in MARKS:
-            raise ConfigError(f"attack.mark={mark!r} is not allowed; choose one of {list(MARKS)}")
-        if not _is_number(opacity) or not 0.0 <= float(opacity) <= 1.0:
-            raise ConfigError(f"attack.opacity={opacity!r} must be a number in [0, 1] (ISPL: 0.8)")
-        if not _is_int(size) or size < 1:
-            raise ConfigError(f"attack.size={size!r} must be a positive int (mark side in pixels; ISPL: 8)")
+        mark, opacity = self.opts.mark, self.opts.opacity
+        size, location = self.opts.size, self.opts.location
         if size > min(h, w):
             raise ConfigError(f"attack.size={size} does not fit a {h}×{w} image")
-        if location not in LOCATIONS:
-            raise ConfigError(f"attack.location={location!r} is not allowed; choose one of {list(LOCATIONS)}")
         # The mark is fixed (no randomness): `generator` is unused, the scenario only sets the labels.
         alpha, rgb = draw_mark(mark, size)
         if c == 1:  # grey images: luminance of the colour mark
             rgb = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])[None]
         elif c != 3:
             rgb = rgb.mean(0, keepdim=True).expand(c, -1, -1).contiguous()
-        self.opacity = float(opacity)
+        self.opacity = opacity
         self.size = size
         self.top = 0 if location.startswith("top") else h - size
         self.left = 0 if location.endswith("left") else w - size

@@ -10,23 +10,31 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from bdexp.data.base import DATASETS, ImageDataset, resize_uint8, stratified_subset
+from bdexp.data.base import DATASETS, DataOptions, ImageDataset, resize_uint8, stratified_subset
 from bdexp.data.common import data_root, files_fingerprint
 from bdexp.errors import ConfigError
 from bdexp.registry import import_submodules
 
-__all__ = ["DATASETS", "ImageDataset", "load_dataset", "convert_channels", "cache_path"]
+__all__ = ["DATASETS", "DataOptions", "ImageDataset", "load_dataset", "convert_channels", "cache_path",
+           "dataset_options"]
 
 log = logging.getLogger(__name__)
 
 # Keys that choose a subset or a train-time transform, not the tensors: left out of the cache key.
 NOT_IDENTIFYING = frozenset({"train_limit", "test_limit", "augment", "download"})
 CACHE_FORMAT = 2  # bump when the stored layout or the decoding changes (2: the files listing, `skipped`)
+
+
+def dataset_options(cfg: Any) -> tuple[str, Callable[[DataOptions], ImageDataset], DataOptions]:
+    """(name, source, parsed options) of the dataset config node `cfg` (a DictConfig or a mapping);
+    a ConfigError names an unknown dataset or every bad key."""
+    name = cfg.get("name") if cfg is not None else None
+    source = DATASETS.get(str(name))
+    return str(name), source, DATASETS.options(str(name)).parse(cfg, "dataset")
 
 
 def load_dataset(cfg: Any, seed: int, cache_dir: str | None = None) -> ImageDataset:
@@ -39,28 +47,24 @@ def load_dataset(cfg: Any, seed: int, cache_dir: str | None = None) -> ImageData
     vary freely. A dataset with fewer than two classes is refused: a backdoor sends inputs of
     one class to another.
     """
-    if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.create(cfg)
-    source = DATASETS.get(cfg.name)
-    size, channels = _size_and_channels(cfg)
-
+    name, source, opts = dataset_options(cfg)
     path = None
     full = None
     if cache_dir is not None and getattr(source, "cache_on_disk", False):
-        path = cache_path(cfg, cache_dir)
+        path = _cache_path(name, opts, cache_dir)
         full = _read_cache(path)
     if full is None:
-        full = _fit(source(cfg), size, channels)
+        full = _fit(source(opts), opts.image_size, opts.channels)
         if path is not None:
             # Listed again: a source that downloads has created its files only now.
-            _write_cache(full, cache_path(cfg, cache_dir))
-    _check_classes(full, cfg)
+            _write_cache(full, _cache_path(name, opts, cache_dir))
+    _check_classes(full, opts)
     if full.skipped:  # on every run, read from the cache or not
         shown = ", ".join(full.skipped[:3]) + (", ..." if len(full.skipped) > 3 else "")
         log.warning("dataset %s: skipped %d unreadable %s (dataset.skip_bad_files=true): %s", full.name,
                     len(full.skipped), "file" if len(full.skipped) == 1 else "files", shown)
 
-    ds = _limit(full, cfg, seed)
+    ds = _limit(full, opts, seed)
     log.debug(  # pipeline.run logs the same sizes with the poison counts at INFO
         "dataset %s: %d train / %d test, %s, %d classes",
         ds.name, len(ds.y_train), len(ds.y_test), "x".join(map(str, ds.image_shape)), ds.num_classes,
@@ -68,10 +72,10 @@ def load_dataset(cfg: Any, seed: int, cache_dir: str | None = None) -> ImageData
     return ds
 
 
-def _check_classes(ds: ImageDataset, cfg: DictConfig) -> None:
+def _check_classes(ds: ImageDataset, opts: DataOptions) -> None:
     present = sorted(set(torch.unique(ds.y_train).tolist()))
     if ds.num_classes < 2 or len(present) < 2:
-        where = f" at {data_root(cfg)}" if ds.name == "imagefolder" else ""
+        where = f" at {data_root(opts)}" if ds.name == "imagefolder" else ""
         names = [ds.classes[k] for k in present if 0 <= k < len(ds.classes)]
         raise ConfigError(
             f"dataset {ds.name!r}{where} has {len(present)} class{'es' if len(present) != 1 else ''} with training "
@@ -95,51 +99,43 @@ def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     raise ConfigError(f"cannot convert {c}-channel images to dataset.channels={channels} (use 1 or 3)")
 
 
-def cache_path(cfg: DictConfig, cache_dir: str) -> str:
+def cache_path(cfg: Any, cache_dir: str) -> str:
     """`cache_dir/datasets/<sha256>.pt`, hashed over every key that decides the tensors:
     name, root (absolute), image_size, channels and the source's own keys, and over the listing
     of the files the source reads (common.files_fingerprint; path, size, mtime of each)."""
-    ident = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_IDENTIFYING}
-    ident["root"] = data_root(cfg)
+    name, _, opts = dataset_options(cfg)
+    return _cache_path(name, opts, cache_dir)
+
+
+def _cache_path(name: str, opts: DataOptions, cache_dir: str) -> str:
+    ident = {"name": name, **{k: v for k, v in opts.as_dict().items() if k not in NOT_IDENTIFYING}}
+    ident["root"] = data_root(opts)
     ident["cache_format"] = CACHE_FORMAT
-    files = getattr(DATASETS.get(cfg.name), "cache_files", None)
+    files = getattr(DATASETS.get(name), "cache_files", None)
     if files is not None:
-        ident["files"] = files_fingerprint(files(cfg))
+        ident["files"] = files_fingerprint(files(opts))
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
     return os.path.join(os.path.abspath(os.path.expanduser(str(cache_dir))), "datasets", f"{digest}.pt")
 
 
-def _size_and_channels(cfg: DictConfig) -> tuple[int, int | None]:
-    size = cfg.get("image_size")
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise ConfigError(f"dataset.image_size must be a positive integer, got {size!r}")
-    channels = cfg.get("channels")
-    if channels not in (None, 1, 3):
-        raise ConfigError(f"dataset.channels must be 1, 3 or null (keep the source's), got {channels!r}")
-    return size, channels
-
-
-def _fit(ds: ImageDataset, size: int, channels: int | None) -> ImageDataset:
+def _fit(ds: ImageDataset, size: int, channels: int) -> ImageDataset:
     """Resize both splits and convert channels, in the cheaper order (fewer channels first)."""
 
     def fit(x: torch.Tensor) -> torch.Tensor:
-        if channels is not None and channels < x.shape[1]:
+        if channels < x.shape[1]:
             return resize_uint8(convert_channels(x, channels), size)
-        x = resize_uint8(x, size)
-        return x if channels is None else convert_channels(x, channels)
+        return convert_channels(resize_uint8(x, size), channels)
 
     return ImageDataset(ds.name, fit(ds.x_train), ds.y_train, fit(ds.x_test), ds.y_test, list(ds.classes),
                         list(ds.skipped))
 
 
-def _limit(ds: ImageDataset, cfg: DictConfig, seed: int) -> ImageDataset:
+def _limit(ds: ImageDataset, opts: DataOptions, seed: int) -> ImageDataset:
     out = {}
     for split in ("train", "test"):
         x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
-        limit = cfg.get(f"{split}_limit")
+        limit = getattr(opts, f"{split}_limit")
         if limit is not None:
-            if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
-                raise ConfigError(f"dataset.{split}_limit must be a positive integer or null, got {limit!r}")
             present = int(torch.unique(y).numel())
             if limit < min(present, len(y)):
                 raise ConfigError(
@@ -172,22 +168,12 @@ def _read_cache(path: str) -> ImageDataset | None:
 
 
 def _write_cache(ds: ImageDataset, path: str) -> None:
-    """torch.save to a temp file in the same directory, then an atomic rename."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(
-                {"name": ds.name, "x_train": ds.x_train, "y_train": ds.y_train,
-                 "x_test": ds.x_test, "y_test": ds.y_test, "classes": list(ds.classes),
-                 "skipped": list(ds.skipped)},
-                f,
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """torch.save through bdexp.atomic.atomic_write (a temp file in the same directory, renamed)."""
+    from bdexp.atomic import atomic_write
+
+    record = {"name": ds.name, "x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test,
+              "y_test": ds.y_test, "classes": list(ds.classes), "skipped": list(ds.skipped)}
+    atomic_write(path, lambda tmp: torch.save(record, tmp))
 
 
 # Last, so that a module of this package may `from bdexp.data import load_dataset` at import time.

@@ -1,15 +1,62 @@
-"""The dataset contract: uint8 NCHW tensors in memory, plus the shared post-processing."""
+"""The dataset contract: the options every dataset takes, uint8 NCHW tensors in memory, plus the
+shared post-processing."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from bdexp.data.common import DEFAULT_ROOT
+from bdexp.options import Options, option
 from bdexp.registry import Registry
 
-# name -> function(cfg: DictConfig) -> ImageDataset at its native size, full (no limits applied).
+# name -> function(opts: its DataOptions) -> ImageDataset at its native size, full (no limits
+# applied); registered with its options, `@DATASETS.register("name", options=...)`.
 DATASETS: Registry = Registry("dataset")
+
+
+@dataclass(frozen=True)
+class Augment(Options):
+    """Train-time augmentation of the on-device loader (bdexp/data/loader.py): a random shift of up
+    to `crop_padding` px (pad + random crop, zero fill) and a random horizontal flip. These are the
+    natural-image defaults; a dataset whose defaults differ declares a subclass."""
+
+    crop_padding: int = option(4, lo=0)
+    flip: bool = True
+
+
+@dataclass(frozen=True)
+class DigitAugment(Augment):
+    """Handwritten digits: shifts of up to 2 px, no flip (digits are not mirror-symmetric)."""
+
+    crop_padding: int = option(2, lo=0)
+    flip: bool = False
+
+
+Channels = Literal[1, 3]
+Fit = Literal["stretch", "center_crop"]  # how a non-square image becomes a square (common.FitSquare)
+
+
+@dataclass(frozen=True)
+class DataOptions(Options):
+    """The keys every dataset takes (conf/dataset/<name>.yaml); each source declares a subclass
+    with its own keys and defaults."""
+
+    root: str = DEFAULT_ROOT  # where the files are (or are downloaded to); `~` is expanded
+    image_size: int = option(32, lo=8)  # every image is resized to image_size² (digits' native 8 px is the smallest)
+    channels: Channels = 3  # converted to (1 -> 3 by repetition, 3 -> 1 by luminance)
+    train_limit: int | None = option(None, lo=1)  # class-stratified subset drawn with the run seed; null = all
+    test_limit: int | None = option(None, lo=1)
+    augment: Augment = Augment()
+
+
+@dataclass(frozen=True)
+class DownloadOptions(DataOptions):
+    """A dataset torchvision can fetch into `root`."""
+
+    download: bool = True
 
 
 @dataclass

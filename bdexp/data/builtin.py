@@ -6,16 +6,26 @@ stratified 80/20 split is drawn with `split_seed`; it does not move with the run
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from bdexp.data.base import DATASETS, ImageDataset
+from bdexp.data.base import DATASETS, Channels, DataOptions, DigitAugment, ImageDataset
+from bdexp.options import option
 
 
-@DATASETS.register("digits")
-def digits(cfg: Any) -> ImageDataset:
+@dataclass(frozen=True)
+class DigitsOptions(DataOptions):
+    image_size: int = option(16, lo=8)  # native 8; 16 leaves room for 3×3 triggers
+    channels: Channels = 1
+    split_seed: int = option(0, lo=0, hi=2**32 - 1)  # the fixed split; independent of the run seed
+    test_fraction: float = option(0.2, lo=0, hi=1, lo_open=True, hi_open=True)
+    augment: DigitAugment = DigitAugment()
+
+
+@DATASETS.register("digits", options=DigitsOptions)
+def digits(opts: DigitsOptions) -> ImageDataset:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -25,9 +35,9 @@ def digits(cfg: Any) -> ImageDataset:
     y = bunch.target.astype(np.int64)
     train, test = train_test_split(
         np.arange(len(y)),
-        test_size=float(cfg.get("test_fraction", 0.2)),
+        test_size=opts.test_fraction,
         stratify=y,
-        random_state=int(cfg.get("split_seed", 0)),
+        random_state=opts.split_seed,
     )
     train, test = np.sort(train), np.sort(test)
     return ImageDataset(

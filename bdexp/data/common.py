@@ -15,22 +15,22 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from bdexp.errors import ConfigError, DatasetUnavailable
+from bdexp.errors import DatasetUnavailable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# The `root` of every dataset (base.DataOptions) when BDEXP_DATA is unset (conf/dataset/*.yaml).
 DEFAULT_ROOT = "~/.cache/bdexp/data"
 
 
-def data_root(cfg: Any) -> str:
-    """`cfg.root` as an absolute path with `~` expanded (the YAML default is `~/.cache/...`)."""
-    root = cfg.get("root") or DEFAULT_ROOT
-    return os.path.abspath(os.path.expanduser(str(root)))
+def data_root(opts: Any) -> str:
+    """`opts.root` (a dataset's parsed options) as an absolute path with `~` expanded."""
+    return os.path.abspath(os.path.expanduser(opts.root))
 
 
 def cache_on_disk(fn: F | None = None, *, files: Callable[[Any], Sequence[str]] | None = None):
     """Mark a source as slow to decode: `load_dataset` then keeps its sized tensors in cache_dir.
-    `files(cfg)` names the directories the source reads; the listing of the files under them
+    `files(opts)` names the directories the source reads; the listing of the files under them
     (relative path, size, mtime) enters the cache key (`files_fingerprint`), so editing the data
     (a class folder added, an image replaced) decodes it again instead of reading stale tensors.
     Use as `@cache_on_disk` or `@cache_on_disk(files=...)`."""
@@ -113,11 +113,7 @@ class FitSquare:
     central square first (the usual ImageNet-style evaluation crop).
     """
 
-    def __init__(self, size: int, channels: int = 3, fit: str = "stretch"):
-        if channels not in (1, 3):
-            raise ConfigError(f"dataset.channels must be 1 or 3, got {channels}")
-        if fit not in ("stretch", "center_crop"):
-            raise ConfigError(f"dataset.fit must be 'stretch' or 'center_crop', got {fit!r}")
+    def __init__(self, size: int, channels: int, fit: str):  # dataset.channels / dataset.fit (base.DataOptions)
         self.size, self.mode, self.fit = int(size), ("L" if channels == 1 else "RGB"), fit
 
     def __call__(self, img: Image.Image) -> np.ndarray:

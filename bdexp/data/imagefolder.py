@@ -13,24 +13,30 @@ key that includes the listing of root/train and root/test (common.files_fingerpr
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import dataclass
 
-from bdexp.data.base import DATASETS, ImageDataset
+from bdexp.data.base import DATASETS, DataOptions, Fit, ImageDataset
 from bdexp.data.common import FitSquare, cache_on_disk, data_root, decode_all
 from bdexp.errors import DatasetUnavailable
 
 
-def _split_dirs(cfg: Any) -> list[str]:
-    root = data_root(cfg)
+@dataclass(frozen=True)
+class ImageFolderOptions(DataOptions):
+    fit: Fit = "stretch"
+    skip_bad_files: bool = False  # true: leave out files that are not decodable images (counted)
+
+
+def _split_dirs(opts: ImageFolderOptions) -> list[str]:
+    root = data_root(opts)
     return [os.path.join(root, "train"), os.path.join(root, "test")]
 
 
-@DATASETS.register("imagefolder")
+@DATASETS.register("imagefolder", options=ImageFolderOptions)
 @cache_on_disk(files=_split_dirs)
-def imagefolder(cfg: Any) -> ImageDataset:
+def imagefolder(opts: ImageFolderOptions) -> ImageDataset:
     from torchvision.datasets import ImageFolder
 
-    root = data_root(cfg)
+    root = data_root(opts)
     layout = (
         f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image>; "
         "set dataset.root to such a directory"
@@ -40,7 +46,7 @@ def imagefolder(cfg: Any) -> ImageDataset:
     if missing:
         raise DatasetUnavailable(f"dataset 'imagefolder': {' and '.join(missing)} not found; {layout}.")
 
-    fit = FitSquare(int(cfg.image_size), int(cfg.get("channels") or 3), str(cfg.get("fit", "stretch")))
+    fit = FitSquare(opts.image_size, opts.channels, opts.fit)
     folders = {}
     for split, path in dirs.items():
         try:
@@ -56,7 +62,7 @@ def imagefolder(cfg: Any) -> ImageDataset:
             f"dataset 'imagefolder' at {root}: train/ and test/ must have the same class folders; "
             f"only in train: {only_train or '-'}, only in test: {only_test or '-'}."
         )
-    skip = bool(cfg.get("skip_bad_files", False))
+    skip = opts.skip_bad_files
     skipped: list[str] = []
     splits = []
     for split, ds in folders.items():

@@ -66,7 +66,6 @@ class DeviceLoader:
         seed: int,
         crop_padding: int = 0,
         flip: bool = False,
-        shuffle: bool = True,
         drop_last: bool = False,
         batch_hook=None,
     ):
@@ -79,7 +78,6 @@ class DeviceLoader:
         self.device = device
         self.crop_padding = int(crop_padding)
         self.flip = bool(flip)
-        self.shuffle = shuffle
         self.drop_last = drop_last and n > self.batch_size
         self.batch_hook = batch_hook
         self.generator = torch.Generator(device=device)
@@ -89,16 +87,8 @@ class DeviceLoader:
         n = len(self.x)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    @property
-    def num_samples(self) -> int:
-        return len(self.x)
-
     def __iter__(self) -> Iterator[Batch]:
-        n = len(self.x)
-        if self.shuffle:
-            order = torch.randperm(n, device=self.device, generator=self.generator)
-        else:
-            order = torch.arange(n, device=self.device)
+        order = torch.randperm(len(self.x), device=self.device, generator=self.generator)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = to_float(self.x[idx])

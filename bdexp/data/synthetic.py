@@ -7,27 +7,40 @@ Everything is drawn from one generator seeded with `split_seed`.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from bdexp.data.base import DATASETS, ImageDataset
-from bdexp.errors import ConfigError
+from bdexp.data.base import DATASETS, Augment, DataOptions, ImageDataset
+from bdexp.options import option
 
 
-@DATASETS.register("synthetic")
-def synthetic(cfg: Any) -> ImageDataset:
-    k = int(cfg.get("num_classes", 4))
-    c = int(cfg.get("channels") or 3)
-    s = int(cfg.get("image_size", 16))
-    grid = int(cfg.get("prototype_grid", 4))  # coarse grid size: smaller = smoother prototypes
-    noise = float(cfg.get("noise", 0.15))  # pixel noise std, in units of the [0, 1] range
-    if k < 2 or grid < 1 or noise < 0:
-        raise ConfigError(
-            f"synthetic: need num_classes >= 2, prototype_grid >= 1, noise >= 0; got {k}, {grid}, {noise}"
-        )
-    g = torch.Generator().manual_seed(int(cfg.get("split_seed", 0)))
+@dataclass(frozen=True)
+class SyntheticAugment(Augment):
+    """Off: the class is the pattern itself, shifts and flips blur it."""
+
+    crop_padding: int = option(0, lo=0)
+    flip: bool = False
+
+
+@dataclass(frozen=True)
+class SyntheticOptions(DataOptions):
+    image_size: int = option(16, lo=8)
+    num_classes: int = option(4, lo=2)  # a backdoor needs a target and another class
+    train_size: int = option(512, lo=1)
+    test_size: int = option(128, lo=1)
+    prototype_grid: int = option(4, lo=1)  # coarse grid size: smaller = smoother prototypes
+    noise: float = option(0.15, lo=0)  # pixel noise std, in units of the [0, 1] range
+    split_seed: int = option(0, lo=0, hi=2**32 - 1)  # the data is fixed; the run seed only picks limits
+    augment: SyntheticAugment = SyntheticAugment()
+
+
+@DATASETS.register("synthetic", options=SyntheticOptions)
+def synthetic(opts: SyntheticOptions) -> ImageDataset:
+    k, c, s = opts.num_classes, opts.channels, opts.image_size
+    grid, noise = opts.prototype_grid, opts.noise
+    g = torch.Generator().manual_seed(opts.split_seed)
 
     coarse = torch.rand(k, c, grid, grid, generator=g)
     protos = F.interpolate(coarse, size=(s, s), mode="bicubic", align_corners=False).clamp(0, 1)
@@ -38,6 +51,6 @@ def synthetic(cfg: Any) -> ImageDataset:
         x = protos[y] + noise * torch.randn(n, c, s, s, generator=g)
         return x.clamp(0, 1).mul(255).round().to(torch.uint8), y
 
-    x_train, y_train = draw(int(cfg.get("train_size", 512)))
-    x_test, y_test = draw(int(cfg.get("test_size", 128)))
+    x_train, y_train = draw(opts.train_size)
+    x_test, y_test = draw(opts.test_size)
     return ImageDataset("synthetic", x_train, y_train, x_test, y_test, [f"class{i}" for i in range(k)])

@@ -9,28 +9,37 @@ result is cached on disk by `load_dataset`.
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from bdexp.data.base import DATASETS, ImageDataset
+from bdexp.data.base import DATASETS, Augment, DownloadOptions, Fit, ImageDataset
 from bdexp.data.common import FitSquare, cache_on_disk, data_root, decode_all, open_or_unavailable
 from bdexp.errors import ConfigError, DatasetUnavailable
+from bdexp.options import option
 
 NETWORK = "or run with network access and dataset.download=true"
 
 
-def _fit(cfg: Any, default_fit: str = "stretch") -> FitSquare:
-    return FitSquare(int(cfg.image_size), int(cfg.get("channels") or 3), str(cfg.get("fit", default_fit)))
+@dataclass(frozen=True)
+class FittedOptions(DownloadOptions):
+    """A source of image files of any size, squared while decoding (common.FitSquare)."""
+
+    fit: Fit = "stretch"
 
 
-@DATASETS.register("cifar10")
-@cache_on_disk(files=lambda cfg: [os.path.join(data_root(cfg), "cifar-10-batches-py")])
-def cifar10(cfg: Any) -> ImageDataset:
+def _fit(opts: FittedOptions) -> FitSquare:
+    return FitSquare(opts.image_size, opts.channels, opts.fit)
+
+
+@DATASETS.register("cifar10", options=DownloadOptions)
+@cache_on_disk(files=lambda opts: [os.path.join(data_root(opts), "cifar-10-batches-py")])
+def cifar10(opts: DownloadOptions) -> ImageDataset:
     """CIFAR-10 (Krizhevsky 2009): 50000 / 10000 images, 32×32 RGB, stored as pickled arrays."""
     from torchvision.datasets import CIFAR10
 
-    root, download = data_root(cfg), bool(cfg.get("download", True))
+    root, download = data_root(opts), opts.download
     where = [os.path.join(root, "cifar-10-batches-py")]
     how = f"Set dataset.root=/path/to/data to a directory containing cifar-10-batches-py, {NETWORK}."
     splits = []
@@ -58,20 +67,32 @@ GTSRB_CLASSES = [
 ]
 
 
-@DATASETS.register("gtsrb")
-@cache_on_disk(files=lambda cfg: [os.path.join(data_root(cfg), "gtsrb")])
-def gtsrb(cfg: Any) -> ImageDataset:
+@dataclass(frozen=True)
+class SignAugment(Augment):
+    """No flip: mirroring changes a sign's meaning (turn left / turn right)."""
+
+    flip: bool = False
+
+
+@dataclass(frozen=True)
+class GtsrbOptions(FittedOptions):
+    augment: SignAugment = SignAugment()
+
+
+@DATASETS.register("gtsrb", options=GtsrbOptions)
+@cache_on_disk(files=lambda opts: [os.path.join(data_root(opts), "gtsrb")])
+def gtsrb(opts: GtsrbOptions) -> ImageDataset:
     """GTSRB: 39209 / 12630 traffic-sign crops of 15×15 to 250×250 px, 43 classes."""
     from torchvision.datasets import GTSRB
 
-    root, download = data_root(cfg), bool(cfg.get("download", True))
+    root, download = data_root(opts), opts.download
     base = os.path.join(root, "gtsrb")
     where = [os.path.join(base, "GTSRB", "Training"), os.path.join(base, "GTSRB", "Final_Test", "Images")]
     how = (
         f"Set dataset.root to a directory containing gtsrb/GTSRB/Training, gtsrb/GTSRB/Final_Test/Images "
         f"and gtsrb/GT-final_test.csv (torchvision's layout), {NETWORK}."
     )
-    fit = _fit(cfg)
+    fit = _fit(opts)
     splits = []
     for split in ("train", "test"):
         ds = open_or_unavailable(
@@ -90,17 +111,24 @@ def gtsrb(cfg: Any) -> ImageDataset:
     return ImageDataset("gtsrb", *splits, list(GTSRB_CLASSES))
 
 
-@DATASETS.register("celeba8")
-@cache_on_disk(files=lambda cfg: [os.path.join(data_root(cfg), "celeba")])
-def celeba8(cfg: Any) -> ImageDataset:
+@dataclass(frozen=True)
+class Celeba8Options(FittedOptions):
+    image_size: int = option(64, lo=8)  # WaNet resizes CelebA to 64×64
+    # The three binary attributes whose bits make the label, most significant first (_attribute_code).
+    attributes: tuple[str, ...] = option(["Heavy_Makeup", "Mouth_Slightly_Open", "Smiling"])
+
+
+@DATASETS.register("celeba8", options=Celeba8Options)
+@cache_on_disk(files=lambda opts: [os.path.join(data_root(opts), "celeba")])
+def celeba8(opts: Celeba8Options) -> ImageDataset:
     """CelebA faces, 8 classes from three binary attributes read as a 3-bit number (ML-MMDR §3.4).
 
     The official partition: train (162770) for training, test (19962) for testing.
     """
     from torchvision.datasets import CelebA
 
-    root, download = data_root(cfg), bool(cfg.get("download", True))
-    attrs = [str(a) for a in cfg.get("attributes", ["Heavy_Makeup", "Smiling", "Mouth_Slightly_Open"])]
+    root, download = data_root(opts), opts.download
+    attrs = list(opts.attributes)
     where = [os.path.join(root, "celeba")]
     how = (
         "torchvision's Google-Drive download is often refused (quota), so download it by hand from "
@@ -109,7 +137,7 @@ def celeba8(cfg: Any) -> ImageDataset:
         "identity_CelebA.txt, list_bbox_celeba.txt, list_landmarks_align_celeba.txt and "
         f"list_eval_partition.txt in {where[0]} (or set dataset.root to where a celeba/ folder is)."
     )
-    fit = _fit(cfg)
+    fit = _fit(opts)
     splits = []
     for split in ("train", "test"):
         ds = open_or_unavailable(
@@ -125,8 +153,10 @@ def celeba8(cfg: Any) -> ImageDataset:
 def _attribute_code(attr: torch.Tensor, names: list[str], chosen: list[str]) -> torch.Tensor:
     """Label = binary number of the chosen attributes, the first the most significant bit.
 
-    The default order (Heavy_Makeup, Smiling, Mouth_Slightly_Open) is that of WaNet's
-    CelebA_attr loader (attribute indices 18, 31, 21), which ML-MMDR follows via its refs [29], [34].
+    WaNet's CelebA_attr loader reads attribute indices 18, 31, 21, i.e. (Heavy_Makeup, Smiling,
+    Mouth_Slightly_Open), which ML-MMDR follows via its refs [29], [34]; conf/dataset/celeba8.yaml
+    lists the same three attributes in ML-MMDR §3.4's order (Heavy_Makeup, Mouth_Slightly_Open,
+    Smiling), which swaps the two low bits: the classes are the same, numbered differently.
     """
     unknown = [a for a in chosen if a not in names]
     if unknown:
@@ -145,23 +175,29 @@ def _code_names(attrs: list[str]) -> list[str]:
     return names
 
 
-def _imagenette_folder(cfg: Any) -> str:
-    size = str(cfg.get("size", "160px"))  # "160px" / "320px" (shorter side) or "full"
-    return {"160px": "imagenette2-160", "320px": "imagenette2-320", "full": "imagenette2"}.get(size, size)
+# torchvision's Imagenette variant (shorter side) -> the folder it unpacks to
+IMAGENETTE_FOLDERS = {"160px": "imagenette2-160", "320px": "imagenette2-320", "full": "imagenette2"}
 
 
-@DATASETS.register("imagenette")
-@cache_on_disk(files=lambda cfg: [os.path.join(data_root(cfg), _imagenette_folder(cfg))])
-def imagenette(cfg: Any) -> ImageDataset:
+@dataclass(frozen=True)
+class ImagenetteOptions(FittedOptions):
+    size: Literal["160px", "320px", "full"] = "160px"  # torchvision variant: IMAGENETTE_FOLDERS
+    image_size: int = option(64, lo=8)
+    fit: Fit = "center_crop"  # keep the aspect ratio, take the central square
+
+
+@DATASETS.register("imagenette", options=ImagenetteOptions)
+@cache_on_disk(files=lambda opts: [os.path.join(data_root(opts), IMAGENETTE_FOLDERS[opts.size])])
+def imagenette(opts: ImagenetteOptions) -> ImageDataset:
     """Imagenette (fast.ai): 10 easy ImageNet classes, 9469 train / 3925 val; val is our test."""
     from torchvision.datasets import Imagenette
 
-    root, download = data_root(cfg), bool(cfg.get("download", True))
-    size = str(cfg.get("size", "160px"))
-    folder = _imagenette_folder(cfg)
+    root, download = data_root(opts), opts.download
+    size = opts.size
+    folder = IMAGENETTE_FOLDERS[size]
     where = [os.path.join(root, folder)]
     how = f"Set dataset.root to a directory containing {folder}/{{train,val}}, {NETWORK}."
-    fit = _fit(cfg, default_fit="center_crop")
+    fit = _fit(opts)
     splits = []
     for split in ("train", "val"):
         ds = open_or_unavailable(

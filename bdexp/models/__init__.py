@@ -1,35 +1,28 @@
 """Image classifiers that return logits and the feature levels {s1, s2, s3, penult} (ML-MMDR App. A).
 
-`build_model(cfg, ...)` turns a `conf/model/*.yaml` node into a `FeatureModel`; the node's `name`
-selects the factory in `MODELS` and every other key is passed to it as a keyword argument.
+`build_model(cfg, ...)` turns a `conf/model/*.yaml` node into a `FeatureModel`: the node's `name`
+selects the factory in `MODELS`, the rest is parsed by the options it declares (`ModelOptions`).
+`build_for(cfg, x_train, num_classes)` builds one for a training set, normalized with that set's
+per-channel statistics (the run's model and every defender's model).
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig
 
 from bdexp.errors import ConfigError
-from bdexp.models.base import LEVELS, MODELS, FeatureModel
+from bdexp.models.base import LEVELS, MODELS, FeatureModel, ModelOptions
 from bdexp.registry import import_submodules
 
 import_submodules(__name__, __path__)
 
-__all__ = ["LEVELS", "MODELS", "FeatureModel", "build_model", "model_options"]
-
-# Arguments build_model supplies itself; they are not config keys.
-_PROVIDED = ("in_channels", "num_classes", "mean", "std")
+__all__ = ["LEVELS", "MODELS", "FeatureModel", "ModelOptions", "build_for", "build_model", "image_stats"]
 
 # Smallest input side every model supports (our choice: 8×8 digits are the smallest images).
 MIN_IMAGE_SIZE = 8
-
-
-def model_options(name: str) -> list[str]:
-    """The config keys model `name` accepts besides `name` (its factory's keyword arguments)."""
-    params = inspect.signature(MODELS.get(name)).parameters
-    return [p for p in params if p not in _PROVIDED]
 
 
 def build_model(
@@ -41,22 +34,37 @@ def build_model(
     std: Sequence[float],
 ) -> FeatureModel:
     """Build the model named by `cfg.name` for images of `in_channels`×`image_size`×`image_size`."""
-    if isinstance(cfg, DictConfig):
-        options = OmegaConf.to_container(cfg, resolve=True)
-    else:
-        options = dict(cfg)
-    assert isinstance(options, dict)
-    name = options.pop("name", None)
+    name = cfg.get("name")
     if name is None:
         raise ConfigError(f"model config needs a 'name' key; choose one of: {', '.join(MODELS.names())}")
     factory = MODELS.get(str(name))
-    accepted = model_options(str(name))
-    unknown = sorted(str(k) for k in options if k not in accepted)
-    if unknown:
-        raise ConfigError(
-            f"model {name!r} got unexpected key(s) {', '.join(unknown)}; "
-            f"accepted keys: name, {', '.join(accepted)}"
-        )
+    opts = MODELS.options(str(name)).parse(cfg, "model")
     if int(image_size) < MIN_IMAGE_SIZE:
         raise ConfigError(f"model {name!r} needs images of at least {MIN_IMAGE_SIZE} px, got {image_size}")
-    return factory(in_channels=in_channels, num_classes=num_classes, mean=mean, std=std, **options)
+    return factory(in_channels, num_classes, mean, std, opts)
+
+
+def image_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (unbiased, clamped >= 1e-3) of images `x` (N, C, H, W) in [0, 1]
+    units (uint8 images are divided by 255), in float64 and in chunks."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(x), chunk):
+        xb = x[start:start + chunk].to(torch.float64)
+        if x.dtype == torch.uint8:
+            xb = xb.div_(255)
+        total += xb.sum(dim=(0, 2, 3)).cpu()
+        squares += xb.pow(2).sum(dim=(0, 2, 3)).cpu()
+    count = max(1, len(x) * x.shape[2] * x.shape[3])
+    mean = total / count
+    var = (squares / count - mean**2).clamp_min(0) * count / max(count - 1, 1)
+    return mean.tolist(), var.sqrt().clamp_min(1e-3).tolist()
+
+
+def build_for(cfg: DictConfig | Mapping[str, Any], x_train: torch.Tensor, num_classes: int,
+              stats: tuple[Sequence[float], Sequence[float]] | None = None) -> FeatureModel:
+    """The model `cfg` for training images `x_train` (N, C, H, W), normalized with their
+    per-channel statistics (`image_stats`; `stats`: (mean, std) computed before)."""
+    mean, std = stats if stats is not None else image_stats(x_train)
+    return build_model(cfg, in_channels=x_train.shape[1], num_classes=num_classes, image_size=x_train.shape[-1],
+                       mean=mean, std=std)

@@ -12,20 +12,31 @@ authors report that hook-based training did worse).
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence, overload
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence, get_args, overload
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from bdexp.errors import ConfigError
+from bdexp.options import Options, option
 from bdexp.registry import Registry
 
-# name -> factory(in_channels=, num_classes=, mean=, std=, **options) -> FeatureModel
+# name -> factory(in_channels, num_classes, mean, std, opts: ModelOptions) -> FeatureModel
 MODELS: Registry[Callable[..., "FeatureModel"]] = Registry("model")
 
-# Feature levels every model returns, in forward order.
-LEVELS: tuple[str, ...] = ("s1", "s2", "s3", "penult")
+# Feature levels every model returns, in forward order (ML-MMDR App. A); `Level` is the type an
+# option naming a level declares.
+Level = Literal["s1", "s2", "s3", "penult"]
+LEVELS: tuple[str, ...] = get_args(Level)
+
+
+@dataclass(frozen=True)
+class ModelOptions(Options):
+    """The options every model declares (conf/model/*.yaml)."""
+
+    width: float = option(1.0, lo=0, lo_open=True)  # channel multiplier on every layer's width
 
 Features = dict[str, torch.Tensor]
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bdexp.models.base import MODELS, FeatureModel, PoolFlatten, conv3x3, kaiming_init, scaled
+from bdexp.models.base import MODELS, FeatureModel, ModelOptions, PoolFlatten, conv3x3, kaiming_init, scaled
 from bdexp.models.resnet import BasicBlock
 
 
@@ -66,23 +66,13 @@ class CifarResNet(FeatureModel):
         kaiming_init(self, fan_mode="fan_in")
 
 
-@MODELS.register("resnet32")
-def resnet32(
-    in_channels: int,
-    num_classes: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    width: float = 1.0,
-) -> CifarResNet:
-    return CifarResNet(5, in_channels, num_classes, mean, std, width=width)  # 6·5+2 = 32
+@MODELS.register("resnet32", options=ModelOptions)
+def resnet32(in_channels: int, num_classes: int, mean: Sequence[float], std: Sequence[float],
+             opts: ModelOptions) -> CifarResNet:
+    return CifarResNet(5, in_channels, num_classes, mean, std, width=opts.width)  # 6·5+2 = 32
 
 
-@MODELS.register("resnet56")
-def resnet56(
-    in_channels: int,
-    num_classes: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    width: float = 1.0,
-) -> CifarResNet:
-    return CifarResNet(9, in_channels, num_classes, mean, std, width=width)  # 6·9+2 = 56
+@MODELS.register("resnet56", options=ModelOptions)
+def resnet56(in_channels: int, num_classes: int, mean: Sequence[float], std: Sequence[float],
+             opts: ModelOptions) -> CifarResNet:
+    return CifarResNet(9, in_channels, num_classes, mean, std, width=opts.width)  # 6·9+2 = 56

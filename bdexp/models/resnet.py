@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bdexp.models.base import MODELS, FeatureModel, PoolFlatten, conv3x3, kaiming_init, scaled
+from bdexp.models.base import MODELS, FeatureModel, ModelOptions, PoolFlatten, conv3x3, kaiming_init, scaled
 
 
 class BasicBlock(nn.Module):
@@ -115,23 +115,13 @@ class ResNet(FeatureModel):
         kaiming_init(self)  # torchvision's ResNet init: convs fan_out, Linear left at default
 
 
-@MODELS.register("resnet18")
-def resnet18(
-    in_channels: int,
-    num_classes: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    width: float = 1.0,
-) -> ResNet:
-    return ResNet([2, 2, 2, 2], False, in_channels, num_classes, mean, std, width=width)
+@MODELS.register("resnet18", options=ModelOptions)
+def resnet18(in_channels: int, num_classes: int, mean: Sequence[float], std: Sequence[float],
+             opts: ModelOptions) -> ResNet:
+    return ResNet([2, 2, 2, 2], False, in_channels, num_classes, mean, std, width=opts.width)
 
 
-@MODELS.register("preact18")
-def preact18(
-    in_channels: int,
-    num_classes: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    width: float = 1.0,
-) -> ResNet:
-    return ResNet([2, 2, 2, 2], True, in_channels, num_classes, mean, std, width=width)
+@MODELS.register("preact18", options=ModelOptions)
+def preact18(in_channels: int, num_classes: int, mean: Sequence[float], std: Sequence[float],
+             opts: ModelOptions) -> ResNet:
+    return ResNet([2, 2, 2, 2], True, in_channels, num_classes, mean, std, width=opts.width)

@@ -10,7 +10,8 @@ from typing import Sequence, Union
 
 import torch.nn as nn
 
-from bdexp.models.base import MODELS, FeatureModel, PoolFlatten, SafeMaxPool2d, conv3x3, kaiming_init, scaled
+from bdexp.models.base import (MODELS, FeatureModel, ModelOptions, PoolFlatten, SafeMaxPool2d, conv3x3, kaiming_init,
+                               scaled)
 
 LayerSpec = Union[int, str]
 
@@ -74,23 +75,13 @@ def _vgg(
     return VGG(VGG_CFGS[name], VGG_TAPS[name], in_channels, num_classes, mean, std, width=width)
 
 
-@MODELS.register("vgg11")
-def vgg11(
-    in_channels: int,
-    num_classes: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    width: float = 1.0,
-) -> VGG:
-    return _vgg("vgg11", in_channels, num_classes, mean, std, width)
+@MODELS.register("vgg11", options=ModelOptions)
+def vgg11(in_channels: int, num_classes: int, mean: Sequence[float], std: Sequence[float],
+          opts: ModelOptions) -> VGG:
+    return _vgg("vgg11", in_channels, num_classes, mean, std, opts.width)
 
 
-@MODELS.register("vgg16")
-def vgg16(
-    in_channels: int,
-    num_classes: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    width: float = 1.0,
-) -> VGG:
-    return _vgg("vgg16", in_channels, num_classes, mean, std, width)
+@MODELS.register("vgg16", options=ModelOptions)
+def vgg16(in_channels: int, num_classes: int, mean: Sequence[float], std: Sequence[float],
+          opts: ModelOptions) -> VGG:
+    return _vgg("vgg16", in_channels, num_classes, mean, std, opts.width)

@@ -1,10 +1,10 @@
-"""`train=adversarial`: PGD adversarial training (Madry et al. 2018; ISCP §4.4).
+"""`train=adversarial`: PGD adversarial training (Madry et al. 2018), the regime of ISCP §4.4.
 
 Every step trains on x_adv = PGD(x) instead of x (Madry et al. eq. 2.1: min over θ of the
 expected max over ‖δ‖∞ ≤ ε of the loss): a uniform random start in the ε-ball, then `steps`
 signed-gradient ascent steps on the cross-entropy, each followed by projection onto the ε-ball
 around x and onto the image range [0, 1] (batch.x is in [0, 1]: data/loader.py). Defaults:
-ℓ∞ ε = 8/255, step 2/255, 10 steps (ISCP §4.4). Everything the loop measures (loss,
+ℓ∞ ε = 8/255, step 2/255, 10 steps: our choice, Madry et al.'s CIFAR-10 setting (ISCP §4.4 gives none). Everything the loop measures (loss,
 accuracy) is then on adversarial examples.
 
 Model mode during the attack (`pgd_model_mode`): `eval` by default, as in the TRADES / MART
@@ -15,15 +15,27 @@ train mode. `train` keeps train mode throughout (Madry et al.'s TF code, Rice et
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bdexp.data.loader import Batch
-from bdexp.errors import ConfigError
-from bdexp.training.base import REGIMES, Regime
+from bdexp.options import option
+from bdexp.training.base import REGIMES, Regime, Schedule
 
-MODEL_MODES = ("eval", "train")
+
+@dataclass(frozen=True)
+class AdversarialOptions(Schedule):
+    """PGD (Madry et al.'s CIFAR-10 setting; ISCP §4.4 gives none), in pixel levels: the radius is epsilon/255 on [0, 1] images."""
+
+    epsilon: float = option(8, lo=0)  # l_inf radius 8/255
+    step_size: float = option(2, lo=0, lo_open=True)  # signed-gradient step 2/255
+    steps: int = option(10, lo=0)  # PGD iterations
+    random_start: bool = True  # uniform start in the eps-ball (Madry et al. §2)
+    pgd_model_mode: Literal["eval", "train"] = "eval"  # model mode while attacking (module docstring)
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int,
@@ -48,19 +60,16 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
 class Adversarial(Regime):
     """Cross-entropy on PGD adversarial examples of the batch (module docstring)."""
 
+    Options = AdversarialOptions
+    opts: AdversarialOptions
+
     def __init__(self, cfg, attack=None):
         super().__init__(cfg, attack=attack)
-        self.eps = float(cfg.get("epsilon", 8)) / 255
-        self.step = float(cfg.get("step_size", 2)) / 255
-        self.steps = int(cfg.get("steps", 10))
-        self.random_start = bool(cfg.get("random_start", True))
-        self.model_mode = str(cfg.get("pgd_model_mode", "eval"))
-        if not self.eps >= 0 or not self.step > 0 or self.steps < 0:
-            raise ConfigError(f"train=adversarial: need epsilon >= 0, step_size > 0 and steps >= 0 (pixel levels, "
-                              f"x/255); got epsilon={cfg.get('epsilon')}, step_size={cfg.get('step_size')}, "
-                              f"steps={cfg.get('steps')}")
-        if self.model_mode not in MODEL_MODES:
-            raise ConfigError(f"train.pgd_model_mode={self.model_mode!r}; choose one of {list(MODEL_MODES)}")
+        self.eps = self.opts.epsilon / 255
+        self.step = self.opts.step_size / 255
+        self.steps = self.opts.steps
+        self.random_start = self.opts.random_start
+        self.model_mode = self.opts.pgd_model_mode
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """PGD examples of (x, y), the model in `pgd_model_mode` meanwhile and restored after."""

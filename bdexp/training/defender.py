@@ -13,13 +13,11 @@ the data).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bdexp.options import CONF_DIR
 from bdexp.data.loader import DeviceLoader
 from bdexp.errors import ConfigError
 from bdexp.training.base import REGIMES
@@ -82,14 +80,13 @@ def check_defender_regime(name: str, key: str) -> type:
 
 
 def regime_train_cfg(run_train: DictConfig, regime: str) -> DictConfig:
-    """`conf/train/<regime>.yaml` with the run's values for every key that file has (but `name`):
-    the run's optimiser and schedule (epochs, lr, milestones, batch size, ... as scale= and
+    """Regime `regime`'s declared defaults with the run's values for every key it declares: the
+    run's optimiser and schedule (epochs, lr, milestones, batch size, ... as scale= and
     command-line overrides left them) under another regime's loss."""
-    path = CONF_DIR / "train" / f"{regime}.yaml"
-    if not path.exists():
-        raise ConfigError(f"training regime {regime!r} has no config {path}; add one (see train/standard.yaml)")
-    base = OmegaConf.load(path)
-    return OmegaConf.merge(base, {k: v for k, v in run_train.items() if k in base and k != "name"})
+    declared = REGIMES.options(regime)
+    run = OmegaConf.to_container(run_train, resolve=True) if isinstance(run_train, DictConfig) else dict(run_train)
+    return OmegaConf.create({"name": regime, **declared.defaults(),
+                             **{k: v for k, v in run.items() if k in declared.fields()}})
 
 
 def defender_train_cfg(run_train: DictConfig, regime: str, key: str) -> DictConfig:

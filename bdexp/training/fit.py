@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
@@ -17,8 +18,8 @@ from omegaconf import DictConfig
 from bdexp.attacks.base import Attack, PoisonedTrainSet
 from bdexp.cache import ModelCache, data_fingerprint, model_key
 from bdexp.data.base import ImageDataset
-from bdexp.data.loader import DeviceLoader, to_float
-from bdexp.models import build_model
+from bdexp.data.loader import DeviceLoader
+from bdexp.models import build_for
 from bdexp.training.base import REGIMES
 from bdexp.training.defender import DefenderLoader, check_defender_regime
 from bdexp.training.loop import train_model
@@ -26,26 +27,31 @@ from bdexp.training.loop import train_model
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class FitRequest:
+    """Which model to train for a run, beyond the run's own (the default: the run's regime on
+    every row of its training set)."""
+
+    train_cfg: DictConfig | None = None  # another regime/schedule (training/defender.py); None: cfg.train
+    keep: torch.Tensor | None = None  # train only on these rows (a sanitizer's kept set)
+    key_extra: dict | None = None  # what else tells this model apart in the cache (a role, a mask hash)
+    describe: str = "train"  # the progress bar's and log's name
+    defender: bool = False  # the defender trains: no poison flags, no attack hook, no flag-reading regime
+
+
 def fit(cfg: DictConfig, data: ImageDataset, attack: Attack, train: PoisonedTrainSet, device: torch.device,
-        cache: ModelCache, *, train_cfg: DictConfig | None = None, keep: torch.Tensor | None = None,
-        key_extra: dict | None = None, describe: str = "train", defender: bool = False
-        ) -> tuple[torch.nn.Module, dict]:
-    """Build the model and train it on `train` (optionally only rows in `keep`), or load it from
-    the cache when an identical model was trained before. Returns (model, info).
-    `defender`: the defender trains (training/defender.py): no poison flags, no attack hook, and
-    a regime that reads the flags is refused."""
-    train_cfg = train_cfg if train_cfg is not None else cfg.train
+        cache: ModelCache, request: FitRequest = FitRequest()) -> tuple[torch.nn.Module, dict]:
+    """Build the model and train it on `train` (optionally only rows in `request.keep`), or load
+    it from the cache when an identical model was trained before. Returns (model, info)."""
+    train_cfg = request.train_cfg if request.train_cfg is not None else cfg.train
+    keep, key_extra, describe, defender = request.keep, request.key_extra, request.describe, request.defender
     if defender:
         check_defender_regime(train_cfg.name, "the defender's train.name")
         if bool(train.cross.any()):  # the attack's batch hook is off: not the attacker's model
             key_extra = {**(key_extra or {}), "attack_batch_hook": "off"}
     seed = int(cfg.seed)
-    x_f = to_float(train.x if keep is None else train.x[keep])
-    mean = x_f.mean(dim=(0, 2, 3)).tolist()
-    std = x_f.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
     torch.manual_seed(seed)  # identical init for cached and fresh models
-    model = build_model(cfg.model, in_channels=data.image_shape[0], num_classes=data.num_classes,
-                        image_size=data.image_shape[1], mean=mean, std=std).to(device)
+    model = build_for(cfg.model, train.x if keep is None else train.x[keep], data.num_classes).to(device)
     regime_cls = REGIMES.get(train_cfg.name)
     # The architecture's parameter names and shapes enter the key, so editing a model's code
     # never loads stale weights into it.
@@ -76,7 +82,7 @@ def fit(cfg: DictConfig, data: ImageDataset, attack: Attack, train: PoisonedTrai
         regime = regime_cls(train_cfg, attack=None if defender else attack)
         checkpoint = cache.checkpoint_path(key)
         history = train_model(model, loader, regime, train_cfg, device, describe=describe, checkpoint=checkpoint,
-                              checkpoint_every=int(cfg.get("checkpoint_every", 1)))
+                              checkpoint_every=int(cfg.checkpoint_every))
         meta = {"history": history, "trained_on": len(loader.x)}
         path = cache.put(key, model.state_dict(), meta)
         if path is not None:

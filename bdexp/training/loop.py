@@ -34,6 +34,7 @@ from bdexp.data.loader import DeviceLoader
 from bdexp.jobs import Interrupted, deferred
 from bdexp.errors import ConfigError, TrainingDiverged
 from bdexp.progress import make_progress
+from bdexp.training.base import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +50,24 @@ def milestone_epochs(fractions, total_epochs: int) -> list[int]:
 
 class Optimization:
     """SGD with momentum and a learning-rate schedule over `total_epochs` epochs (default
-    cfg.epochs). `epochs_done` counts the epochs trained so far, across `train_model` calls."""
+    cfg.epochs; `cfg`: a train config or its `Schedule`). `epochs_done` counts the epochs trained
+    so far, across `train_model` calls."""
 
     def __init__(self, model: nn.Module, cfg, total_epochs: int | None = None, schedule: str = "step"):
         if schedule not in SCHEDULES:
             raise ConfigError(f"learning-rate schedule {schedule!r} is unknown; choose one of {list(SCHEDULES)}")
+        sched = Schedule.of(cfg)
         self.opt = torch.optim.SGD(
             model.parameters(),
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            nesterov=bool(cfg.get("nesterov", False)),
+            lr=sched.lr,
+            momentum=sched.momentum,
+            weight_decay=sched.weight_decay,
+            nesterov=sched.nesterov,
         )
         self.schedule = schedule
-        self.total_epochs = int(cfg.epochs if total_epochs is None else total_epochs)
-        self.milestones = milestone_epochs(cfg.milestones, self.total_epochs) if schedule == "step" else []
-        self.base_lr, self.gamma = float(cfg.lr), float(cfg.gamma)
+        self.total_epochs = int(sched.epochs if total_epochs is None else total_epochs)
+        self.milestones = milestone_epochs(sched.milestones, self.total_epochs) if schedule == "step" else []
+        self.base_lr, self.gamma = sched.lr, sched.gamma
         self.epochs_done = 0
 
     def lr(self, epoch: int) -> float:
@@ -127,16 +130,17 @@ def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: tor
     images/s, wall time). `optimization`: continue this optimizer and schedule (epochs
     [optimization.epochs_done, + cfg.epochs) of it); None = a fresh cfg.epochs-epoch step schedule.
     `checkpoint`: resume from this file if it exists and save to it every `checkpoint_every`
-    epochs (the caller deletes it once the finished model is stored)."""
+    epochs (the caller deletes it once the finished model is stored). `cfg`: a train config or
+    its `Schedule`."""
+    cfg = Schedule.of(cfg)
     on_cuda = device.type == "cuda"
     if on_cuda:
         model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if cfg.get("compile", False) else model
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and cfg.get("amp", True)
-                else nullcontext())
+    step_model = torch.compile(model) if cfg.compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and cfg.amp else nullcontext()
     optim = optimization if optimization is not None else Optimization(model, cfg)
     first_epoch = optim.epochs_done
-    end_epoch = first_epoch + int(cfg.epochs)
+    end_epoch = first_epoch + cfg.epochs
     history = {"loss": [], "acc": [], "lr": [], "images_per_s": [], "wall_s": 0.0}
     if checkpoint is not None and Path(checkpoint).exists():
         try:
@@ -147,7 +151,7 @@ def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: tor
             optim.epochs_done = first_epoch
     resumed = optim.epochs_done - first_epoch
     history.setdefault("lr", [])
-    log_every = max(1, int(cfg.get("log_every", 10)))
+    log_every = cfg.log_every
     start = time.perf_counter() - float(history.get("wall_s", 0.0))
     model.train()
     saved = optim.epochs_done if resumed else None  # the epoch the checkpoint on disk holds

@@ -10,14 +10,18 @@ X3 have at least 2 rows (our choice: a level term is 0 when a group is empty).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from bdexp.analysis.kernels import KERNEL_NAMES, mmd2_masked
+from bdexp.analysis.kernels import Kernel, mmd2_masked
+from bdexp.attacks import has_backdoor
 from bdexp.data.loader import Batch
 from bdexp.errors import ConfigError
-from bdexp.models.base import LEVELS
-from bdexp.training.base import REGIMES, Regime
+from bdexp.models.base import LEVELS, Level
+from bdexp.options import option
+from bdexp.training.base import REGIMES, Regime, Schedule
 
 MIN_GROUP = 2  # rows each of X2 and X3 need for a level's MMD term to count
 
@@ -33,10 +37,27 @@ def _masked_ce(ce: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (ce * w).sum() / w.sum().clamp_min(1.0)
 
 
+@dataclass(frozen=True)
+class MLMMDROptions(Schedule):
+    """ML-MMDR's loss (Alg. 1, eq. 6) on the shared schedule."""
+
+    mmd_weight: float = option(0.3, lo=0)  # λ ∈ {0, 0.1, 0.2, 0.3}; 0 = regular backdoor training (RBT), §5
+    kernel: Kernel = "gmk_adaptive"  # the ML-MMDR authors' code; ablation kernels of ML-MMDR Table 3
+    levels: tuple[Level, ...] = option(["s1", "s2", "s3"])  # I = {s1, s2, s3}: multi-level (ML-MMDR §5)
+
+
+@dataclass(frozen=True)
+class SLMMDROptions(MLMMDROptions):
+    """SL-MMDR: the MMD term on the last hidden stage only (ML-MMDR §5)."""
+
+    levels: tuple[Level, ...] = option(["s3"])
+
+
 class MMDRegime(Regime):
     """Cross-entropy on benign and malicious rows plus λ · mean MMD² over feature levels."""
 
-    default_levels: tuple[str, ...] = ("s1", "s2", "s3")
+    Options = MLMMDROptions
+    opts: MLMMDROptions
     reads_poison_flags = True  # X1/X2 are split by batch.poison (Alg. 1 l. 9-10): the attacker trains
 
     @classmethod
@@ -44,16 +65,22 @@ class MMDRegime(Regime):
         """At λ = 0 ML- and SL-MMDR are the same RBT loss: levels and kernel cannot matter, so
         both regimes share one cached model."""
         ident = super().cache_identity(cfg)
-        if float(ident.get("mmd_weight", 0.0)) == 0.0:
+        if cls.Options.parse(cfg, "train").mmd_weight == 0.0:
             for key in ("name", "levels", "kernel"):
                 ident.pop(key, None)
             ident["name"] = "rbt"
         return ident
 
+    @classmethod
+    def collapse_hint(cls, cfg) -> str:
+        """The MMD term is zero when all features coincide, so too large a λ collapses training."""
+        weight = cls.Options.parse(cfg, "train").mmd_weight
+        return f" (train.mmd_weight={weight}: try a smaller λ)" if weight > 0 else ""
+
     def __init__(self, cfg, attack=None):
         super().__init__(cfg, attack=attack)
-        name = cfg.get("name", "mlmmdr")
-        if attack is None or not getattr(attack, "poisons", True) or getattr(attack, "name", "") == "none":
+        name = type(self).__name__.lower()  # mlmmdr | slmmdr
+        if not has_backdoor(attack):
             raise ConfigError(
                 f"train={name} regularizes malicious vs. benign target-class features (ML-MMDR Alg. 1), "
                 "so it needs a poisoning attack; attack=none has none. Use train=standard for a clean model"
@@ -64,20 +91,12 @@ class MMDRegime(Regime):
                 f"got attack.mode={attack.mode}. Use another mode or train=standard"
             )
         self.target = int(attack.target)
-        levels = cfg.get("levels", None)
-        self.levels: tuple[str, ...] = tuple(levels) if levels is not None else self.default_levels
-        unknown = [lv for lv in self.levels if lv not in LEVELS]
-        if unknown or not self.levels:
-            raise ConfigError(
-                f"train.levels={list(self.levels)}: unknown or empty feature level(s) {unknown}; "
-                f"choose a non-empty subset of {list(LEVELS)} (ML-MMDR: [s1, s2, s3] or [s3])"
-            )
-        self.weight = float(cfg.get("mmd_weight", 0.0))
-        if not self.weight >= 0.0:
-            raise ConfigError(f"train.mmd_weight={self.weight} must be >= 0 (ML-MMDR λ ∈ {{0, 0.1, 0.2, 0.3}})")
-        self.kernel = str(cfg.get("kernel", "gmk_adaptive"))
-        if self.kernel not in KERNEL_NAMES:
-            raise ConfigError(f"train.kernel={self.kernel!r} is unknown; choose one of: {', '.join(KERNEL_NAMES)}")
+        self.levels: tuple[str, ...] = self.opts.levels
+        if not self.levels:
+            raise ConfigError(f"train.levels=[]: choose a non-empty subset of {list(LEVELS)} "
+                              "(ML-MMDR: [s1, s2, s3] or [s3])")
+        self.weight = self.opts.mmd_weight
+        self.kernel = self.opts.kernel
         self._sums: torch.Tensor | None = None  # per-epoch diagnostics, see epoch_stats
 
     def begin_epoch(self) -> None:
@@ -126,11 +145,9 @@ class MMDRegime(Regime):
 class MLMMDR(MMDRegime):
     """ML-MMDR: I = {s1, s2, s3} (ML-MMDR §5)."""
 
-    default_levels = ("s1", "s2", "s3")
-
 
 @REGIMES.register("slmmdr")
 class SLMMDR(MMDRegime):
     """SL-MMDR: I = {s3}, the last hidden stage only (ML-MMDR §5)."""
 
-    default_levels = ("s3",)
+    Options = SLMMDROptions
