@@ -1,12 +1,13 @@
-"""What defenses and analyses receive: the trained model and the data around it.
+"""The run as the evaluator holds it: the trained model, the data, the attack and its ground truth.
 
-Defenses must use only what a defender has: the frozen model, the training set with its given
-labels (`train_set.x`, `train_set.y`), the clean reserve (`reserve_index` into the test set) and
-the inputs they are asked to screen. Poison flags (`train_set.poison`, the backdoor test set's
-provenance) are for the evaluator code that turns scores into metrics.
+Analyses and the evaluator code of each defense kind read it. A defense never does: it gets a
+narrow context (bdexp/defenses/contexts.py), and while it runs `Experiment.sealed` replaces the
+run's data, attack, poisoned sets, config and scratch space by sentinels that raise
+`GroundTruthRead` when read, so even a closure that captured the run cannot peek.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -32,6 +33,23 @@ class Experiment:
     model: torch.nn.Module
     cache: ModelCache
     info: dict = field(default_factory=dict)  # shared scratch space (e.g. timings) for records
+
+    # What `sealed` hides while a defense runs (the model and the device stay: a defender has them).
+    SEALED = ("cfg", "data", "attack", "train_set", "backdoor_test", "cache", "info")
+
+    @contextmanager
+    def sealed(self, who: str):
+        """While the block runs, reading any of SEALED raises GroundTruthRead naming `who`."""
+        saved = {name: self.__dict__[name] for name in self.SEALED}
+        cached = {k: self.__dict__.pop(k) for k in ("pred_test", "pred_backdoor", "reserve_index", "screen_index")
+                  if k in self.__dict__}
+        for name in self.SEALED:
+            self.__dict__[name] = _Sealed(who, name)
+        try:
+            yield self
+        finally:
+            self.__dict__.update(saved)
+            self.__dict__.update(cached)
 
     @property
     def seed(self) -> int:
@@ -79,3 +97,22 @@ class Experiment:
         mask = torch.ones(len(self.data.y_test), dtype=torch.bool)
         mask[self.reserve_index] = False
         return mask.nonzero().flatten()
+
+
+class _Sealed:
+    """Stands in for a part of the run while a defense runs; any use raises GroundTruthRead."""
+
+    def __init__(self, who: str, what: str):
+        object.__setattr__(self, "_msg", f"defense {who!r} read the run's `{what}` while it ran: a defender has "
+                                         "only its context (bdexp/defenses/contexts.py), never the run, the attack "
+                                         "or the poison flags")
+
+    def _raise(self, *args, **kwargs):
+        from bdexp.defenses.contexts import GroundTruthRead
+
+        raise GroundTruthRead(object.__getattribute__(self, "_msg"))
+
+    def __getattr__(self, name):
+        self._raise()
+
+    __getitem__ = __iter__ = __len__ = __bool__ = __contains__ = __setattr__ = __call__ = _raise

@@ -77,9 +77,10 @@ class Bounds:
 
 
 def option(default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-           hi_open: bool = False) -> Any:
-    """A dataclass field with its default and the range every number in it must lie in."""
-    meta = {"bounds": Bounds(lo, hi, lo_open, hi_open)}
+           hi_open: bool = False, nonempty: bool = False) -> Any:
+    """A dataclass field with its default, the range every number in it must lie in and, for a
+    list, whether it may be empty."""
+    meta = {"bounds": Bounds(lo, hi, lo_open, hi_open), "nonempty": nonempty}
     if isinstance(default, (list, dict)):
         frozen = tuple(default) if isinstance(default, list) else dict(default)
         return field(default_factory=lambda: frozen, metadata=meta)
@@ -103,12 +104,19 @@ def _describe(tp) -> str:
         return "a number"
     if tp is str:
         return "a string"
-    if origin is Literal:
-        return "one of " + ", ".join(show(a) for a in args)
+    if origin is Literal:  # as typed on the command line: inf, reserve
+        return "one of " + ", ".join(str(a) for a in args)
     if origin in (Union, types.UnionType):
         return " or ".join("null" if _is_none(a) else _describe(a) for a in args)
     if origin is tuple:
-        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+        if not args:
+            return "a list"
+        if args[-1] is not Ellipsis:
+            return f"a list of {len(args)} {_describe(args[0]).split(' ', 1)[-1]}s"
+        item = _describe(args[0])
+        if item.startswith(("a ", "an ")):
+            return f"a list of {item.split(' ', 1)[1]}s"
+        return f"a list, each item {item}"
     if origin is dict:
         return "a mapping"
     return getattr(tp, "__name__", str(tp))
@@ -142,6 +150,8 @@ def _convert(tp, v) -> tuple[bool, Any]:
         return False, v
     if origin is tuple:
         if not isinstance(v, (list, tuple)):
+            return False, v
+        if args and args[-1] is not Ellipsis and len(v) != len(args):  # tuple[float, float]: that many
             return False, v
         item = args[0] if args else Any
         out = []
@@ -204,7 +214,7 @@ class Options:
         out = {}
         for name, f in cls.fields().items():
             value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            out[name] = list(value) if isinstance(value, tuple) else value
+            out[name] = value.as_dict() if isinstance(value, Options) else list(value) if isinstance(value, tuple) else value
         return out
 
     @classmethod
@@ -221,16 +231,19 @@ class Options:
             if key not in fields:
                 continue
             ok, _ = _convert(hints[key], value) if not _is_options(hints[key]) else (isinstance(value, Mapping), value)
+            bounds = fields[key].metadata.get("bounds")
+            allowed = _describe(hints[key]) + (f" {bounds.describe()}" if bounds and bounds.describe() else "")
             if not ok:
-                out.append(f"{where}.{key}={show(value)} is not allowed: use {_describe(hints[key])}")
+                out.append(f"{where}.{key}={show(value)} is not allowed: use {allowed}")
                 continue
             if _is_options(hints[key]):
                 out += hints[key].problems(value, f"{where}.{key}")
                 continue
-            bounds = fields[key].metadata.get("bounds")
+            if fields[key].metadata.get("nonempty") and isinstance(value, (list, tuple)) and not value:
+                out.append(f"{where}.{key}=[] is not allowed: use a non-empty list")
+                continue
             if bounds is not None and not all(bounds.ok(x) for x in _numbers(value)):
-                out.append(f"{where}.{key}={show(value)} is not allowed: use {_describe(hints[key])} "
-                           f"{bounds.describe()}")
+                out.append(f"{where}.{key}={show(value)} is not allowed: use {allowed}")
         return out
 
     @classmethod
@@ -245,6 +258,12 @@ class Options:
         hints = typing.get_type_hints(cls)
         values = {k: _convert(hints[k], v)[1] for k, v in raw.items() if k in cls.fields()}
         return cls(**values)
+
+    @classmethod
+    def of(cls: type[O], value=None, where: str | None = None) -> O:
+        """`value` as this class's options: an instance as is, a mapping or None parsed (so a
+        Python caller may pass `{"criterion": "size"}` and get what the CLI would run)."""
+        return value if isinstance(value, cls) else cls.parse(value, where)
 
     def replace(self: O, **changes) -> O:
         """A copy with some options changed (checked like a config node)."""
@@ -277,9 +296,3 @@ def yaml_node(group: str, stem: str) -> dict:
         raw = raw[stem]
     return raw
 
-
-def with_defaults(cfg: Any, group: str, name: str) -> dict:
-    """Transitional: `cfg` over conf/<group>/<name>.yaml's node, for methods not yet declaring
-    their options (removed once every method has an Options class)."""
-    own = _plain(cfg)
-    return {**yaml_node(group, name), **own}

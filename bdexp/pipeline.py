@@ -1,5 +1,7 @@
 """One run, top to bottom: data -> poison -> train (cached) -> evaluate -> defenses -> analyses
--> results. Every step is a function of the composed config; nothing here is method-specific."""
+-> results. Every step is a function of the composed config; nothing here is method-specific:
+methods come from their registries, and an attack that needs more than the data (clbd's clean
+reference model) asks for it through `Attack.attach`."""
 from __future__ import annotations
 
 import copy
@@ -15,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import bdexp
 from bdexp.attacks import build_attack
-from bdexp.attacks.base import Attack, BackdoorTestSet, PoisonedTrainSet
+from bdexp.attacks.base import Attack, AttackServices, BackdoorTestSet, PoisonedTrainSet
 from bdexp.cache import ModelCache
 from bdexp.data import load_dataset
 from bdexp.data.base import ImageDataset
@@ -28,7 +30,8 @@ from bdexp import progress as progress_bars
 from bdexp.jobs import Interrupted
 from bdexp.results import PartialRecords, run_identity, write_results
 from bdexp.training.defender import regime_train_cfg
-from bdexp.training.fit import fit
+from bdexp.training import REGIMES
+from bdexp.training.fit import FitRequest, fit
 from bdexp.validation import check_run
 
 log = logging.getLogger(__name__)
@@ -53,15 +56,21 @@ def seed_everything(seed: int) -> None:
 def prepare(cfg: DictConfig, device: torch.device | None = None, cache: ModelCache | None = None
             ) -> tuple[ImageDataset, Attack, PoisonedTrainSet, BackdoorTestSet]:
     """Load the dataset and poison it; pure function of the config and seed. `device`/`cache`
-    (default: from cfg) are used only by attacks that need a clean reference model (clbd)."""
+    (default: from cfg) serve what an attack asks for through `Attack.attach` (clbd: a clean
+    reference model)."""
     seed = int(cfg.seed)
     cache_dir = cfg.cache.dir if cfg.cache.enabled else None
     data = load_dataset(cfg.dataset, seed=seed, cache_dir=cache_dir)
     attack = build_attack(cfg.attack, num_classes=data.num_classes, image_shape=data.image_shape, seed=seed)
-    if getattr(attack, "needs_reference_model", False):
-        device = device if device is not None else resolve_device(str(cfg.device))
-        cache = cache if cache is not None else ModelCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
-        attack.set_reference_model(clean_reference_model(cfg, data, device, cache), device)
+
+    def run_device() -> torch.device:
+        return device if device is not None else resolve_device(str(cfg.device))
+
+    def clean_model() -> torch.nn.Module:
+        store = cache if cache is not None else ModelCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
+        return clean_reference_model(cfg, data, run_device(), store)
+
+    attack.attach(AttackServices(device=run_device, clean_model=clean_model))
     train = attack.poison_train(to_float(data.x_train), data.y_train)
     train.x = to_uint8(train.x)
     bd = attack.backdoor_test(to_float(data.x_test), data.y_test)
@@ -70,10 +79,10 @@ def prepare(cfg: DictConfig, device: torch.device | None = None, cache: ModelCac
 
 
 def clean_reference_model(cfg: DictConfig, data: ImageDataset, device: torch.device, cache: ModelCache):
-    """A model trained on the unpoisoned training set (clbd: Turner et al. / ISPL App. B perturb
-    with PGD against "a reference model trained on clean data"), with train=standard and the
-    run's schedule, or loaded from the cache. Its key has attack=none and a role tag, so every clbd
-    run (any scenario, rate, PGD setting) on the same data shares it."""
+    """A model trained on the unpoisoned training set (what `AttackServices.clean_model` gives; clbd:
+    Turner et al. / ISPL App. B perturb with PGD against "a reference model trained on clean
+    data"), with train=standard and the run's schedule, or loaded from the cache. Its key has
+    attack=none and a role tag, so every run that asks for it on the same data shares it."""
     ref_cfg = copy.deepcopy(cfg)
     with open_dict(ref_cfg):
         ref_cfg.attack = {"name": "none"}
@@ -81,8 +90,8 @@ def clean_reference_model(cfg: DictConfig, data: ImageDataset, device: torch.dev
     clean_attack = build_attack(ref_cfg.attack, data.num_classes, data.image_shape, int(cfg.seed))
     clean = clean_attack.poison_train(to_float(data.x_train), data.y_train)
     clean.x = to_uint8(clean.x)
-    reference, _ = fit(ref_cfg, data, clean_attack, clean, device, cache, train_cfg=ref_train,
-                       key_extra={"role": "clbd_reference"}, describe="clbd reference")
+    reference, _ = fit(ref_cfg, data, clean_attack, clean, device, cache,
+                       FitRequest(train_cfg=ref_train, key_extra={"role": "clbd_reference"}, describe="clean reference"))
     return reference
 
 
@@ -93,7 +102,7 @@ def run(cfg: DictConfig, run_dir: str | Path, config_hash: str | None = None) ->
     run_dir = Path(run_dir)
     check_run(cfg, run_dir)  # types and ranges of every value, writable run and cache dirs (validation.py)
     seed_everything(int(cfg.seed))
-    progress_bars.set_enabled(bool(cfg.get("progress", True)))
+    progress_bars.set_enabled(bool(cfg.progress))
     device = resolve_device(str(cfg.device))
     log.info("device %s, output %s", device, run_dir)
 
@@ -114,8 +123,12 @@ def run(cfg: DictConfig, run_dir: str | Path, config_hash: str | None = None) ->
     return payload
 
 
-def _run(cfg: DictConfig, run_dir: Path, device: torch.device, start: float, config_hash: str | None,
-         done: dict, store: PartialRecords | None) -> dict:
+def build_experiment(cfg: DictConfig, device: torch.device, run_dir: Path | None, done: dict | None = None,
+                     store: PartialRecords | None = None) -> tuple[Experiment, dict]:
+    """Data, poison and the trained (or cached) model of a run: the `Experiment` the evaluator,
+    the defenses' evaluators and the analyses work on, and the training's info. `done` (when
+    given) tracks the step running, for an interrupt's record."""
+    done = {"run": {}} if done is None else done
     cache = ModelCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
     data, attack, train, bd = prepare(cfg, device, cache)
     log.info("%s: %d train (%d poisoned) / %d test images %s, %d classes; backdoor test set %d",
@@ -127,10 +140,16 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, start: float, con
     if store is not None and store.bind(fit_info["key"]):
         log.info("records of %d defense(s)/analysis(es) finished by an earlier run of this config: %s",
                  len(store.steps), store.path)
-
     done["where"] = "evaluation"
     exp = Experiment(cfg, device, data, attack, train, bd, model, cache,
                      info={"run_dir": run_dir, "partial_records": store})
+    return exp, fit_info
+
+
+def _run(cfg: DictConfig, run_dir: Path, device: torch.device, start: float, config_hash: str | None,
+         done: dict, store: PartialRecords | None) -> dict:
+    exp, fit_info = build_experiment(cfg, device, run_dir, done, store)
+    data, attack, train, bd = exp.data, exp.attack, exp.train_set, exp.backdoor_test
     metrics = backdoor_metrics(exp.pred_test, data.y_test, exp.pred_backdoor, bd)
     done["metrics"] = list(metrics)
     warn_if_collapsed(exp.pred_test, data.num_classes, cfg)
@@ -164,7 +183,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, start: float, con
     done["where"], done["complete"] = "the summary (results.json is complete)", True
     if store is not None:
         store.clear()
-    if cfg.get("progress", True):
+    if cfg.progress:
         print_summary(run_info, metrics)
     log.info("results written to %s", path)
     return {"run": run_info, "metrics": metrics}
@@ -172,20 +191,20 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, start: float, con
 
 def warn_if_collapsed(pred_test: torch.Tensor, num_classes: int, cfg) -> None:
     """One warning when the trained model predicts (nearly) one class for every clean test image:
-    its ASR then means nothing, and every detector number of the run is about a broken model. Seen
-    with ML-/SL-MMDR at too large a λ (the MMD term is zero when all features coincide)."""
+    its ASR then means nothing, and every detector number of the run is about a broken model. The
+    regime says what to try (`Regime.collapse_hint`; ML-/SL-MMDR: a smaller λ)."""
     if len(pred_test) == 0:
         return
     top = torch.bincount(pred_test.cpu(), minlength=num_classes).max().item() / len(pred_test)
     if top >= 0.9:
-        hint = (f" (train.mmd_weight={cfg.train.mmd_weight}: try a smaller λ)"
-                if "mmd_weight" in cfg.train and float(cfg.train.mmd_weight) > 0 else "")
+        hint = REGIMES.get(str(cfg.train.name)).collapse_hint(cfg.train)
         log.warning("the model predicts one class for %.0f %% of the clean test images: training collapsed%s; "
                     "its BA, ASR and every detector result of this run describe a broken model", 100 * top, hint)
 
 
 def run_extensions(exp: Experiment) -> list[dict]:
-    """Defenses and analyses selected in the config (empty groups by default). The run's
+    """Defenses and analyses selected in the config (conf/config.yaml: defense=[ac, ss, sr],
+    analysis=[distances]). The run's
     results.PartialRecords (exp.info["partial_records"]) keeps the records of each as it finishes
     and serves them to a re-run."""
     from bdexp.analysis import run_analyses

@@ -10,7 +10,7 @@ LIST_GROUPS = {"defense", "analysis"}
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))  # _x: a base
 
 
 ALL = [(g, o) for g in ("dataset", "model", "attack", "train", "scale", "defense", "analysis", "experiment")

@@ -1,5 +1,5 @@
-"""Pool detectors AC, SS, SR (SPEC §5.2) on synthetic features with known answers, and the shared
-screening protocol (SPEC §5.1) on a real tiny run."""
+"""Pool detectors AC, SS, SR (ML-MMDR §3.3, §6.1) on synthetic features with known answers, and the shared
+screening protocol (ML-MMDR §6.1) on a real tiny run."""
 from __future__ import annotations
 
 import inspect
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from bdexp import metrics, pipeline
-from bdexp.defenses.ac import detect_ac
+from bdexp.defenses.ac import ACOptions, detect_ac
 from bdexp.defenses.screening import (DetectorOutput, SkipPool, pool_counts, run_pool_detector, score_pool,
                                       screening_pools)
-from bdexp.defenses.sr import detect_sr, energy_rank, fit_subspace
-from bdexp.defenses.ss import detect_ss, n_removed
+from bdexp.defenses.sr import SROptions, detect_sr, energy_rank, fit_subspace
+from bdexp.defenses.ss import SSOptions, detect_ss, n_removed
 from bdexp.errors import ConfigError
 from bdexp.experiment import Experiment
 from tests.conftest import compose_cfg, with_tiny
@@ -92,7 +92,10 @@ def test_ss_options_and_errors():
     assert out.flagged.sum() == 15 and out.extra["eps_assumed"] == 0.02
     with pytest.raises(SkipPool, match="orient=none"):
         detect_ss(x, x[:0], {}, assumed_ratio=0.1, rng=np.random.default_rng(0))
-    with pytest.raises(ConfigError, match="orient"):
+    # a bad value is refused when the options are parsed (at compose time), before any pool runs
+    with pytest.raises(ConfigError, match=r"defense\.ss\.orient='up' is not allowed: use one of reserve, none"):
+        SSOptions.parse({"orient": "up"}, "defense.ss")
+    with pytest.raises(ConfigError, match="orient='up'"):  # a dict handed to the detector is parsed the same way
         detect_ss(x, reserve, {"orient": "up"}, assumed_ratio=0.1, rng=np.random.default_rng(0))
 
 
@@ -154,8 +157,9 @@ def test_ac_size_and_silhouette_rules_at_an_imbalanced_pool():
                      rng=np.random.default_rng(0)).flagged.sum() == 20
     assert not detect_ac(x, None, {**cfg, "max_size_fraction": 0.05}, assumed_ratio=0.1,
                          rng=np.random.default_rng(0)).flagged.any()
-    with pytest.raises(ConfigError, match="criterion"):
-        detect_ac(x, None, {**cfg, "criterion": "vote"}, assumed_ratio=0.1, rng=np.random.default_rng(0))
+    with pytest.raises(ConfigError, match=r"defense\.ac\.criterion='vote' is not allowed: use one of "
+                                          r"reserve, size, silhouette"):
+        ACOptions.parse({**cfg, "criterion": "vote"}, "defense.ac")
 
 
 def test_ac_pca_reduction_as_ibm_art():
@@ -165,8 +169,8 @@ def test_ac_pca_reduction_as_ibm_art():
     cfg = {**AC_CFG, "n_components": 10, "reduce": "pca", "min_samples_per_component": 10}
     out = detect_ac(x, None, cfg, assumed_ratio=0.0, rng=np.random.default_rng(0))
     assert metrics.detection_scores(y, out.flagged)["f1"] == 1.0 and out.tags["reduce"] == "pca"
-    with pytest.raises(ConfigError, match="reduce"):
-        detect_ac(x, None, {**cfg, "reduce": "tsne"}, assumed_ratio=0.0, rng=np.random.default_rng(0))
+    with pytest.raises(ConfigError, match=r"defense\.ac\.reduce='tsne' is not allowed: use one of fastica, pca"):
+        ACOptions.parse({**cfg, "reduce": "tsne"}, "defense.ac")
 
 
 @pytest.mark.parametrize("n,d", [(3, 50), (12, 50), (60, 5), (40, 1)])
@@ -317,25 +321,33 @@ def test_detectors_see_only_features_and_the_reserve(tiny_run):
     exp = seen["exp"]
     sp = screening_pools(exp)
     for detect in (detect_ac, detect_ss, detect_sr):
-        assert list(inspect.signature(detect).parameters) == ["features", "reserve", "dcfg", "assumed_ratio", "rng"]
+        assert list(inspect.signature(detect).parameters) == ["features", "reserve", "opts", "assumed_ratio", "rng"]
     calls = []
 
     def spy(*args, **kwargs):
         calls.append((args, kwargs))
         return detect_ss(*args, **kwargs)
 
-    rows = run_pool_detector(exp, {"name": "spy"}, spy)
+    opts = SSOptions()
+    rows = run_pool_detector(exp, "spy", opts, spy)
     assert len(calls) == len(sp.levels) * len(sp.pools) and seen["features_calls"] == 1
     for (args, kwargs), (level, pool) in zip(calls, [(lv, p) for lv in sp.levels for p in sp.pools]):
-        features, reserve, dcfg = args
-        assert set(kwargs) == {"assumed_ratio", "rng"} and dcfg == {"name": "spy"}
+        features, reserve, got_opts = args
+        assert set(kwargs) == {"assumed_ratio", "rng"} and got_opts is opts
         assert isinstance(features, np.ndarray) and features.dtype == np.float32 and features.ndim == 2
         np.testing.assert_array_equal(features, sp.features[level][pool.rows])
         assert reserve is sp.reserve[level] and not reserve.flags.writeable
         assert kwargs["assumed_ratio"] == pytest.approx(pool.ratio / (1 + pool.ratio))
     assert {r["metric"] for r in rows} >= {"f1", "auroc", "n_benign", "n_malicious"}
-    # SR without a usable reserve: one `skipped` record per level × pool, no crash
-    skipped = run_pool_detector(exp, {"name": "sr", "reserve_size": 1, "energy": 0.9}, detect_sr)
+    # SR without a usable reserve (one image): one `skipped` record per level × pool, no crash.
+    # reserve_size=1 itself is now refused when the options are parsed (SROptions: >= 2).
+    with pytest.raises(ConfigError, match=r"defense\.sr\.reserve_size=1 is not allowed: use an integer >= 2"):
+        SROptions.parse({"reserve_size": 1, "energy": 0.9}, "defense.sr")
+
+    def one_image_reserve(features, reserve, opts, **kwargs):
+        return detect_sr(features, reserve[:1], opts, **kwargs)
+
+    skipped = run_pool_detector(exp, "sr", SROptions(), one_image_reserve)
     assert {r["metric"] for r in skipped} == {"skipped"} and len(skipped) == len(calls)
 
 

@@ -1,11 +1,10 @@
-"""Input-level detectors (SPEC §5.5–5.7): the shared pool protocol, Cognitive Distillation on a
+"""Input-level detectors (CD; OVL §III-D, Table II): the shared pool protocol, Cognitive Distillation on a
 hand-built backdoored model, STRIP / MSP / energy / Mahalanobis against direct formulas, the
 overlap detector's per-class scoring, one tiny end-to-end run, the `detect` table and the presets."""
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -16,18 +15,38 @@ from torch import nn
 
 from bdexp import metrics, pipeline
 from bdexp.analysis.overlap import OverlapScorer
-from bdexp.defenses.cd import build_cd, cd_l1_norms, distill, frozen, output_fn
-from bdexp.defenses.input_pools import (INFO_KEY, InputPool, Reserve, clean_reserve, input_pool,
+from bdexp.defenses import run_defense
+from bdexp.defenses.cd import CDOptions, build_cd, cd_l1_norms, distill, frozen, output_fn
+from bdexp.defenses.contexts import DetectorContext, ModelView, Reserve
+from bdexp.defenses.input_pools import (INFO_KEY, InputDetectorOptions, InputPool, clean_reserve, input_pool,
                                         run_input_detector, stratified_cap)
-from bdexp.defenses.ood_scores import energy_suspicion, fit_mahalanobis, mahalanobis_min, msp_suspicion
-from bdexp.defenses.overlap_detect import build_overlap
-from bdexp.defenses.strip import strip_entropy
+from bdexp.defenses.ood_scores import (EnergyOptions, MahalanobisOptions, MSPOptions, build_msp, energy_suspicion, fit_mahalanobis,
+                                       mahalanobis_min, msp_suspicion)
+from bdexp.defenses.overlap_detect import OverlapOptions, build_overlap
+from bdexp.defenses.strip import StripOptions, strip_entropy
 from bdexp.errors import ConfigError
 from bdexp.report.detect import detect_table
 from tests.conftest import CONF_DIR, compose_cfg, with_tiny
 
-HYPER = dict(lr=0.1, betas=(0.1, 0.1), alpha=0.01, beta=1.0)  # SPEC §5.5 logit variant
+HYPER = dict(lr=0.1, betas=(0.1, 0.1), alpha=0.01, beta=1.0)  # CD authors' code, logit variant (cd.yaml)
 CPU = torch.device("cpu")
+
+
+def _cd(**kw) -> CDOptions:
+    """CD's options: the declared defaults (= conf/defense/cd.yaml), overridden."""
+    return CDOptions.parse(kw)
+
+
+def _context(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int = 0) -> DetectorContext:
+    """An input detector's view of a hand-built model with reserve images (x, y)."""
+    return DetectorContext(seed=seed, view=ModelView(model, CPU, 256), reserve=Reserve(x, y, np.arange(len(y))),
+                           num_classes=num_classes)
+
+
+def _exp_context(exp, reserve: Reserve) -> DetectorContext:
+    """What the evaluator builds from a run for an input detector (input_pools.run_input_detector)."""
+    return DetectorContext(seed=exp.seed, view=ModelView(exp.model, exp.device, int(exp.cfg.eval_batch_size)),
+                           reserve=reserve, num_classes=exp.data.num_classes)
 
 
 class GatedToy(nn.Module):
@@ -92,10 +111,10 @@ def test_cd_threshold_rule_uses_the_reserve_mean_and_std():
     model = GatedToy()
     x, labels = _toy_inputs(6, 6, seed=3)
     reserve_x, _ = _toy_inputs(10, 0, seed=4)
-    exp = SimpleNamespace(model=model, device=CPU, seed=0)
-    cfg = {"steps": 60, "batch_size": 16, "threshold_t": 0.5}
-    out = build_cd(exp, Reserve(reserve_x, torch.zeros(10, dtype=torch.long), np.arange(10)), cfg)(x, "pool")
-    ref = cd_l1_norms(model, reserve_x, CPU, seed=0, tag="reserve", steps=60, batch_size=16, **HYPER)
+    ctx = _context(model, reserve_x, torch.zeros(10, dtype=torch.long), 4)
+    opts = _cd(steps=60, batch_size=16, threshold_t=0.5)
+    out = build_cd(ctx, opts)(x, "pool")
+    ref = cd_l1_norms(model, reserve_x, CPU, _cd(steps=60, batch_size=16, **HYPER), seed=0, tag="reserve")
     norms = -out.scores
     np.testing.assert_array_equal(out.flagged, norms < ref.mean() - 0.5 * ref.std(ddof=1))
     assert out.flagged[labels == 1].all() and metrics.auroc(labels, out.scores) == 1.0
@@ -107,22 +126,23 @@ def test_cd_batched_equals_one_at_a_time_and_leaves_the_model_alone():
     model.train()
     before = model.w.detach().clone()
     x, _ = _toy_inputs(3, 2, seed=5)
-    kw = dict(seed=7, tag="t", steps=30, **HYPER)
-    one = cd_l1_norms(model, x, CPU, batch_size=1, **kw)
-    np.testing.assert_allclose(cd_l1_norms(model, x, CPU, batch_size=5, **kw), one, rtol=1e-5)
-    np.testing.assert_allclose(cd_l1_norms(model, x, CPU, batch_size=2, **kw), one, rtol=1e-5)
+    kw = dict(steps=30, **HYPER)
+    one = cd_l1_norms(model, x, CPU, _cd(batch_size=1, **kw), seed=7, tag="t")
+    np.testing.assert_allclose(cd_l1_norms(model, x, CPU, _cd(batch_size=5, **kw), seed=7, tag="t"), one, rtol=1e-5)
+    np.testing.assert_allclose(cd_l1_norms(model, x, CPU, _cd(batch_size=2, **kw), seed=7, tag="t"), one, rtol=1e-5)
     assert torch.equal(model.w, before) and model.w.grad is None
     assert model.w.requires_grad and model.training  # frozen() restores both
-    assert not np.allclose(cd_l1_norms(model, x, CPU, batch_size=5, **{**kw, "seed": 8}), one)  # δ is seeded
+    assert not np.allclose(cd_l1_norms(model, x, CPU, _cd(batch_size=5, **kw), seed=8, tag="t"), one)  # δ is seeded
 
 
 def test_cd_feature_variant_matches_features_not_logits():
     """The toy's s3 is the dense branch, which depends on every pixel even when triggered."""
     model = GatedToy()
     x, _ = _toy_inputs(0, 4, seed=6)
-    kw = dict(seed=0, tag="t", steps=60, batch_size=4, lr=0.05, betas=(0.1, 0.1), alpha=0.001, beta=10.0)
-    logit = cd_l1_norms(model, x, CPU, variant="logit", **{**kw, "lr": 0.1, "alpha": 0.01, "beta": 1.0})
-    feature = cd_l1_norms(model, x, CPU, variant="feature", level="s3", **kw)
+    kw = dict(steps=60, batch_size=4, lr=0.05, betas=(0.1, 0.1), alpha=0.001, beta=10.0)
+    logit = cd_l1_norms(model, x, CPU, _cd(variant="logit", **{**kw, "lr": 0.1, "alpha": 0.01, "beta": 1.0}),
+                        seed=0, tag="t")
+    feature = cd_l1_norms(model, x, CPU, _cd(variant="feature", level="s3", **kw), seed=0, tag="t")
     assert (feature > 10 * logit).all()
 
 
@@ -142,9 +162,9 @@ class LeakyToy(GatedToy):
 def test_cd_probs_output_distils_the_trigger_where_logits_cannot():
     model = LeakyToy()
     x, labels = _toy_inputs(6, 6, seed=9)
-    kw = dict(seed=0, tag="t", steps=100, batch_size=12, lr=0.1, betas=(0.1, 0.1), beta=1.0)
-    logits = cd_l1_norms(model, x, CPU, output="logits", alpha=0.01, **kw)
-    probs = cd_l1_norms(model, x, CPU, output="probs", alpha=1e-3, **kw)
+    kw = dict(steps=100, batch_size=12, lr=0.1, betas=(0.1, 0.1), beta=1.0)
+    logits = cd_l1_norms(model, x, CPU, _cd(output="logits", alpha=0.01, **kw), seed=0, tag="t")
+    probs = cd_l1_norms(model, x, CPU, _cd(output="probs", alpha=1e-3, **kw), seed=0, tag="t")
     assert (logits[labels == 1] > 5).all()  # triggered: content kept to match the leaking logits
     assert (probs[labels == 1] < 3).all()  # triggered: little more than the trigger pixel
     assert (probs[labels == 0] > 40).all()  # clean probabilities still need most of the 64 px
@@ -177,16 +197,16 @@ def test_strip_entropy_known_answers_and_blends():
 
 
 def test_a_partial_config_takes_the_yaml_defaults():
-    """conf/defense/strip.yaml is the one place STRIP's defaults live: a config without `frr` gets
-    its 1 % rule (the code's own fallback used to be "no rule")."""
+    """A config without `frr` gets conf/defense/strip.yaml's 1 % rule: the declared default
+    (StripOptions, which tests/test_options.py keeps equal to the YAML) is that value."""
     from bdexp.defenses.strip import build_strip
 
     x = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8)
-    exp = SimpleNamespace(model=ConstantLogits([1.0, 0.0]), device=CPU, rng=lambda tag: np.random.default_rng(0))
-    reserve = Reserve(x, torch.zeros(6, dtype=torch.long), np.arange(6))
+    ctx = _context(ConstantLogits([1.0, 0.0]), x, torch.zeros(6, dtype=torch.long), 2)
     assert OmegaConf.load(Path(CONF_DIR) / "defense" / "strip.yaml").strip.frr == 0.01
-    assert build_strip(exp, reserve, {"n_overlay": 3})(x, "pool").flagged is not None
-    assert build_strip(exp, reserve, {"n_overlay": 3, "frr": None})(x, "pool").flagged is None
+    assert StripOptions.parse({"n_overlay": 3}).frr == 0.01
+    assert build_strip(ctx, StripOptions.parse({"n_overlay": 3}))(x, "pool").flagged is not None
+    assert build_strip(ctx, StripOptions.parse({"n_overlay": 3, "frr": None}))(x, "pool").flagged is None
 
 
 def test_msp_and_energy_match_numpy_formulas():
@@ -217,8 +237,10 @@ def test_mahalanobis_matches_a_direct_formula(d):
     direct = np.array([min((v - m) @ prec @ (v - m) for m in means) for v in x])
     mu, p = fit_mahalanobis(feats, y)
     np.testing.assert_allclose(mahalanobis_min(x, mu, p), direct, rtol=1e-6, atol=1e-8)
-    with pytest.raises(ConfigError, match="covariance"):
-        fit_mahalanobis(feats, y, "graphical_lasso")
+    # an unknown estimator is refused when the options are parsed (fit_mahalanobis itself no longer checks)
+    with pytest.raises(ConfigError, match=r"defense\.mahalanobis\.covariance='graphical_lasso' is not allowed: "
+                                          r"use one of empirical, ledoit_wolf"):
+        MahalanobisOptions.parse({"covariance": "graphical_lasso"}, "defense.mahalanobis")
 
 
 # ---------------------------------------------------------------- pools
@@ -306,29 +328,41 @@ def test_overlap_scores_each_input_against_its_predicted_class(tiny_run):
     reserve = clean_reserve(exp, 10)
     cfg = {"name": "overlap", "level": "penult", "norm": 2, "num_radii": 10, "center": "p"}
     pool = input_pool(exp, "test", 2000)
-    out = build_overlap(exp, reserve, cfg)(pool.x, "test")
+    ctx = _exp_context(exp, reserve)
+    out = build_overlap(ctx, OverlapOptions.parse(cfg))(pool.x, "test")
     logits, f = exp.features(pool.x, ("penult",))
     rf = exp.features(reserve.x, ("penult",))[1]["penult"]
     for i in range(0, len(pool.x), 7):
         c = int(logits[i].argmax())
         direct = OverlapScorer(norm=2, num_radii=10).fit(rf[reserve.y == c]).score(f["penult"][i:i + 1])
         assert out.scores[i] == pytest.approx(-float(direct[0]))
-    with pytest.raises(ConfigError, match="norm"):
-        build_overlap(exp, reserve, {**cfg, "norm": 3})
+    with pytest.raises(ConfigError, match="norm"):  # a number, so it parses; the scorer refuses it
+        build_overlap(ctx, OverlapOptions.parse({**cfg, "norm": 3}))
+    with pytest.raises(ConfigError, match=r"defense\.overlap\.norm='l2' is not allowed"):
+        OverlapOptions.parse({**cfg, "norm": "l2"}, "defense.overlap")
 
 
 def test_bad_config_and_clean_pools(tiny_run):
     _, exp = tiny_run
-    from bdexp.defenses import DEFENSES
+    from bdexp.validation import validate_config
 
-    with pytest.raises(ConfigError, match="variant"):
-        DEFENSES.get("cd")(exp, {"name": "cd", "variant": "pixels"})
-    with pytest.raises(ConfigError, match="stpes"):
-        DEFENSES.get("msp")(exp, {"name": "msp", "stpes": 3})
-    with pytest.raises(ConfigError, match="pools"):
-        DEFENSES.get("energy")(exp, {"name": "energy", "pools": ["val"]})
-    with pytest.raises(ConfigError, match="suspicious"):
-        DEFENSES.get("energy")(exp, {"name": "energy", "suspicious": "sometimes"})
+    # bad options are refused when parsed, before any detector is built
+    with pytest.raises(ConfigError, match=r"defense\.cd\.variant='pixels' is not allowed: use one of logit, feature"):
+        CDOptions.parse({"name": "cd", "variant": "pixels"}, "defense.cd")
+    with pytest.raises(ConfigError, match=r"defense\.msp: unknown key\(s\) stpes; allowed: "):
+        MSPOptions.parse({"name": "msp", "stpes": 3}, "defense.msp")
+    with pytest.raises(ConfigError, match=r"defense\.energy\.pools=\['val'\] is not allowed"):
+        EnergyOptions.parse({"name": "energy", "pools": ["val"]}, "defense.energy")
+    with pytest.raises(ConfigError, match=r"defense\.energy\.suspicious='sometimes' is not allowed"):
+        EnergyOptions.parse({"name": "energy", "suspicious": "sometimes"}, "defense.energy")
+    # ... and already when the config is composed
+    with pytest.raises(ConfigError, match=r"defense\.cd\.steps=0 is not allowed: use an integer >= 1"):
+        validate_config(compose_cfg(with_tiny("defense=[cd]", "defense.cd.steps=0")))
+    # run_defense parses too: the evaluator is never reached
+    with pytest.raises(ConfigError, match=r"defense\.cd\.variant='pixels'"):
+        run_defense(exp, "cd", OmegaConf.create({"name": "cd", "variant": "pixels"}))
+    with pytest.raises(ConfigError, match="pools=\\[\\] must name at least one"):
+        run_input_detector(exp, "x", InputDetectorOptions.parse({"pools": []}), build_msp, {})
     # a pool without poisoned inputs (attack `none`) is skipped, and nothing is built
     p = input_pool(exp, "train", 2000)
     exp.info[INFO_KEY][("train", 7)] = InputPool("train", p.x, np.zeros_like(p.labels), p.index, len(p.labels), 0)
@@ -336,7 +370,7 @@ def test_bad_config_and_clean_pools(tiny_run):
     def never(*_):
         raise AssertionError("a detector was built for a pool with nothing to find")
 
-    rows = run_input_detector(exp, {"name": "x", "pools": ["train"], "max_pool": 7}, never)
+    rows = run_input_detector(exp, "x", InputDetectorOptions.parse({"pools": ["train"], "max_pool": 7}), never, {})
     assert rows == [{"metric": "skipped", "value": 1.0, "pool": "train"}]
 
 
@@ -365,7 +399,7 @@ def test_presets_compose():
     assert ovl.defense.cd_probs.output == "probs" and ovl.defense.cd_probs.alpha == 1e-4
     cd = compose_cfg(["experiment=cd_detect"])
     assert (cd.defense.cd.variant, cd.defense.cd_feature.variant) == ("logit", "feature")
-    assert cd.defense.cd_feature.name == "cd" and cd.defense.cd_feature.alpha == 0.001  # SPEC §5.5 feature α
+    assert cd.defense.cd_feature.name == "cd" and cd.defense.cd_feature.alpha == 0.001  # CD authors' code, feature α (cd_feature.yaml)
     sweeps = {name: OmegaConf.load(Path(CONF_DIR) / "experiment" / f"{name}.yaml").hydra.sweeper.params
               for name in ("ovl_backdoor", "cd_detect")}
     assert sweeps["ovl_backdoor"]["attack"] == "patched,blended,warped"
@@ -464,13 +498,11 @@ PLANTED = [
 
 @pytest.mark.parametrize("name,overrides,auroc", PLANTED, ids=[f"{n}-{o.get('suspicious', '')}" for n, o, _ in PLANTED])
 def test_detectors_on_a_planted_backdoor(planted_exp, name, overrides, auroc):
-    from bdexp.defenses import DEFENSES
-
     exp = planted_exp
     with torch.no_grad():  # the planted model does what it says
         assert bool((exp.features(exp.data.x_test, ())[0].argmax(1) == exp.data.y_test).all())
         assert bool((exp.features(exp.backdoor_test.x, ())[0].argmax(1) == 0).all())
-    rows = DEFENSES.get(name)(exp, _detector_cfg(name, **overrides))
+    rows = run_defense(exp, name, _detector_cfg(name, **overrides))
     got = {(r["pool"], r["metric"]): r["value"] for r in rows if "pool" in r}
     # test pool: 150 clean images outside the reserve + the 100 triggered copies of non-reserve images
     assert (got[("test", "n")], got[("test", "n_poison")]) == (250, 100)

@@ -3,8 +3,6 @@
 test and the batched per-class trigger synthesis."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -13,12 +11,12 @@ from omegaconf import OmegaConf
 from bdexp import pipeline
 from bdexp.cache import ModelCache
 from bdexp.defenses import run_defenses
-from bdexp.defenses.nc import anomaly_index, synthesis_options, synthesize_triggers
+from bdexp.defenses.nc import NCOptions, anomaly_index, synthesize_triggers
 from bdexp.defenses.pruning import evaluate_pruned, rank_channels
 from bdexp.evaluate import backdoor_metrics
 from bdexp.experiment import Experiment
 from bdexp.models import build_model
-from tests.conftest import compose_cfg, with_tiny
+from tests.conftest import CONF_DIR, compose_cfg, with_tiny
 
 # 10 classes, not the tiny default 4: the MAD of 3 clean ℓ1 norms is too fragile a yardstick
 # (seed 4 of the 4-class set gave the target index 1.67: one hard clean class inflates the MAD).
@@ -29,16 +27,17 @@ NC_TINY = ["defense=[nc]", "dataset.num_classes=10", "dataset.train_size=512", "
            "defense.nc.steps=150", "defense.nc.batch_size=32"]
 
 
-NC_YAML = Path(__file__).resolve().parents[1] / "bdexp" / "conf" / "defense" / "nc.yaml"
+NC_YAML = CONF_DIR / "defense" / "nc.yaml"
 
 
 def _by(rows, metric):
     return [r for r in rows if r["metric"] == metric]
 
 
-def _options(**overrides) -> dict:
-    """synthesize_triggers settings: conf/defense/nc.yaml (the one place they default), overridden."""
-    return synthesis_options(overrides)
+def _options(**overrides) -> NCOptions:
+    """synthesize_triggers settings: NC's declared options (= conf/defense/nc.yaml, tests/test_options.py),
+    overridden."""
+    return NCOptions.parse(overrides)
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +114,8 @@ def test_batched_synthesis_masks_in_unit_range():
     model = build_model({"name": "convnet", "width": 0.25}, in_channels=3, num_classes=4, image_size=8,
                         mean=[0.5], std=[0.25]).eval()
     x = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
-    trig = synthesize_triggers(model, x, range(4), torch.device("cpu"), seed=0,
-                               **_options(steps=15, batch_size=8, classes_per_step=3))  # groups of 3 and 1
+    trig = synthesize_triggers(model, x, range(4), torch.device("cpu"),
+                               _options(steps=15, batch_size=8, classes_per_step=3), seed=0)  # groups of 3 and 1
     assert trig.classes == [0, 1, 2, 3]
     assert trig.mask.shape == (4, 8, 8) and trig.pattern.shape == (4, 3, 8, 8)
     for t in (trig.mask, trig.pattern):
@@ -131,7 +130,7 @@ def test_no_clean_images_is_a_config_error():
     model = build_model({"name": "convnet", "width": 0.25}, in_channels=3, num_classes=4, image_size=8,
                         mean=[0.5], std=[0.25])
     with pytest.raises(ConfigError, match="reserve_per_class"):
-        synthesize_triggers(model, torch.zeros(0, 3, 8, 8), range(4), torch.device("cpu"), seed=0, **_options())
+        synthesize_triggers(model, torch.zeros(0, 3, 8, 8), range(4), torch.device("cpu"), _options(), seed=0)
 
 
 # ---- a hand-built model with a planted trigger: the answer is known by construction -------------
@@ -185,8 +184,8 @@ def test_nc_reverses_a_planted_trigger_and_flags_only_its_class():
     others = logits.clone()
     others[:, TARGET] = -np.inf
     needed = 4 * float(((others.max(1).values - logits[:, TARGET]) / GAIN)[y != TARGET].max())
-    trig = synthesize_triggers(model, x, range(K_HAND), torch.device("cpu"), seed=0,
-                               **_options(steps=300, batch_size=32))
+    trig = synthesize_triggers(model, x, range(K_HAND), torch.device("cpu"), _options(steps=300, batch_size=32),
+                               seed=0)
     assert bool(trig.reached.all())
     l1 = trig.l1.numpy()
     # every batch of 32 holds ~29 non-target images, so the recorded mask needs nearly the full τ
@@ -257,6 +256,20 @@ def test_bad_prune_ratios_are_config_errors(ratios):
 
     model = _preact_with_known_s3()
     x = torch.zeros(2, 3, 8, 8)
-    with pytest.raises(ConfigError, match="prune_ratios"):
+    with pytest.raises(ConfigError, match="prune_ratios"):  # what the evaluator refuses itself
         evaluate_pruned(model, torch.arange(model.s3_channels), ratios, x, torch.zeros(2, dtype=torch.long),
                         x, torch.zeros(2, dtype=torch.long), torch.device("cpu"), batch_size=2)
+
+
+def test_bad_nc_options_are_refused_when_parsed():
+    """Range errors come from the declaration (NCOptions), at compose time, with the key and the range."""
+    from bdexp.errors import ConfigError
+    from bdexp.validation import validate_config
+
+    with pytest.raises(ConfigError, match=r"defense\.nc\.prune_ratios=\[0\.1, 1\.5\] is not allowed: "
+                                          r"use a list of numbers >= 0 and <= 1"):
+        NCOptions.parse({"prune_ratios": [0.1, 1.5]}, "defense.nc")
+    with pytest.raises(ConfigError, match=r"defense\.nc\.steps=0 is not allowed: use an integer >= 1"):
+        validate_config(compose_cfg(with_tiny("defense=[nc]", "defense.nc.steps=0")))
+    with pytest.raises(ConfigError, match=r"defense\.nc\.betas=\[0\.5\] is not allowed: use a list of 2 numbers"):
+        NCOptions.parse({"betas": [0.5]}, "defense.nc")

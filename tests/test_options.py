@@ -53,9 +53,10 @@ def test_every_registered_method_declares_its_options(group):
 
 
 @pytest.mark.parametrize("group,stem", CASES, ids=[f"{g}/{s}" for g, s in CASES])
-def test_yaml_agrees_with_the_declaration(group, stem):
+def test_yaml_agrees_with_the_declaration(group, stem, monkeypatch):
     """A method's own file (conf/<group>/<name>.yaml) lists every option with the declared default;
     a variant file (another stem, same `name`) sets a subset, each value allowed."""
+    monkeypatch.delenv("BDEXP_DATA", raising=False)  # dataset roots default to ~/.cache/bdexp/data
     node = composed_node(group, stem)
     reg = registry(group)
     name = node.get("name")
@@ -68,6 +69,15 @@ def test_yaml_agrees_with_the_declaration(group, stem):
         assert values == options.defaults(), (
             f"conf/{group}/{stem}.yaml and {options.__name__} disagree: "
             f"{ {k: (values.get(k), options.defaults().get(k)) for k in set(values) | set(options.defaults()) if values.get(k) != options.defaults().get(k)} }")
+
+
+def test_config_yaml_agrees_with_the_run_options(monkeypatch):
+    """conf/config.yaml's own keys (seed, screening, cache, ...) are RunOptions' defaults."""
+    from bdexp.validation import RunOptions
+
+    monkeypatch.delenv("BDEXP_CACHE_DIR", raising=False)
+    cfg = OmegaConf.to_container(compose_cfg([], as_is=True), resolve=True)
+    assert {k: cfg[k] for k in RunOptions.fields()} == RunOptions.defaults()
 
 
 # ---- the mechanism itself, on a throwaway declaration ------------------------------------------
@@ -89,11 +99,11 @@ def test_parse_takes_declared_defaults_and_converts_lists():
 
 @pytest.mark.parametrize("node,message", [
     ({"kk": 1}, "toy: unknown key(s) kk; allowed: cap, k, levels, rate, rule"),
-    ({"k": "abc"}, "toy.k='abc' is not allowed: use an integer"),
+    ({"k": "abc"}, "toy.k='abc' is not allowed: use an integer >= 1"),
     ({"k": 0}, "toy.k=0 is not allowed: use an integer >= 1"),
     ({"k": True}, "toy.k=true is not allowed: use an integer"),
     ({"rate": 1.5}, "toy.rate=1.5 is not allowed: use a number >= 0 and <= 1"),
-    ({"rule": "c"}, "toy.rule='c' is not allowed: use one of 'a', 'b'"),
+    ({"rule": "c"}, "toy.rule='c' is not allowed: use one of a, b"),
     ({"levels": "s1"}, "toy.levels='s1' is not allowed: use a list of strings"),
     ({"cap": 1}, "toy.cap=1 is not allowed: use an integer or null >= 2"),
 ])

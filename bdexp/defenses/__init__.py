@@ -1,4 +1,14 @@
-"""Defenses (detectors, sanitizers, inspectors); one file per defense, selected by `defense=[...]`."""
+"""Defenses (detectors, sanitizers, inspectors); one file per defense, selected by `defense=[...]`.
+
+A defense registers its defender function with its options and its kind:
+
+    @DEFENSES.register("ac", options=ACOptions, kind=Kind.pool_detector)
+    def detect_ac(features, reserve, opts, *, assumed_ratio, rng) -> DetectorOutput: ...
+
+The kind's evaluator (below, one per kind) builds what that defender has from the run
+(bdexp/defenses/contexts.py), calls the defense with it while the run is sealed, and turns its
+output into records. Adding a defense is its file plus its YAML (README, "Adding a method").
+"""
 from __future__ import annotations
 
 import logging
@@ -7,8 +17,26 @@ from bdexp.registry import Registry, import_submodules
 
 log = logging.getLogger(__name__)
 
-# name -> function(exp, cfg) -> list of long-format records
+# name -> defender function; meta: kind (contexts.KINDS), reads_ground_truth (the oracle only)
 DEFENSES: Registry = Registry("defense")
+
+
+def evaluators() -> dict:
+    """kind -> evaluator(exp, name, opts, fn, meta) -> records."""
+    from bdexp.defenses import contexts, input_pools, inspection, sanitize, screening
+
+    return {contexts.Kind.pool_detector: lambda exp, name, opts, fn, meta: screening.run_pool_detector(exp, name, opts, fn),
+            contexts.Kind.input_detector: input_pools.run_input_detector,
+            contexts.Kind.sanitizer: sanitize.run_sanitizer,
+            contexts.Kind.inspector: inspection.run_inspector}
+
+
+def run_defense(exp, key: str, dcfg) -> list[dict]:
+    """One selected defense: its options parsed from `dcfg`, run by its kind's evaluator."""
+    name = str(dcfg.name)
+    fn, meta = DEFENSES.get(name), DEFENSES.meta(name)
+    opts = DEFENSES.options(name).parse(dcfg, f"defense.{key}")
+    return [{**row, "defense": row.get("defense", key)} for row in evaluators()[meta["kind"]](exp, name, opts, fn, meta)]
 
 
 def run_defenses(exp, store=None) -> list[dict]:
@@ -23,8 +51,7 @@ def run_defenses(exp, store=None) -> list[dict]:
             # defense (e.g. mlmmdr_*'s defense.ac.n_components) that this run did not select.
             log.warning("defense.%s is configured but not selected (defense=[...] lacks it); skipped", key)
             continue
-        steps.append((key, dcfg.name, lambda key=key, dcfg=dcfg: [
-            {**row, "defense": row.get("defense", key)} for row in DEFENSES.get(dcfg.name)(exp, dcfg)]))
+        steps.append((key, dcfg.name, lambda key=key, dcfg=dcfg: run_defense(exp, key, dcfg)))
     return run_recorded("defense", steps, store)
 
 

@@ -26,7 +26,8 @@ ICA is kept for fidelity (and for anyone who inspects the components).
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -35,33 +36,34 @@ from sklearn.decomposition import FastICA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 
-from bdexp.options import with_defaults
 from bdexp.defenses import DEFENSES
-from bdexp.errors import ConfigError
-from bdexp.defenses.screening import DetectorOutput, SkipPool, run_pool_detector
+from bdexp.defenses.contexts import Kind
+from bdexp.defenses.screening import DetectorOutput, SkipPool
+from bdexp.defenses.subspace import principal_axes
+from bdexp.options import Options, option
 
-_RANK_TOL = 1e-6  # eigenvalues below this fraction of the largest count as zero (float32 features)
-CRITERIA = ("reserve", "size", "silhouette")
-REDUCTIONS = ("fastica", "pca")
+
+@dataclass(frozen=True)
+class ACOptions(Options):
+    """conf/defense/ac.yaml explains each value."""
+
+    n_components: int = option(10, lo=1)  # ICA dims (Chen et al.; ML-MMDR §6.1 uses 20)
+    reduce: Literal["fastica", "pca"] = "fastica"
+    max_iter: int = option(200, lo=1)  # FastICA iterations (scikit-learn's default)
+    n_init: int = option(100, lo=1)  # k-means restarts
+    criterion: Literal["reserve", "size", "silhouette"] = "reserve"
+    silhouette_threshold: float = option(0.15, lo=-1, hi=1)
+    max_size_fraction: float | None = option(None, lo=0, hi=1)
+    min_samples_per_component: int = option(10, lo=1)
+
+
 def principal_scores(x: np.ndarray, k: int) -> np.ndarray:
     """The top-k principal-component scores of `x` (n, d), k cut to the numerical rank.
 
     FastICA's own whitening is exactly this projection; doing it here first keeps ICA cheap on
     wide feature maps (n ≤ 1000 pool rows vs. d up to ~10⁵) and drops degenerate directions that
     whitening would blow up to unit variance."""
-    xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
-    xc = xt - xt.mean(0, dtype=torch.float64).float()
-    n, d = xc.shape
-    if n <= d:  # Gram matrix: Xc = U S Vᵀ, scores = U S
-        vals, vecs = torch.linalg.eigh((xc @ xc.T).double())
-    else:  # covariance: scores = Xc V
-        vals, vecs = torch.linalg.eigh((xc.T @ xc).double())
-    vals, vecs = vals.flip(0), vecs.flip(1)  # descending
-    rank = int((vals > _RANK_TOL * max(float(vals[0]), 0.0)).sum()) if float(vals[0]) > 0 else 0
-    k = min(k, rank)
-    if n <= d:
-        return (vecs[:, :k] * vals[:k].clamp_min(0).sqrt()).numpy()
-    return (xc.double() @ vecs[:, :k]).numpy()
+    return principal_axes(x, k).scores
 
 
 def malicious_cluster(features: np.ndarray, labels: np.ndarray, reserve: np.ndarray | None,
@@ -79,36 +81,31 @@ def malicious_cluster(features: np.ndarray, labels: np.ndarray, reserve: np.ndar
     return int(np.argmax(far))
 
 
-def detect_ac(features: np.ndarray, reserve: np.ndarray | None, dcfg: Any, *, assumed_ratio: float,
+@DEFENSES.register("ac", options=ACOptions, kind=Kind.pool_detector)
+def detect_ac(features: np.ndarray, reserve: np.ndarray | None, opts: ACOptions, *, assumed_ratio: float,
               rng: np.random.Generator) -> DetectorOutput:
     """Flag one of two k-means clusters in ICA space, chosen by `criterion`. Scores (for AUROC):
     distance to the benign cluster's centre minus distance to the malicious one's. Uses no assumed
     ratio (AC needs no estimate of the poison rate, ML-MMDR §3.3); the reserve only with
     `criterion: reserve`."""
+    opts = ACOptions.of(opts)
     n, d = features.shape
-    opts = with_defaults(dcfg, "defense", "ac")  # conf/defense/ac.yaml under a partial config
-    criterion = str(opts["criterion"])
-    if criterion not in CRITERIA:
-        raise ConfigError(f"defense.ac.criterion must be one of {list(CRITERIA)}, got {criterion!r}")
-    tags = {"rule": criterion, "reduce": str(opts["reduce"])}
+    criterion = opts.criterion
+    tags = {"rule": criterion, "reduce": opts.reduce}
     # Reduce to what the pool supports. Whitening n−1 dims of n points maps them onto a regular
     # simplex (all pairwise distances equal) and k-means splits at random, so we also keep
     # ≥ `min_samples_per_component` rows per ICA dim (see ac.yaml for the measured reason).
-    per = max(int(opts["min_samples_per_component"]), 1)
-    k = min(int(opts["n_components"]), d, n - 1, max(n // per, 1))
+    k = min(opts.n_components, d, n - 1, max(n // opts.min_samples_per_component, 1))
     z = principal_scores(features, k) if k >= 1 else np.zeros((n, 0))
     if z.shape[1] == 0:  # all rows identical: nothing to separate
         return DetectorOutput(np.zeros(n), np.zeros(n, dtype=bool), tags=tags)
     seed = int(rng.integers(2**31 - 1))
-    reduce = str(opts["reduce"])
-    if reduce not in REDUCTIONS:
-        raise ConfigError(f"defense.ac.reduce must be one of {list(REDUCTIONS)}, got {reduce!r}")
-    if reduce == "fastica":  # ML-MMDR §6.1 / Chen et al.; "pca" keeps the unwhitened scores (IBM ART's default)
+    if opts.reduce == "fastica":  # ML-MMDR §6.1 / Chen et al.; "pca" keeps the unwhitened scores (IBM ART's default)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            z = FastICA(n_components=z.shape[1], whiten="unit-variance", max_iter=int(opts["max_iter"]),
+            z = FastICA(n_components=z.shape[1], whiten="unit-variance", max_iter=opts.max_iter,
                         random_state=seed).fit_transform(z)
-    km = KMeans(n_clusters=2, n_init=int(opts["n_init"]), random_state=seed).fit(z)
+    km = KMeans(n_clusters=2, n_init=opts.n_init, random_state=seed).fit(z)
     labels = km.labels_
     sizes = np.bincount(labels, minlength=2)
     bad = malicious_cluster(features, labels, reserve, criterion)
@@ -119,14 +116,10 @@ def detect_ac(features: np.ndarray, reserve: np.ndarray | None, dcfg: Any, *, as
     if sizes.min() > 0 and n >= 3:
         extra["silhouette"] = float(silhouette_score(z, labels))
     if criterion == "silhouette":
-        flag = extra.get("silhouette", -1.0) >= float(opts["silhouette_threshold"])
-    max_frac = opts["max_size_fraction"]
-    if max_frac is not None and sizes[bad] / n > float(max_frac):
+        flag = extra.get("silhouette", -1.0) >= opts.silhouette_threshold
+    max_frac = opts.max_size_fraction
+    if max_frac is not None and sizes[bad] / n > max_frac:
         flag = False
     flagged = (labels == bad) & flag
     return DetectorOutput(scores, flagged, extra, tags)
 
-
-@DEFENSES.register("ac")
-def ac(exp, cfg) -> list[dict]:
-    return run_pool_detector(exp, cfg, detect_ac)

@@ -21,24 +21,42 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from bdexp.options import with_defaults
 from bdexp.defenses import DEFENSES
-from bdexp.defenses.input_pools import Reserve, float_batches, run_input_detector
+from bdexp.defenses.contexts import DetectorContext, Kind
+from bdexp.data.loader import iterate_eval
+from bdexp.defenses.input_pools import InputDetectorOptions
+from bdexp.models.base import Level
+from bdexp.options import option
 from bdexp.defenses.screening import DetectorOutput
 from bdexp.errors import ConfigError
 from bdexp.seeding import torch_generator
 
-VARIANTS = ("logit", "feature")
-OUTPUTS = ("logits", "probs")
-KEYS = ("variant", "output", "temperature", "level", "steps", "lr", "betas", "alpha", "beta", "mask_init", "threshold_t", "autocast",
-        "batch_size")
-LEVELS = ("s1", "s2", "s3", "penult")
+
+
+@dataclass(frozen=True)
+class CDOptions(InputDetectorOptions):
+    """conf/defense/cd.yaml explains each value (cd_feature.yaml, cd_probs.yaml: the variants)."""
+
+    variant: Literal["logit", "feature"] = "logit"
+    output: Literal["logits", "probs"] = "logits"  # logit variant: match logits or softmax(z / temperature)
+    temperature: float = option(1.0, lo=0, lo_open=True)
+    level: Level = "s3"  # feature variant: the features matched
+    steps: int = option(100, lo=1)
+    lr: float = option(0.1, lo=0, lo_open=True)
+    betas: tuple[float, float] = option([0.1, 0.1], lo=0, hi=1, hi_open=True)  # Adam's (β1, β2)
+    alpha: float = option(0.01, lo=0)  # ‖m‖₁ weight
+    beta: float = option(1.0, lo=0)  # total-variation weight
+    mask_init: float = 1.0
+    threshold_t: float = 0.5  # flag ‖m‖₁ < μ − t·σ of the reserve (the authors' rule)
+    autocast: bool = False  # bf16 on CUDA
+    batch_size: int = option(256, lo=1)
 
 
 @contextmanager
@@ -101,64 +119,37 @@ def distill(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, colors: 
     return ((torch.tanh(param) + 1) / 2).detach()
 
 
-def cd_l1_norms(model: nn.Module, x: torch.Tensor, device: torch.device, *, seed: int, tag: str, steps: int,
-                batch_size: int, variant: str = "logit", level: str = "s3", output: str = "logits",
-                temperature: float = 1.0, **hyper: Any) -> np.ndarray:
-    """‖m‖₁ of every image of x (uint8 or float NCHW), optimised `batch_size` at a time."""
+def cd_l1_norms(model: nn.Module, x: torch.Tensor, device: torch.device, opts: CDOptions, *, seed: int,
+                tag: str) -> np.ndarray:
+    """‖m‖₁ of every image of x (uint8 or float NCHW), optimised `opts.batch_size` at a time."""
     n, c = len(x), x.shape[1]
-    colors = torch.rand(int(steps), n, c, generator=torch_generator(seed, f"cd/colors/{tag}"))  # δ ~ U[0,1]^c
+    colors = torch.rand(opts.steps, n, c, generator=torch_generator(seed, f"cd/colors/{tag}"))  # δ ~ U[0,1]^c
     norms = []
     with frozen(model):
-        f = output_fn(model, variant, level, output, temperature)
-        for start, xb in float_batches(x, int(batch_size), device):
+        f = output_fn(model, opts.variant, opts.level, opts.output, opts.temperature)
+        start = 0
+        for xb in iterate_eval(x, opts.batch_size, device):
             cb = colors[:, start:start + len(xb)].to(device=device, dtype=xb.dtype)
-            norms.append(distill(f, xb, cb, **hyper).sum(dim=(1, 2, 3)).double().cpu())
+            start += len(xb)
+            masks = distill(f, xb, cb, lr=opts.lr, betas=tuple(opts.betas), alpha=opts.alpha, beta=opts.beta,
+                            mask_init=opts.mask_init, amp=opts.autocast)
+            norms.append(masks.sum(dim=(1, 2, 3)).double().cpu())
     return torch.cat(norms).numpy() if norms else np.zeros(0)
 
 
-def _params(dcfg: Any) -> dict[str, Any]:
-    dcfg = with_defaults(dcfg, "defense", "cd")  # cd_feature / cd_probs set their own values over cd.yaml's
-    variant = str(dcfg["variant"])
-    if variant not in VARIANTS:
-        raise ConfigError(f"defense cd: variant={variant!r} is not one of {list(VARIANTS)}")
-    output = str(dcfg["output"])
-    if output not in OUTPUTS:
-        raise ConfigError(f"defense cd: output={output!r} is not one of {list(OUTPUTS)}")
-    temperature = float(dcfg["temperature"])
-    if not temperature > 0:
-        raise ConfigError(f"defense cd: temperature={temperature} must be > 0")
-    level = str(dcfg["level"])
-    if level not in LEVELS:
-        raise ConfigError(f"defense cd: level={level!r} is not one of {list(LEVELS)}")
-    steps = dcfg["steps"]
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ConfigError(f"defense cd: steps={steps!r} must be an int >= 1")
-    betas = tuple(float(v) for v in dcfg["betas"])
-    if len(betas) != 2:
-        raise ConfigError(f"defense cd: betas={list(betas)} must be two numbers")
-    return dict(variant=variant, output=output, temperature=temperature, level=level, steps=steps, batch_size=int(dcfg["batch_size"]),
-                lr=float(dcfg["lr"]), betas=betas, alpha=float(dcfg["alpha"]),
-                beta=float(dcfg["beta"]), mask_init=float(dcfg["mask_init"]),
-                amp=bool(dcfg["autocast"]))
+def cd_tags(opts: CDOptions) -> dict:
+    return {"variant": opts.variant, "level": opts.level if opts.variant == "feature" else None}
 
 
-def build_cd(exp, reserve: Reserve, dcfg: Any):
+@DEFENSES.register("cd", options=CDOptions, kind=Kind.input_detector, tags=cd_tags)
+def build_cd(ctx: DetectorContext, opts: CDOptions):
     """CD on the clean reserve gives μ, σ of ‖m‖₁ for the threshold rule (the authors' code)."""
-    params = _params(dcfg)
-    t = float(with_defaults(dcfg, "defense", "cd")["threshold_t"])
-    ref = cd_l1_norms(exp.model, reserve.x, exp.device, seed=exp.seed, tag="reserve", **params)
+    ref = cd_l1_norms(ctx.model, ctx.reserve.x, ctx.device, opts, seed=ctx.seed, tag="reserve")
     mu, sigma = float(ref.mean()), float(ref.std(ddof=1)) if len(ref) > 1 else 0.0
 
     def score(x: torch.Tensor, tag: str) -> DetectorOutput:
-        norms = cd_l1_norms(exp.model, x, exp.device, seed=exp.seed, tag=tag, **params)
+        norms = cd_l1_norms(ctx.model, x, ctx.device, opts, seed=ctx.seed, tag=tag)
         extra = {"mask_l1_mean": float(norms.mean()), "reserve_l1_mean": mu, "reserve_l1_std": sigma}
-        return DetectorOutput(-norms, norms < mu - t * sigma, extra)
+        return DetectorOutput(-norms, norms < mu - opts.threshold_t * sigma, extra)
 
     return score
-
-
-@DEFENSES.register("cd")
-def cd(exp, cfg) -> list[dict]:
-    p = _params(cfg)
-    return run_input_detector(exp, cfg, build_cd, KEYS, variant=p["variant"],
-                              level=p["level"] if p["variant"] == "feature" else None)

@@ -23,47 +23,69 @@ stage is its output `s3` (the YAMLs say so per model).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 import torch
 
 from bdexp.defenses import DEFENSES
-from bdexp.defenses.ac import detect_ac
-from bdexp.defenses.sanitize import run_sanitizer
+from bdexp.defenses.ac import ACOptions, detect_ac
+from bdexp.defenses.contexts import Kind, SanitizerContext
+from bdexp.defenses.sanitize import SanitizerOptions
 from bdexp.defenses.ss import n_removed, spectral_scores
 from bdexp.errors import ConfigError
 from bdexp.models import LEVELS
+from bdexp.models.base import Level
+from bdexp.options import option
 from bdexp.results import record
 
+# ISPL App. C's layer per model (module docstring); the same table for SS and AC
+LEVEL_BY_MODEL = {"preact18": "s2", "resnet18": "s2", "resnet32": "s3", "resnet56": "s3", "convnet": "penult",
+                  "vgg11": "penult", "vgg16": "penult"}
 
-def sanitizer_level(exp, cfg) -> str:
+
+@dataclass(frozen=True)
+class ClassSanitizerOptions(SanitizerOptions):
+    level: Level | None = None  # null: level_by_model[model]
+    level_by_model: dict[str, Level] = option(LEVEL_BY_MODEL)
+
+
+@dataclass(frozen=True)
+class SSTrainOptions(ClassSanitizerOptions):
+    """conf/defense/ss_train.yaml explains each value."""
+
+    eps: float = option(0.1, lo=0, hi=1, lo_open=True, hi_open=True)  # the defender's assumed ε
+    removal_factor: float = option(1.5, lo=0)
+    min_removal_fraction: float = option(0.2, lo=0, hi=1)
+
+
+@dataclass(frozen=True)
+class ACTrainOptions(ClassSanitizerOptions, ACOptions):
+    """conf/defense/ac_train.yaml explains each value (IBM ART's ActivationDefence defaults, ISPL App. C)."""
+
+    # `reserve` needs clean images the training-set baseline does not hold
+    criterion: Literal["size", "silhouette"] = "size"
+    reduce: Literal["fastica", "pca"] = "pca"
+    min_samples_per_component: int = option(5, lo=1)
+
+
+def sanitizer_level(ctx: SanitizerContext, name: str, opts: ClassSanitizerOptions) -> str:
     """The feature level: `level`, or the run's model's entry in `level_by_model` when it is null."""
-    name = cfg.get("name")
-    level = cfg.get("level")
-    if level is None:
-        model = str(exp.cfg.model.name)
-        table = cfg.get("level_by_model") or {}
-        if model not in table:
-            raise ConfigError(
-                f"defense.{name}.level=null takes the layer from defense.{name}.level_by_model, which has no "
-                f"entry for model={model!r}; set defense.{name}.level to one of {list(LEVELS)} or add the model"
-            )
-        level = table[model]
-    if level not in LEVELS:
-        raise ConfigError(f"defense.{name}.level={level!r} is not a feature level; choose one of {list(LEVELS)}")
-    return str(level)
+    if opts.level is not None:
+        return opts.level
+    if ctx.model_name not in opts.level_by_model:
+        raise ConfigError(
+            f"defense.{name}.level=null takes the layer from defense.{name}.level_by_model, which has no "
+            f"entry for model={ctx.model_name!r}; set defense.{name}.level to one of {list(LEVELS)} or add the model"
+        )
+    return opts.level_by_model[ctx.model_name]
 
 
-def ss_removal_fraction(cfg) -> float:
+def ss_removal_fraction(name: str, opts: SSTrainOptions) -> float:
     """max(min_removal_fraction, removal_factor·eps): the share of every class SS removes (module
     docstring), from the defender's assumed ε alone."""
-    name = cfg.get("name")
-    eps = cfg.get("eps")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-        raise ConfigError(
-            f"defense.{name}.eps={eps!r} must be the defender's assumed poison fraction in (0, 1) (ISPL's ε, "
-            "e.g. 0.05, 0.1, 0.2); it is never read off the poisoned data"
-        )
-    fraction = max(float(cfg.min_removal_fraction), float(cfg.removal_factor) * float(eps))
+    fraction = max(opts.min_removal_fraction, opts.removal_factor * opts.eps)
     if not 0 < fraction < 1:
         raise ConfigError(
             f"defense.{name}: removal fraction max(min_removal_fraction, removal_factor * eps) = {fraction:.3f} "
@@ -72,55 +94,28 @@ def ss_removal_fraction(cfg) -> float:
     return fraction
 
 
-def _class_features(exp, level: str):
-    """(row indices, features at `level`) of each class of the training set by its given label;
-    one class at a time, so wide levels (s2 of a PreActResNet-18: 16 384 dims) stay small."""
-    y = exp.train_set.y
-    for c in torch.unique(y).tolist():
-        rows = (y == c).nonzero().flatten()
-        _, feats = exp.features(exp.train_set.x[rows], levels=(level,))
-        yield rows.numpy(), feats[level].numpy()
-
-
-def ss_keep(exp, cfg) -> tuple[torch.Tensor, dict]:
-    fraction = ss_removal_fraction(cfg)
-    keep = np.ones(len(exp.train_set.y), dtype=bool)
-    for rows, feats in _class_features(exp, sanitizer_level(exp, cfg)):
+@DEFENSES.register("ss_train", options=SSTrainOptions, kind=Kind.sanitizer)
+def ss_keep(ctx: SanitizerContext, opts: SSTrainOptions) -> tuple[torch.Tensor, dict]:
+    level, fraction = sanitizer_level(ctx, "ss_train", opts), ss_removal_fraction("ss_train", opts)
+    keep = np.ones(len(ctx.y), dtype=bool)
+    for rows, feats in ctx.class_features(level):
         k = n_removed(len(rows), fraction, 1.0)
         if k > 0 and len(rows) > 2:
             scores = spectral_scores(feats)
             keep[rows[np.argsort(-scores, kind="stable")[:k]]] = False
-    return torch.from_numpy(keep), {}
+    records = [record("assumed_eps", opts.eps, level=level), record("removal_fraction", fraction, level=level)]
+    return torch.from_numpy(keep), {"records": records}
 
 
-def ac_keep(exp, cfg) -> tuple[torch.Tensor, dict]:
-    keep = np.ones(len(exp.train_set.y), dtype=bool)
-    for rows, feats in _class_features(exp, sanitizer_level(exp, cfg)):
+@DEFENSES.register("ac_train", options=ACTrainOptions, kind=Kind.sanitizer)
+def ac_keep(ctx: SanitizerContext, opts: ACTrainOptions) -> tuple[torch.Tensor, dict]:
+    level = sanitizer_level(ctx, "ac_train", opts)
+    keep = np.ones(len(ctx.y), dtype=bool)
+    for rows, feats in ctx.class_features(level):
         if len(rows) < 4:
             continue
-        c = int(exp.train_set.y[rows[0]])
-        out = detect_ac(feats, None, cfg, assumed_ratio=0.0, rng=exp.rng(f"ac_train/{c}"))
+        c = int(ctx.y[rows[0]])
+        out = detect_ac(feats, None, opts, assumed_ratio=0.0, rng=ctx.rng(f"ac_train/{c}"))
         keep[rows[out.flagged]] = False
-    return torch.from_numpy(keep), {}
-
-
-@DEFENSES.register("ss_train")
-def ss_train(exp, cfg) -> list[dict]:
-    level, fraction = sanitizer_level(exp, cfg), ss_removal_fraction(cfg)  # config errors before any work
-    return run_sanitizer(exp, cfg, ss_keep) + [
-        record("assumed_eps", float(cfg.eps), level=level),
-        record("removal_fraction", fraction, level=level),
-    ]
-
-
-@DEFENSES.register("ac_train")
-def ac_train(exp, cfg) -> list[dict]:
-    level, criterion = sanitizer_level(exp, cfg), str(cfg.get("criterion"))
-    if criterion not in ("size", "silhouette"):  # `reserve` needs clean images the baseline does not hold
-        raise ConfigError(
-            f"defense.ac_train.criterion={criterion!r} is not allowed for the training-set baseline (it has no "
-            "clean reserve); use size (ART's cluster_analysis='smaller', ISPL App. C) or silhouette"
-        )
-    return run_sanitizer(exp, cfg, ac_keep) + [
-        record("n_components", float(cfg.n_components), level=level, rule=criterion),
-    ]
+    records = [record("n_components", float(opts.n_components), level=level, rule=opts.criterion)]
+    return torch.from_numpy(keep), {"records": records}

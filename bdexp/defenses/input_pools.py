@@ -14,9 +14,10 @@ images per class (OVL §III-D3: "10 samples from each class"), a seeded subset o
 
 `max_pool` caps a pool by a stratified seeded subsample (the poison share is kept); the draw
 depends only on the run seed, the pool and the cap, so every detector with the same cap sees
-the very same images. A detector is a `build(exp, reserve, dcfg) -> score(x_uint8, tag)`:
+the very same images. A detector is a `build(ctx: DetectorContext, opts) -> score(x_uint8, tag)`:
 `build` fits whatever it needs on the reserve once, `score` returns a `DetectorOutput` for a
-pool (`tag` names the pool, for seeded per-pool randomness). Detectors never see the labels.
+pool (`tag` names the pool, for seeded per-pool randomness). Detectors never see the labels: both
+run while the run is sealed (bdexp/defenses/contexts.py).
 
 Records per pool (tag ``pool``): auroc, aupr, tpr95 (metrics.tpr_at_tpr95_clean: TPR when 95 %
 of the clean inputs pass), and for detectors with their own threshold rule tpr, fpr, precision,
@@ -27,35 +28,35 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from bdexp import metrics
-from bdexp.defenses.screening import DetectorOutput
+from bdexp.defenses.contexts import DetectorContext, ModelView, Reserve, check_context
+from bdexp.defenses.screening import DetectorOutput, checked_output
 from bdexp.errors import ConfigError
+from bdexp.options import Options, option
 from bdexp.results import record
 
 log = logging.getLogger(__name__)
 
 POOLS = ("train", "test")
-# keys every input detector's YAML carries (see conf/defense/msp.yaml for their comments)
-COMMON_KEYS = frozenset({"name", "pools", "max_pool", "reserve_per_class"})
 INFO_KEY = "input_pools"
 
 Scorer = Callable[[torch.Tensor, str], DetectorOutput]
 
 
 @dataclass(frozen=True)
-class Reserve:
-    """The defender's clean images: true labels known, never in a pool."""
+class InputDetectorOptions(Options):
+    """Keys every input detector has (conf/defense/msp.yaml explains them)."""
 
-    x: torch.Tensor  # uint8 NCHW
-    y: torch.Tensor  # int64 true labels
-    index: np.ndarray  # positions in the clean test set
+    pools: tuple[Literal["train", "test"], ...] = option(["train", "test"])
+    max_pool: int | None = option(2000, lo=2)  # stratified seeded cap per pool; null = all
+    reserve_per_class: int = option(10, lo=1)  # clean reserve images per class (OVL §III-D3: 10)
 
 
 @dataclass(frozen=True)
@@ -67,24 +68,6 @@ class InputPool:
     #                    x_test for label 0, exp.backdoor_test for label 1 (test pool)
     n_available: int  # pool size before the max_pool cap
     n_poison_available: int
-
-
-def check_keys(dcfg: Any, extra: Iterable[str]) -> None:
-    """An unknown key (a typo) is an error naming the allowed keys, not a silently ignored value."""
-    allowed = COMMON_KEYS | set(extra)
-    unknown = sorted(set(dcfg.keys()) - allowed)
-    if unknown:
-        raise ConfigError(f"defense {dcfg.get('name')!r}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-    pools = list(dcfg.get("pools", POOLS))
-    bad = [p for p in pools if p not in POOLS]
-    if bad or not pools:
-        raise ConfigError(f"defense {dcfg.get('name')!r}: pools={pools} must be a non-empty subset of {list(POOLS)}")
-    cap = dcfg.get("max_pool", None)
-    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 2):
-        raise ConfigError(f"defense {dcfg.get('name')!r}: max_pool={cap!r} must be an int >= 2 or null (all)")
-    k = dcfg.get("reserve_per_class", 10)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ConfigError(f"defense {dcfg.get('name')!r}: reserve_per_class={k!r} must be an int >= 1")
 
 
 def clean_reserve(exp, per_class: int) -> Reserve:
@@ -157,16 +140,10 @@ def input_pool(exp, name: str, max_pool: int | None) -> InputPool:
 def evaluate(labels: np.ndarray, out: DetectorOutput) -> dict[str, float]:
     """AUROC, AUPR, TPR95 of the scores (OVL §III-D2 metrics) and, with a threshold rule, the
     flags' TPR / FPR (CD's detection rule) with precision and F1."""
-    scores = np.asarray(out.scores, dtype=np.float64)
-    if scores.shape != labels.shape or not np.all(np.isfinite(scores)):
-        raise ValueError(f"detector returned scores of shape {scores.shape} (finite: "
-                         f"{bool(np.all(np.isfinite(scores)))}) for a pool of {len(labels)}")
+    scores, flagged = checked_output(labels, out)
     res = {"auroc": metrics.auroc(labels, scores), "aupr": metrics.aupr(labels, scores),
            "tpr95": metrics.tpr_at_tpr95_clean(labels, scores)}
-    if out.flagged is not None:
-        flagged = np.asarray(out.flagged, dtype=bool)
-        if flagged.shape != labels.shape:
-            raise ValueError(f"detector flagged {flagged.shape} for a pool of {len(labels)}")
+    if flagged is not None:
         prf = metrics.detection_scores(labels, flagged)
         res.update(tpr=float(flagged[labels == 1].mean()), fpr=float(flagged[labels == 0].mean()),
                    precision=prf["precision"], f1=prf["f1"])
@@ -178,13 +155,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_input_detector(exp, dcfg: Any, build: Callable[[Any, Reserve, Any], Scorer],
-                       extra_keys: Iterable[str] = (), **tags: Any) -> list[dict]:
+def run_input_detector(exp, name: str, opts: InputDetectorOptions, build: Callable[[DetectorContext, Any], Scorer],
+                       meta: dict) -> list[dict]:
     """Build the detector on the reserve once and score each configured pool (the evaluator side).
-    A pool without both clean and poisoned inputs (attack `none`) gets one `skipped` record."""
-    check_keys(dcfg, extra_keys)
-    name = str(dcfg.get("name", "detector"))
-    pools = [input_pool(exp, p, dcfg.get("max_pool", None)) for p in dcfg.get("pools", POOLS)]
+    A pool without both clean and poisoned inputs (attack `none`) gets one `skipped` record.
+    `meta["tags"]` (optional): opts -> tags on every record (e.g. CD's variant)."""
+    tags = dict(meta["tags"](opts)) if meta.get("tags") else {}
+    if not opts.pools:
+        raise ConfigError(f"defense {name!r}: pools=[] must name at least one of {list(POOLS)}")
+    pools = [input_pool(exp, p, opts.max_pool) for p in opts.pools]
     rows: list[dict] = []
     runnable = []
     skipped = []
@@ -199,15 +178,20 @@ def run_input_detector(exp, dcfg: Any, build: Callable[[Any, Reserve, Any], Scor
         log.warning("%s: skipped %d pool(s): %s", name, len(skipped), ", ".join(skipped))
     if not runnable:
         return rows
-    reserve = clean_reserve(exp, int(dcfg.get("reserve_per_class", 10)))
+    reserve = clean_reserve(exp, opts.reserve_per_class)
+    ctx = DetectorContext(seed=exp.seed, view=ModelView(exp.model, exp.device, int(exp.cfg.eval_batch_size)),
+                          reserve=reserve, num_classes=exp.data.num_classes)
+    check_context(ctx)
     start = time.perf_counter()
-    score = build(exp, reserve, dcfg)
+    with exp.sealed(name):
+        score = build(ctx, opts)
     _sync(exp.device)
     fit_s = time.perf_counter() - start
     rows += [record("n_reserve", len(reserve.index), **tags), record("fit_s", fit_s, **tags)]
     for pool in runnable:
         start = time.perf_counter()
-        out = score(pool.x, pool.name)
+        with exp.sealed(name):
+            out = score(pool.x, pool.name)
         _sync(exp.device)
         wall = time.perf_counter() - start
         ptags = dict(pool=pool.name, **tags)
@@ -218,10 +202,3 @@ def run_input_detector(exp, dcfg: Any, build: Callable[[Any, Reserve, Any], Scor
         log.info("%s on the %s pool (%d inputs, %d poisoned): AUROC %.3f in %.2f s (fit %.2f s)", name, pool.name,
                  len(pool.labels), int(pool.labels.sum()), metrics.auroc(pool.labels, out.scores), wall, fit_s)
     return rows
-
-
-def float_batches(x: torch.Tensor, batch_size: int, device: torch.device):
-    """(start, float [0, 1] batch on device) over uint8 or float images, in order."""
-    for start in range(0, len(x), batch_size):
-        chunk = x[start:start + batch_size].to(device, non_blocking=True)
-        yield start, (chunk.float().div_(255) if chunk.dtype == torch.uint8 else chunk.float())

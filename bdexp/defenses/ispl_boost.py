@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bdexp.defenses.ispl_core import Metered, Trainer, ispl_clusters, option
+from bdexp.defenses.ispl_core import ISPLOptions, Metered, Trainer, ispl_clusters
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +67,23 @@ def boost(trainer: Trainer, clusters: list[np.ndarray], y: np.ndarray, cfg: Any,
     A(S_i)), let each vote on every training sample, keep by `vote_rule`. Returns a bool mask."""
     y = np.asarray(y)
     n, everything = len(y), np.arange(len(y))
-    epochs = int(option(cfg, "learner_epochs"))
+    epochs = cfg.learner_epochs
     preds = np.zeros((len(clusters), n), dtype=np.int64)
     loss_sum = np.zeros(n)
     num_classes = int(y.max()) + 1 if n else 0
     for j, cluster in enumerate(clusters):
         model = trainer.fit(cluster, epochs, int(rng.integers(2**31)),
                             describe=f"{tag} weak learner {j + 1}/{len(clusters)}",
-                            schedule=str(option(cfg, "learner_schedule")), schedule_epochs=epochs)
+                            schedule=cfg.learner_schedule, schedule_epochs=epochs)
         lp = trainer.log_probs(model, everything)
         num_classes = max(num_classes, lp.shape[1])
         preds[j] = lp.argmax(1)
         loss_sum += -lp[everything, y].astype(np.float64)
         del model
     mean_loss = np.nan_to_num(loss_sum / max(len(clusters), 1), nan=np.inf, posinf=np.inf)
-    keep = vote_keep(preds, y, mean_loss, str(option(cfg, "vote_rule")), rng, num_classes)
+    keep = vote_keep(preds, y, mean_loss, cfg.vote_rule, rng, num_classes)
     log.info("%s boosting: %d weak learners, %d of %d samples kept (%s rule)", tag, len(clusters),
-             int(keep.sum()), n, option(cfg, "vote_rule"))
+             int(keep.sum()), n, cfg.vote_rule)
     return keep
 
 
@@ -95,8 +95,8 @@ def self_train(trainer: Trainer, keep: np.ndarray, y: np.ndarray, cfg: Any, rng:
     set used for the last segment ("the samples used for training in the last epoch")."""
     y = np.asarray(y)
     n, everything = len(y), np.arange(len(y))
-    total, interval = int(option(cfg, "st_epochs")), max(1, int(option(cfg, "st_interval")))
-    m, smooth = float(option(cfg, "st_momentum")), str(option(cfg, "st_smooth"))
+    total, interval = cfg.st_epochs, cfg.st_interval
+    m, smooth = cfg.st_momentum, cfg.st_smooth
     if smooth not in ("probs", "agreement"):
         raise ValueError(f"ispl st_smooth must be 'probs' or 'agreement', got {smooth!r}")
     index = np.flatnonzero(keep)
@@ -111,7 +111,7 @@ def self_train(trainer: Trainer, keep: np.ndarray, y: np.ndarray, cfg: Any, rng:
         # across segments; only the training subset changes (App. C: "a fresh model for 100 epochs").
         model = trainer.fit(index, epochs, int(rng.integers(2**31)), init_state=model,
                             describe=f"{tag} self-training {s + 1}/{segments}",
-                            schedule=str(option(cfg, "st_schedule")), schedule_epochs=total)
+                            schedule=cfg.st_schedule, schedule_epochs=total)
         if s == segments - 1:
             break
         lp = trainer.log_probs(model, everything)
@@ -147,7 +147,7 @@ def ispl_boost(trainer: Trainer, y: np.ndarray, cfg: Any, rng: np.random.Generat
     start = time.perf_counter()
     clusters: list[np.ndarray] = []
     sizes: list[list[int]] = []
-    rounds = int(option(cfg, "rounds"))
+    rounds = cfg.rounds
     for r in range(rounds):
         part = ispl_clusters(meter, np.arange(n), y, cfg, rng, tag=f"{tag} round {r + 1}/{rounds}")
         clusters += part
@@ -157,7 +157,7 @@ def ispl_boost(trainer: Trainer, y: np.ndarray, cfg: Any, rng: np.random.Generat
     keep_boost = boost(meter, clusters, y, cfg, rng, tag=tag)
     t_boost = time.perf_counter()
     keep = keep_boost
-    if bool(option(cfg, "self_training")):
+    if cfg.self_training:
         keep = self_train(meter, keep_boost, y, cfg, rng, tag=tag)
     end = time.perf_counter()
     info = {

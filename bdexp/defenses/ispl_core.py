@@ -2,7 +2,7 @@
 
 Nothing here is registered: `defense=ispl` is wired elsewhere. The boosting and self-training
 steps that consume the clusters live in `ispl_boost.py`. Every function takes the algorithm's
-settings from one mapping `cfg` (DictConfig or dict); a missing key falls back to `DEFAULTS`.
+settings from one `ISPLOptions` (below); `ISPLOptions.parse(mapping)` fills in the defaults.
 
 Config keys (default; source; the authors' public code where it differs):
   alpha          0.25   ISPL expansion α: each iteration trains on a random α-fraction of the
@@ -66,34 +66,45 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Mapping
-from typing import Any, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bdexp.data.loader import iterate_eval, to_uint8
-from bdexp.models import build_model
+from bdexp.models import build_for, image_stats
+from bdexp.options import Options, option
 from bdexp.training.base import Regime
 from bdexp.training.defender import DefenderLoader
 from bdexp.training.loop import Optimization, train_model
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "alpha": 0.25, "momentum": 0.9, "rounds": 3, "num_clusters": 8, "iter_epochs": 4,
-    "warmup_epochs": 8, "beta_start": 3.0, "anneal_iters": 2, "class_floor": 0.125,
-    "learner_epochs": 40, "vote_rule": "paper", "self_training": True, "st_interval": 5,
-    "st_momentum": 0.8, "st_smooth": "probs", "st_epochs": 100,
-    "iter_schedule": "constant", "learner_schedule": "constant", "st_schedule": "step",
-}
+@dataclass(frozen=True)
+class ISPLOptions(Options):
+    """The algorithm's settings; the module docstring gives each one's source."""
 
-
-def option(cfg: Mapping[str, Any] | DictConfig | None, key: str) -> Any:
-    """`cfg[key]`, or the documented default when the key is absent."""
-    value = None if cfg is None else cfg.get(key, None)
-    return DEFAULTS[key] if value is None else value
+    alpha: float = option(0.25, lo=0, hi=1, lo_open=True)
+    momentum: float = option(0.9, lo=0, hi=1)
+    rounds: int = option(3, lo=1)
+    num_clusters: int = option(8, lo=1)
+    iter_epochs: int = option(4, lo=0)
+    warmup_epochs: int = option(8, lo=0)
+    beta_start: float = option(3.0, lo=0)
+    anneal_iters: int = option(2, lo=0)
+    class_floor: float = option(0.125, lo=0)
+    learner_epochs: int = option(40, lo=0)
+    vote_rule: Literal["paper", "code"] = "paper"
+    self_training: bool = True
+    st_interval: int = option(5, lo=1)
+    st_momentum: float = option(0.8, lo=0, hi=1)
+    st_smooth: Literal["probs", "agreement"] = "probs"
+    st_epochs: int = option(100, lo=0)
+    iter_schedule: Literal["constant", "step"] = "constant"
+    learner_schedule: Literal["constant", "step"] = "constant"
+    st_schedule: Literal["constant", "step"] = "step"
 
 
 class Trainer(Protocol):
@@ -119,20 +130,6 @@ def sample_losses(trainer: Trainer, model: Any, index: np.ndarray, y: np.ndarray
     if bad.any():  # a diverged logit: rank it as the mean (the code does the same)
         loss[bad] = loss[~bad].mean() if (~bad).any() else 0.0
     return loss
-
-
-def channel_stats(x_uint8: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (clamped ≥ 1e-3) of uint8 images in [0, 1] units, in chunks."""
-    total = torch.zeros(x_uint8.shape[1], dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    for start in range(0, len(x_uint8), chunk):
-        xb = x_uint8[start : start + chunk].to(torch.float64).div_(255)
-        total += xb.sum(dim=(0, 2, 3)).cpu()
-        squares += xb.pow(2).sum(dim=(0, 2, 3)).cpu()
-    count = max(1, len(x_uint8) * x_uint8.shape[2] * x_uint8.shape[3])
-    mean = total / count
-    var = (squares / count - mean**2).clamp_min(0) * count / max(count - 1, 1)
-    return mean.tolist(), var.sqrt().clamp_min(1e-3).tolist()
 
 
 class TensorTrainer:
@@ -163,7 +160,7 @@ class TensorTrainer:
         self.train_cfg = OmegaConf.create(plain)
         self.crop_padding, self.flip = int(crop_padding), bool(flip)
         if mean is None or std is None:
-            m, sd = channel_stats(x_uint8)
+            m, sd = image_stats(x_uint8)
             mean, std = (m if mean is None else mean), (sd if std is None else std)
         self.mean, self.std = list(mean), list(std)
         self.eval_batch_size = int(eval_batch_size)
@@ -172,8 +169,7 @@ class TensorTrainer:
 
     def new_model(self, seed: int) -> torch.nn.Module:
         torch.manual_seed(int(seed))  # the init is a function of the seed alone
-        return build_model(self.model_cfg, in_channels=self.x.shape[1], num_classes=self.num_classes,
-                           image_size=self.x.shape[-1], mean=self.mean, std=self.std).to(self.device)
+        return build_for(self.model_cfg, self.x, self.num_classes, stats=(self.mean, self.std)).to(self.device)
 
     def fit(self, index: np.ndarray, epochs: int, seed: int, init_state: Any = None,
             describe: str = "ispl", schedule: str = "step", schedule_epochs: int | None = None) -> torch.nn.Module:
@@ -202,12 +198,6 @@ class TensorTrainer:
         out = [torch.log_softmax(model(xb).float(), 1).cpu()
                for xb in iterate_eval(self.x[rows], self.eval_batch_size, self.device)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.num_classes), np.float32)
-
-    def losses(self, model: torch.nn.Module, index: np.ndarray) -> np.ndarray:
-        return sample_losses(self, model, np.asarray(index), self.y.cpu().numpy())
-
-    def predict(self, model: torch.nn.Module, index: np.ndarray) -> np.ndarray:
-        return self.log_probs(model, index).argmax(1)
 
 
 class Metered:
@@ -284,17 +274,17 @@ def ispl_cluster(trainer: Trainer, pool: np.ndarray, y: np.ndarray, p: float, cf
     if p >= 1.0 or len(pool) == 0:
         return np.sort(pool)
     n_iter = n_iterations(p)
-    betas = beta_schedule(p, n_iter, float(option(cfg, "beta_start")), int(option(cfg, "anneal_iters")))
-    alpha, eta = float(option(cfg, "alpha")), float(option(cfg, "momentum"))
-    floor = float(option(cfg, "class_floor")) * p
+    betas = beta_schedule(p, n_iter, cfg.beta_start, cfg.anneal_iters)
+    alpha, eta = cfg.alpha, cfg.momentum
+    floor = cfg.class_floor * p
     smoothed = np.zeros(len(pool))  # L ← 0 (Alg. 1 l. 2)
     current, model = pool, None
-    warmup, per_iter = int(option(cfg, "warmup_epochs")), int(option(cfg, "iter_epochs"))
+    warmup, per_iter = cfg.warmup_epochs, cfg.iter_epochs
     for t in range(n_iter):
         sub = stratified_sample(current, y, alpha, rng)  # S′ ← SAMPLE(S_{t−1}, α)   (l. 4)
         model = trainer.fit(sub, warmup if t == 0 else per_iter, int(rng.integers(2**31)),  # θ_t (l. 5)
                             init_state=model, describe=f"{tag} it {t + 1}/{n_iter}",
-                            schedule=str(option(cfg, "iter_schedule")),
+                            schedule=cfg.iter_schedule,
                             schedule_epochs=warmup + (n_iter - 1) * per_iter)
         smoothed = eta * smoothed + (1 - eta) * sample_losses(trainer, model, pool, y)  # (l. 6)
         current = trim(pool, y, smoothed, betas[t], floor)  # S_t ← TRIM(L, β_t)   (l. 7)
@@ -306,7 +296,7 @@ def ispl_clusters(trainer: Trainer, pool: np.ndarray, y: np.ndarray, cfg: Any, r
     """Partition `pool` by repeated ISPL (Thm 2.3's peeling, §2.4): extract a cluster, remove
     it, repeat `num_clusters` times with p = (|pool|/num_clusters)/|remaining| (App. C)."""
     pool = np.asarray(pool)
-    k = int(option(cfg, "num_clusters"))
+    k = cfg.num_clusters
     target = len(pool) / k
     remaining, clusters = np.sort(pool), []
     for i in range(k):

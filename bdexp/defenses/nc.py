@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdexp.options import with_defaults
 from bdexp.data.loader import to_float
 from bdexp.defenses import DEFENSES
+from bdexp.defenses.contexts import Kind, InspectorContext, InspectorOutput
+from bdexp.options import Options, option
 from bdexp.defenses.pruning import pruning_curve
 from bdexp.errors import ConfigError
 from bdexp.progress import make_progress
@@ -65,28 +66,36 @@ def anomaly_index(l1: Sequence[float] | np.ndarray, threshold: float = 2.0,
     return index, flagged
 
 
-def synthesis_options(cfg) -> dict:
-    """The `synthesize_triggers` settings of a (partial) `defense.nc` node over conf/defense/nc.yaml."""
-    cfg = with_defaults(cfg, "defense", "nc")
-    opts: dict = {k: int(cfg[k]) for k in ("steps", "batch_size", "patience")}
-    opts.update({k: float(cfg[k]) for k in ("lr", "init_cost", "cost_multiplier", "attack_threshold")})
-    opts["classes_per_step"] = None if cfg["classes_per_step"] is None else int(cfg["classes_per_step"])
-    opts["betas"] = tuple(float(b) for b in cfg["betas"])
-    if len(opts["betas"]) != 2:
-        raise ConfigError(f"defense.nc.betas must be two Adam betas like [0.5, 0.9], got {list(cfg['betas'])}")
-    return opts
+@dataclass(frozen=True)
+class NCOptions(Options):
+    """conf/defense/nc.yaml explains each value (NC's code for the synthesis settings)."""
+
+    steps: int = option(300, lo=1)
+    batch_size: int = option(64, lo=1)
+    lr: float = option(0.1, lo=0, lo_open=True)
+    betas: tuple[float, float] = option([0.5, 0.9], lo=0, hi=1, hi_open=True)
+    init_cost: float = option(1.0e-3, lo=0)
+    cost_multiplier: float = option(1.5, lo=1)
+    patience: int = option(5, lo=1)
+    attack_threshold: float = option(0.99, lo=0, hi=1)
+    classes_per_step: int | None = option(10, lo=1)  # classes per forward pass; null = all
+    num_images: int | None = option(None, lo=1)  # reserve images used; null = all
+    anomaly_threshold: float = option(2.0, lo=0)
+    figure: bool = True
+    prune: bool = True
+    prune_images: int | None = option(500, lo=1)
+    prune_ratios: tuple[float, ...] = option([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], lo=0, hi=1)
+    eval_images: int | None = option(2000, lo=1)
 
 
-def synthesize_triggers(model: nn.Module, x: torch.Tensor, classes: Sequence[int], device: torch.device, *,
-                        steps: int, batch_size: int, lr: float, betas: Sequence[float], init_cost: float,
-                        cost_multiplier: float, patience: int, attack_threshold: float,
-                        classes_per_step: int | None, seed: int, describe: str = "nc") -> ReversedTriggers:
+def synthesize_triggers(model: nn.Module, x: torch.Tensor, classes: Sequence[int], device: torch.device,
+                        opts: NCOptions, *, seed: int, describe: str = "nc") -> ReversedTriggers:
     """Reverse-engineer one trigger (mask, pattern) per class in `classes` from clean images `x`
-    (uint8 or float [0, 1], NCHW). Groups of `classes_per_step` classes (None = all) share one
-    forward pass. The settings come from `synthesis_options(cfg)` (defaults: conf/defense/nc.yaml)."""
-    if int(steps) < 1 or int(batch_size) < 1 or len(x) == 0:
-        raise ConfigError(f"nc: needs steps >= 1, batch_size >= 1 and clean images (got steps={steps}, "
-                          f"batch_size={batch_size}, {len(x)} images; raise screening.reserve_per_class)")
+    (uint8 or float [0, 1], NCHW). Groups of `opts.classes_per_step` classes (None = all) share
+    one forward pass."""
+    if len(x) == 0:
+        raise ConfigError("nc: needs clean images, has none; raise screening.reserve_per_class")
+    steps, classes_per_step = opts.steps, opts.classes_per_step
     x = (to_float(x) if x.dtype == torch.uint8 else x.float()).to(device)
     classes = [int(c) for c in classes]
     group = max(1, int(classes_per_step or len(classes)))
@@ -99,20 +108,18 @@ def synthesize_triggers(model: nn.Module, x: torch.Tensor, classes: Sequence[int
         with make_progress() as progress:
             task = progress.add_task(describe, total=steps * len(groups), info="")
             for g in groups:
-                parts.append(_optimise_group(model, x, g, device, gen, progress, task, steps=steps,
-                                             batch_size=batch_size, lr=lr, betas=betas, init_cost=init_cost,
-                                             cost_multiplier=cost_multiplier, patience=patience,
-                                             attack_threshold=attack_threshold))
+                parts.append(_optimise_group(model, x, g, device, gen, progress, task, opts))
     finally:
         model.train(was_training)
     return ReversedTriggers(classes, *(torch.cat([p[i] for p in parts]) for i in range(5)))
 
 
 def _optimise_group(model: nn.Module, x: torch.Tensor, group: list[int], device: torch.device,
-                    gen: torch.Generator, progress, task, *, steps: int, batch_size: int, lr: float,
-                    betas: Sequence[float], init_cost: float, cost_multiplier: float, patience: int,
-                    attack_threshold: float) -> tuple[torch.Tensor, ...]:
+                    gen: torch.Generator, progress, task, opts: NCOptions) -> tuple[torch.Tensor, ...]:
     """NC's optimisation for the classes of one group at once; one λ schedule per class."""
+    steps, batch_size, lr, betas = opts.steps, opts.batch_size, opts.lr, opts.betas
+    init_cost, cost_multiplier, patience = opts.init_cost, opts.cost_multiplier, opts.patience
+    attack_threshold = opts.attack_threshold
     n, (c, h, w), k = len(x), x.shape[1:], len(group)
     # NC code: mask and pattern start uniform-random in [0, 1] and live in an unbounded space
     # (tanh there, sigmoid here: the same reparametrisation up to scale).
@@ -198,35 +205,40 @@ def save_mask_grid(triggers: ReversedTriggers, flagged: np.ndarray, path: Path) 
     plt.close(fig)
 
 
-@DEFENSES.register("nc")
-def neural_cleanse(exp, cfg) -> list[dict]:
-    """Trigger synthesis + MAD test on every class, then the real-trigger pruning curve."""
-    cfg = with_defaults(cfg, "defense", "nc")
-    reserve = exp.reserve_index
-    if cfg["num_images"] is not None and int(cfg["num_images"]) < len(reserve):
-        reserve = torch.as_tensor(np.sort(exp.rng("nc/images").choice(reserve.numpy(), int(cfg["num_images"]),
-                                                                       replace=False)))
-    k = int(exp.data.num_classes)
-    trig = synthesize_triggers(exp.model, exp.data.x_test[reserve], range(k), exp.device, **synthesis_options(cfg),
-                               seed=int(exp.rng("nc/init").integers(2**62)))
+@DEFENSES.register("nc", options=NCOptions, kind=Kind.inspector, score=lambda exp, opts, out: nc_score(exp, opts, out))
+def neural_cleanse(ctx: InspectorContext, opts: NCOptions) -> InspectorOutput:
+    """Trigger synthesis + MAD test on every class (the defender's part: no class is known)."""
+    reserve = ctx.reserve
+    rows = np.arange(len(reserve.index))
+    if opts.num_images is not None and opts.num_images < len(rows):
+        chosen = ctx.rng("nc/images").choice(reserve.index, opts.num_images, replace=False)
+        rows = np.searchsorted(reserve.index, np.sort(chosen))
+    k = ctx.num_classes
+    trig = synthesize_triggers(ctx.view.model, reserve.x[torch.as_tensor(rows)], range(k), ctx.view.device, opts,
+                               seed=int(ctx.rng("nc/init").integers(2**62)))
     l1 = trig.l1.numpy()
-    index, flagged = anomaly_index(l1, float(cfg["anomaly_threshold"]))
-    rows = []
+    index, flagged = anomaly_index(l1, opts.anomaly_threshold)
+    records = []
     for c in range(k):
-        rows.append(record("mask_l1", l1[c], **{"class": c}))
-        rows.append(record("anomaly_index", index[c], **{"class": c}))
-        rows.append(record("flagged", float(flagged[c]), **{"class": c}))
-        rows.append(record("reversed_success", float(trig.success[c]), **{"class": c}))
+        records.append(record("mask_l1", l1[c], **{"class": c}))
+        records.append(record("anomaly_index", index[c], **{"class": c}))
+        records.append(record("flagged", float(flagged[c]), **{"class": c}))
+        records.append(record("reversed_success", float(trig.success[c]), **{"class": c}))
+    log.info("nc: mask l1 %s, anomaly index %s, flagged %s", [round(float(v), 1) for v in l1],
+             [round(float(v), 2) for v in index], np.flatnonzero(flagged).tolist())
+    if ctx.out_dir is not None and opts.figure:
+        save_mask_grid(trig, flagged, Path(ctx.out_dir) / "nc_masks.png")
+    return InspectorOutput(records, {"mask_l1": l1, "anomaly_index": index, "flagged": flagged})
+
+
+def nc_score(exp, opts: NCOptions, out: InspectorOutput) -> list[dict]:
+    """The evaluator's part: was the target flagged (ML-MMDR Fig. 8: infected vs uninfected ℓ1),
+    and the real-trigger pruning curve (ML-MMDR §6.2, Fig. 10)."""
     t = exp.target
-    rows.append(record("target_flagged", float(flagged[t])))
-    rows.append(record("target_anomaly_index", index[t]))
-    rows.append(record("infected_l1", l1[t]))
-    rows.append(record("uninfected_l1", float(np.delete(l1, t).mean())))
-    log.info("nc: mask l1 %s, anomaly index %s, flagged %s (target %d)", [round(float(v), 1) for v in l1],
-             [round(float(v), 2) for v in index], np.flatnonzero(flagged).tolist(), t)
-    run_dir = exp.info.get("run_dir")
-    if run_dir is not None and cfg["figure"]:
-        save_mask_grid(trig, flagged, Path(run_dir) / "nc_masks.png")
-    if len(exp.backdoor_test.y_target) and cfg["prune"]:
-        rows += pruning_curve(exp, cfg)
+    l1, index, flagged = (out.per_class[k] for k in ("mask_l1", "anomaly_index", "flagged"))
+    rows = [record("target_flagged", float(flagged[t])), record("target_anomaly_index", index[t]),
+            record("infected_l1", l1[t]), record("uninfected_l1", float(np.delete(l1, t).mean()))]
+    log.info("nc: target %d flagged: %s", t, bool(flagged[t]))
+    if len(exp.backdoor_test.y_target) and opts.prune:
+        rows += pruning_curve(exp, opts)
     return rows

@@ -1,4 +1,4 @@
-"""Out-of-distribution scores as backdoor-input detectors (OVL Table II baselines):
+"""Out-of-distribution scores as backdoor-input detectors (OVL Table I baselines; MSP and Mahalanobis are also Table II's backdoor baselines):
 `msp`, `energy` (from the logits) and `mahalanobis` (from a feature level), all one forward pass.
 
 Direction (decided a priori, never flipped per run): these are OOD detectors, and OVL compares
@@ -18,35 +18,48 @@ so Σ⁺ is the pseudo-inverse (scikit-learn's EmpiricalCovariance, as Lee et al
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from sklearn.covariance import EmpiricalCovariance, LedoitWolf
 
-from bdexp.options import with_defaults
 from bdexp.defenses import DEFENSES
-from bdexp.defenses.input_pools import Reserve, run_input_detector
+from bdexp.defenses.contexts import DetectorContext, Kind
+from bdexp.defenses.input_pools import InputDetectorOptions
 from bdexp.defenses.screening import DetectorOutput
-from bdexp.errors import ConfigError
+from bdexp.models.base import Level
+from bdexp.options import option
 
-DIRECTIONS = ("low_confidence", "high_confidence")
-LEVELS = ("s1", "s2", "s3", "penult")
-COVARIANCES = ("empirical", "ledoit_wolf")
-
-
-def _sign(dcfg: dict) -> float:
-    direction = str(dcfg["suspicious"])
-    if direction not in DIRECTIONS:
-        raise ConfigError(f"defense {dcfg.get('name')!r}: suspicious={direction!r} is not one of {list(DIRECTIONS)}")
-    return 1.0 if direction == "low_confidence" else -1.0
+Suspicious = Literal["low_confidence", "high_confidence"]
 
 
-def _level(dcfg: Any) -> str:
-    level = str(with_defaults(dcfg, "defense", "mahalanobis")["level"])
-    if level not in LEVELS:
-        raise ConfigError(f"defense {dcfg.get('name')!r}: level={level!r} is not one of {list(LEVELS)}")
-    return level
+@dataclass(frozen=True)
+class MSPOptions(InputDetectorOptions):
+    """conf/defense/msp.yaml explains each value."""
+
+    suspicious: Suspicious = "low_confidence"
+
+
+@dataclass(frozen=True)
+class EnergyOptions(InputDetectorOptions):
+    """conf/defense/energy.yaml explains each value."""
+
+    suspicious: Suspicious = "low_confidence"
+    temperature: float = option(1.0, lo=0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class MahalanobisOptions(InputDetectorOptions):
+    """conf/defense/mahalanobis.yaml explains each value."""
+
+    level: Level = "penult"
+    covariance: Literal["empirical", "ledoit_wolf"] = "empirical"
+
+
+def _sign(suspicious: str) -> float:
+    return 1.0 if suspicious == "low_confidence" else -1.0
 
 
 def msp_suspicion(logits: torch.Tensor, sign: float = 1.0) -> np.ndarray:
@@ -64,8 +77,8 @@ def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, covariance: str = 
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(class means (C', d) of the classes present, precision (d, d)) of a tied covariance fitted to
     the class-centred features (Lee et al. §2)."""
-    if covariance not in COVARIANCES:
-        raise ConfigError(f"defense mahalanobis: covariance={covariance!r} is not one of {list(COVARIANCES)}")
+    if covariance not in ("empirical", "ledoit_wolf"):
+        raise ValueError(f"covariance={covariance!r}; choose empirical or ledoit_wolf")
     x = np.asarray(features, dtype=np.float64)
     classes = np.unique(labels)
     means = np.stack([x[labels == c].mean(axis=0) for c in classes])
@@ -82,45 +95,26 @@ def mahalanobis_min(features: np.ndarray, means: np.ndarray, precision: np.ndarr
     return np.maximum(d, 0.0).min(axis=1)  # clip float error below 0
 
 
-def _logits(exp, x: torch.Tensor) -> torch.Tensor:
-    return exp.features(x, ())[0]
+@DEFENSES.register("msp", options=MSPOptions, kind=Kind.input_detector)
+def build_msp(ctx: DetectorContext, opts: MSPOptions):
+    sign = _sign(opts.suspicious)
+    return lambda x, tag: DetectorOutput(msp_suspicion(ctx.view.logits(x), sign), None)
 
 
-def build_msp(exp, reserve: Reserve, dcfg: Any):
-    sign = _sign(with_defaults(dcfg, "defense", "msp"))
-    return lambda x, tag: DetectorOutput(msp_suspicion(_logits(exp, x), sign), None)
+@DEFENSES.register("energy", options=EnergyOptions, kind=Kind.input_detector)
+def build_energy(ctx: DetectorContext, opts: EnergyOptions):
+    sign = _sign(opts.suspicious)
+    return lambda x, tag: DetectorOutput(energy_suspicion(ctx.view.logits(x), opts.temperature, sign), None)
 
 
-def build_energy(exp, reserve: Reserve, dcfg: Any):
-    dcfg = with_defaults(dcfg, "defense", "energy")
-    sign, temperature = _sign(dcfg), float(dcfg["temperature"])
-    if temperature <= 0:
-        raise ConfigError(f"defense energy: temperature={temperature} must be positive")
-    return lambda x, tag: DetectorOutput(energy_suspicion(_logits(exp, x), temperature, sign), None)
-
-
-def build_mahalanobis(exp, reserve: Reserve, dcfg: Any):
-    level = _level(dcfg)
-    feats = exp.features(reserve.x, (level,))[1][level].numpy()
-    covariance = str(with_defaults(dcfg, "defense", "mahalanobis")["covariance"])
-    means, precision = fit_mahalanobis(feats, reserve.y.numpy(), covariance)
+@DEFENSES.register("mahalanobis", options=MahalanobisOptions, kind=Kind.input_detector,
+                   tags=lambda opts: {"level": opts.level})
+def build_mahalanobis(ctx: DetectorContext, opts: MahalanobisOptions):
+    level = opts.level
+    feats = ctx.view.features(ctx.reserve.x, (level,))[1][level].numpy()
+    means, precision = fit_mahalanobis(feats, ctx.reserve.y.numpy(), opts.covariance)
 
     def score(x: torch.Tensor, tag: str) -> DetectorOutput:
-        return DetectorOutput(mahalanobis_min(exp.features(x, (level,))[1][level].numpy(), means, precision), None)
+        return DetectorOutput(mahalanobis_min(ctx.view.features(x, (level,))[1][level].numpy(), means, precision), None)
 
     return score
-
-
-@DEFENSES.register("msp")
-def msp(exp, cfg) -> list[dict]:
-    return run_input_detector(exp, cfg, build_msp, ("suspicious",))
-
-
-@DEFENSES.register("energy")
-def energy(exp, cfg) -> list[dict]:
-    return run_input_detector(exp, cfg, build_energy, ("suspicious", "temperature"))
-
-
-@DEFENSES.register("mahalanobis")
-def mahalanobis(exp, cfg) -> list[dict]:
-    return run_input_detector(exp, cfg, build_mahalanobis, ("level", "covariance"), level=_level(cfg))

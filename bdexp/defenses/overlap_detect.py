@@ -17,41 +17,44 @@ level with `mahalanobis` keeps Table II's comparison fair. s3 keeps the trigger'
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from bdexp.analysis.overlap import OverlapScorer  # the bound itself lives with the analyses (bdexp/analysis/overlap.py)
-from bdexp.options import with_defaults
+from bdexp.analysis.overlap import Center, Norm, OverlapScorer  # the bound itself lives with the analyses (bdexp/analysis/overlap.py)
 from bdexp.defenses import DEFENSES
-from bdexp.defenses.input_pools import Reserve, run_input_detector
+from bdexp.defenses.contexts import DetectorContext, Kind
+from bdexp.defenses.input_pools import InputDetectorOptions
 from bdexp.defenses.screening import DetectorOutput
 from bdexp.errors import ConfigError
-
-KEYS = ("level", "norm", "num_radii", "center")
-LEVELS = ("s1", "s2", "s3", "penult")
-
-
-def _level(dcfg: Any) -> str:
-    level = str(with_defaults(dcfg, "defense", "overlap")["level"])
-    if level not in LEVELS:
-        raise ConfigError(f"defense overlap: level={level!r} is not one of {list(LEVELS)}")
-    return level
+from bdexp.models.base import Level
+from bdexp.options import option
 
 
-def build_overlap(exp, reserve: Reserve, dcfg: Any):
-    level, dcfg = _level(dcfg), with_defaults(dcfg, "defense", "overlap")
+@dataclass(frozen=True)
+class OverlapOptions(InputDetectorOptions):
+    """conf/defense/overlap.yaml explains each value."""
+
+    level: Level = "penult"
+    norm: Norm = 2  # the ball's norm (OVL evaluates ℓ1, ℓ2, ℓ∞)
+    num_radii: int = option(10, lo=1)
+    center: Center = "p"
+
+
+@DEFENSES.register("overlap", options=OverlapOptions, kind=Kind.input_detector, tags=lambda opts: {"level": opts.level})
+def build_overlap(ctx: DetectorContext, opts: OverlapOptions):
+    level = opts.level
     try:  # the scorer validates norm (1, 2, inf), num_radii and center and names the allowed values
-        make = partial(OverlapScorer, norm=dcfg["norm"], num_radii=dcfg["num_radii"], center=str(dcfg["center"]))
+        make = partial(OverlapScorer, norm=opts.norm, num_radii=opts.num_radii, center=opts.center)
         make()
     except ValueError as err:
         raise ConfigError(f"defense overlap: {err}") from None
-    feats = exp.features(reserve.x, (level,))[1][level]
-    y = reserve.y
+    feats = ctx.view.features(ctx.reserve.x, (level,))[1][level]
+    y = ctx.reserve.y
     scorers = {int(c): make().fit(feats[y == c]) for c in torch.unique(y).tolist()}
 
     def score(x: torch.Tensor, tag: str) -> DetectorOutput:
-        logits, f = exp.features(x, (level,))
+        logits, f = ctx.view.features(x, (level,))
         pred, f = logits.argmax(1), f[level]
         missing = sorted(set(pred.unique().tolist()) - set(scorers))
         if missing:
@@ -64,8 +67,3 @@ def build_overlap(exp, reserve: Reserve, dcfg: Any):
         return DetectorOutput(-s.numpy(), None)
 
     return score
-
-
-@DEFENSES.register("overlap")
-def overlap(exp, cfg) -> list[dict]:
-    return run_input_detector(exp, cfg, build_overlap, KEYS, level=_level(cfg))

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from bdexp import metrics
-from bdexp.options import with_defaults
 from bdexp.data.loader import iterate_eval
 from bdexp.errors import ConfigError
 from bdexp.evaluate import predict
@@ -88,17 +87,16 @@ def _subset(n: int, limit, rng: np.random.Generator, key: str) -> torch.Tensor:
     return torch.as_tensor(np.sort(rng.choice(n, int(limit), replace=False)), dtype=torch.long)
 
 
-def pruning_curve(exp, cfg) -> list[dict]:
-    """The Fig. 10 curve for an experiment: rank on `prune_images` real-triggered images, then
-    BA on `eval_images` clean test images and ASR on `eval_images` backdoor test images
-    (`cfg`: the nc defense's settings over conf/defense/nc.yaml)."""
-    cfg = with_defaults(cfg, "defense", "nc")
+def pruning_curve(exp, opts) -> list[dict]:
+    """The Fig. 10 curve for an experiment (the evaluator's: it uses the real trigger): rank on
+    `prune_images` real-triggered images, then BA on `eval_images` clean test images and ASR on
+    `eval_images` backdoor test images (`opts`: nc.NCOptions)."""
     bd = exp.backdoor_test
     batch = int(exp.cfg.eval_batch_size)
-    rank_idx = _subset(len(bd.y_target), cfg["prune_images"], exp.rng("nc/prune"), "prune_images")
+    rank_idx = _subset(len(bd.y_target), opts.prune_images, exp.rng("nc/prune"), "prune_images")
     ranking = rank_channels(exp.model, bd.x[rank_idx], exp.device, batch)
-    clean_idx = _subset(len(exp.data.y_test), cfg["eval_images"], exp.rng("nc/eval_clean"), "eval_images")
-    bd_idx = _subset(len(bd.y_target), cfg["eval_images"], exp.rng("nc/eval_bd"), "eval_images")
-    ratios = [float(r) for r in cfg["prune_ratios"]]
+    clean_idx = _subset(len(exp.data.y_test), opts.eval_images, exp.rng("nc/eval_clean"), "eval_images")
+    bd_idx = _subset(len(bd.y_target), opts.eval_images, exp.rng("nc/eval_bd"), "eval_images")
+    ratios = list(opts.prune_ratios)
     return evaluate_pruned(exp.model, ranking, ratios, exp.data.x_test[clean_idx], exp.data.y_test[clean_idx],
                            bd.x[bd_idx], bd.y_target[bd_idx], exp.device, batch)

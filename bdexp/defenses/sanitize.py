@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -30,24 +31,58 @@ from omegaconf import DictConfig
 
 from bdexp import metrics
 from bdexp.defenses import DEFENSES
+from bdexp.defenses.contexts import Kind, ModelView, OracleContext, SanitizerContext, check_context
+from bdexp.defenses.ispl_core import TensorTrainer
 from bdexp.evaluate import predict
+from bdexp.options import NoOptions, Options
 from bdexp.results import record
 from bdexp.training.base import REGIMES
 from bdexp.training.defender import defender_train_cfg
-from bdexp.training.fit import fit
+from bdexp.training.fit import FitRequest, fit
 
 log = logging.getLogger(__name__)
 
-# (exp, cfg) -> (keep: bool tensor over the training set, info: {"model_epochs": ..., ...}).
-# info["stages"] (optional): {stage name: bool keep-mask} of intermediate sets (ISPL: the set after
-# boosting, before self-training); the evaluator scores each as records fp_<stage> and fn_<stage>.
+# (SanitizerContext, opts) -> (keep: bool tensor over the training set, info). info may hold
+# "model_epochs" (the defense's training cost), "stages" ({stage name: bool keep-mask} of
+# intermediate sets, e.g. ISPL's set after boosting: the evaluator scores each as fp_<stage> and
+# fn_<stage>) and "records" (extra records, e.g. the removal fraction SS used).
 KeepFn = Callable[..., tuple[torch.Tensor, dict]]
 
 
-def defender_training(exp, dcfg) -> DictConfig:
+@dataclass(frozen=True)
+class SanitizerOptions(Options):
+    """Keys every retraining sanitizer has (conf/defense/oracle.yaml)."""
+
+    retrain_regime: str = "standard"  # the defender's training regime (training/defender.py)
+
+
+def defender_training(exp, name: str, opts) -> DictConfig:
     """The train config of the defender's models: `retrain_regime` with the run's schedule."""
-    name = dcfg.get("name", "sanitizer")
-    return defender_train_cfg(exp.cfg.train, dcfg.get("retrain_regime", None), f"defense.{name}.retrain_regime")
+    return defender_train_cfg(exp.cfg.train, opts.retrain_regime, f"defense.{name}.retrain_regime")
+
+
+def sanitizer_context(exp, name: str, opts, meta: dict) -> SanitizerContext:
+    """What the sanitizer has (ISPL §3.1): the training images and given labels, the model trained on
+    them, a trainer with its own regime, the run's schedule length; the oracle also the flags."""
+    ts, cfg = exp.train_set, exp.cfg
+    view = ModelView(exp.model, exp.device, int(cfg.eval_batch_size))
+    x, y, model_cfg, device = ts.x, ts.y, cfg.model, exp.device
+    augment = cfg.dataset.augment
+    train_cfg = defender_training(exp, name, opts) if meta.get("retrain", True) else None
+
+    def make_trainer() -> TensorTrainer:
+        """Trains the defender's models: the run's model, optimiser settings and augmentation under
+        the defense's `retrain_regime` (never the run's regime: it may be the attacker's)."""
+        return TensorTrainer(x, y, model_cfg, train_cfg, device, crop_padding=int(augment.crop_padding),
+                             flip=bool(augment.flip), eval_batch_size=view.eval_batch_size,
+                             regime=REGIMES.get(str(train_cfg.name)))
+
+    common = dict(seed=exp.seed, x=x, y=y, num_classes=exp.data.num_classes, view=view,
+                  model_name=str(cfg.model.name), make_trainer=make_trainer, train_epochs=int(cfg.train.epochs),
+                  reference_epochs=float(cfg.sanitizer_reference_epochs))
+    ctx = OracleContext(**common, poison=ts.poison.clone()) if meta.get("reads_ground_truth") else SanitizerContext(**common)
+    check_context(ctx)
+    return ctx
 
 
 def threat_model_conflict(exp) -> str | None:
@@ -69,13 +104,15 @@ def _warn_conflict_once(exp, why: str) -> None:
                     "threat_model_conflict=1", why)
 
 
-def run_sanitizer(exp, dcfg, keep_fn: KeepFn, retrain: bool = True) -> list[dict]:
+def run_sanitizer(exp, name: str, opts, keep_fn: KeepFn, meta: dict) -> list[dict]:
     """Sanitize, retrain on the kept set with the defender's regime (cached by the mask's hash)
-    and score the result. `retrain=False` (ND only) scores the run's own model."""
-    name = dcfg.get("name", "sanitizer")
-    train_cfg = defender_training(exp, dcfg) if retrain else None
+    and score the result. `meta["retrain"] = False` (ND only) scores the run's own model."""
+    retrain = meta.get("retrain", True)
+    ctx = sanitizer_context(exp, name, opts, meta)
+    train_cfg = defender_training(exp, name, opts) if retrain else None  # checks the regime before any work
     start = time.perf_counter()
-    keep, info = keep_fn(exp, dcfg)
+    with exp.sealed(name):
+        keep, info = keep_fn(ctx, opts)
     keep = _mask(keep, exp, name)
     stages = {stage: _mask(mask, exp, f"{name} ({stage})") for stage, mask in (info.pop("stages", None) or {}).items()}
     defense_s = time.perf_counter() - start
@@ -88,9 +125,9 @@ def run_sanitizer(exp, dcfg, keep_fn: KeepFn, retrain: bool = True) -> list[dict
         # Keep-all: no mask in the key, so a defender's training identical to the run's shares its model.
         extra = None if keep.all() else {
             "keep": hashlib.sha256(np.packbits(keep.numpy()).tobytes()).hexdigest()[:16]}
-        model, fit_info = fit(exp.cfg, exp.data, exp.attack, exp.train_set, exp.device, exp.cache,
-                              train_cfg=train_cfg, keep=None if extra is None else kept, key_extra=extra,
-                              describe=f"{name}: retrain", defender=True)
+        request = FitRequest(train_cfg=train_cfg, keep=None if extra is None else kept, key_extra=extra,
+                             describe=f"{name}: retrain", defender=True)
+        model, fit_info = fit(exp.cfg, exp.data, exp.attack, exp.train_set, exp.device, exp.cache, request)
         from_cache = fit_info["cache"] == "hit"
     bs = int(exp.cfg.eval_batch_size)
     pred_clean = predict(model, exp.data.x_test, exp.device, bs)
@@ -107,6 +144,7 @@ def run_sanitizer(exp, dcfg, keep_fn: KeepFn, retrain: bool = True) -> list[dict
         record("defense_wall_s", defense_s),
         record("model_epochs", float(info.get("model_epochs", 0))),
         record("retrain_cache", 1.0 if from_cache else 0.0),  # ND: the run's model, nothing trained
+        *info.get("records", []),
     ]
     bd = exp.backdoor_test
     if len(bd.y_target):
@@ -135,13 +173,14 @@ def _mask(keep, exp, what: str) -> torch.Tensor:
     return keep
 
 
-@DEFENSES.register("nd")
-def no_defense(exp, cfg) -> list[dict]:
+@DEFENSES.register("nd", options=NoOptions, kind=Kind.sanitizer, retrain=False)
+def no_defense(ctx: SanitizerContext, opts) -> tuple[torch.Tensor, dict]:
     """ND: keep everything (the run's own model, reported in the sanitizer's terms)."""
-    return run_sanitizer(exp, cfg, lambda e, c: (torch.ones(len(e.train_set.y), dtype=torch.bool), {}), retrain=False)
+    return torch.ones(len(ctx.y), dtype=torch.bool), {}
 
 
-@DEFENSES.register("oracle")
-def oracle(exp, cfg) -> list[dict]:
-    """Oracle: train on the clean part only (reads the poison flags by definition)."""
-    return run_sanitizer(exp, cfg, lambda e, c: (~e.train_set.poison, {}))
+@DEFENSES.register("oracle", options=SanitizerOptions, kind=Kind.sanitizer, reads_ground_truth=True)
+def oracle(ctx: OracleContext, opts) -> tuple[torch.Tensor, dict]:
+    """Oracle: train on the clean part only. An upper bound, not a defender: it is the one defense
+    handed the poison flags (`reads_ground_truth`)."""
+    return ~ctx.poison, {}

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from bdexp import metrics
+from bdexp.attacks import has_backdoor
 from bdexp.results import record
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class DetectorOutput:
 
 
 class Detector(Protocol):
-    def __call__(self, features: np.ndarray, reserve: np.ndarray, dcfg: Any, *, assumed_ratio: float,
+    def __call__(self, features: np.ndarray, reserve: np.ndarray, opts: Any, *, assumed_ratio: float,
                  rng: np.random.Generator) -> DetectorOutput: ...
 
 
@@ -101,7 +102,7 @@ def screening_pools(exp) -> ScreeningPools:
     benign = screen[exp.pred_test.numpy()[screen] == t]
     bd = exp.backdoor_test
     skip = None
-    if not getattr(exp.attack, "poisons", True) or len(bd.y_target) == 0:
+    if not has_backdoor(exp.attack) or len(bd.y_target) == 0:
         skip = f"attack {exp.cfg.attack.name!r} has no backdoor test set"
         malicious = np.zeros(0, dtype=np.int64)
     else:
@@ -163,33 +164,38 @@ def _warn_skipped(defense: str, skips: dict[str, list[str]], total: int) -> None
         log.warning("%s: skipped %s: %s", defense, which, why)
 
 
-def score_pool(labels: np.ndarray, out: DetectorOutput) -> dict[str, float]:
-    """Precision/recall/F1 from the detector's own decision, or max-F1 over thresholds when it has
-    none (SR, ML-MMDR §6.1); `f1_max` (F1 at the best threshold of the scores) and AUROC always,
-    so a detector's rule and its scores can be told apart in the tables."""
+def checked_output(labels: np.ndarray, out: DetectorOutput) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scores as float64, flags as bool or None) of a detector's output on a pool of `labels`;
+    a ValueError when either does not fit the pool or a score is not finite (both protocols)."""
     scores = np.asarray(out.scores, dtype=np.float64)
     if scores.shape != labels.shape or not np.all(np.isfinite(scores)):
         raise ValueError(f"detector returned scores of shape {scores.shape} (finite: "
                          f"{bool(np.all(np.isfinite(scores)))}) for a pool of {len(labels)}")
+    if out.flagged is None:
+        return scores, None
+    flagged = np.asarray(out.flagged, dtype=bool)
+    if flagged.shape != labels.shape:
+        raise ValueError(f"detector flagged {flagged.shape} for a pool of {len(labels)}")
+    return scores, flagged
+
+
+def score_pool(labels: np.ndarray, out: DetectorOutput) -> dict[str, float]:
+    """Precision/recall/F1 from the detector's own decision, or max-F1 over thresholds when it has
+    none (SR, ML-MMDR §6.1); `f1_max` (F1 at the best threshold of the scores) and AUROC always,
+    so a detector's rule and its scores can be told apart in the tables."""
+    scores, flagged = checked_output(labels, out)
     best = {k: v for k, v in metrics.best_f1(labels, scores).items() if k != "threshold"}
-    if out.flagged is not None:
-        flagged = np.asarray(out.flagged, dtype=bool)
-        if flagged.shape != labels.shape:
-            raise ValueError(f"detector flagged {flagged.shape} for a pool of {len(labels)}")
-        prf = metrics.detection_scores(labels, flagged)
-    else:
-        prf = best
+    prf = best if flagged is None else metrics.detection_scores(labels, flagged)
     return {**prf, "f1_max": best["f1"], "auroc": metrics.auroc(labels, scores)}
 
 
-def run_pool_detector(exp, dcfg: Any, detect: Detector) -> list[dict]:
+def run_pool_detector(exp, name: str, opts: Any, detect: Detector) -> list[dict]:
     """Run `detect` on every level × pool (N, r′) of ML-MMDR §6.1 and score it (the evaluator side).
 
     Records per level × pool, tagged ``level``, ``N`` (requested) and ``r`` (r′) and the detector's
     own `tags` (its decision rule): f1, precision, recall (of that rule), f1_max, auroc, n_benign,
     n_malicious and the detector's `extra` diagnostics; or ``skipped``
     = 1.0 when the pool has no malicious/benign images or the detector raised SkipPool."""
-    name = str(dcfg.get("name", "detector"))
     start = time.perf_counter()
     sp = screening_pools(exp)
     rows: list[dict] = []
@@ -206,7 +212,8 @@ def run_pool_detector(exp, dcfg: Any, detect: Detector) -> list[dict]:
             ratio = pool.ratio / (1.0 + pool.ratio)  # the defender's assumed poison fraction (our choice)
             rng = exp.rng(f"{name}/{level}/{pool.n_requested}/{pool.ratio}")
             try:
-                out = detect(feats, sp.reserve[level], dcfg, assumed_ratio=ratio, rng=rng)
+                with exp.sealed(name):  # the detector sees the pool's features and the reserve only
+                    out = detect(feats, sp.reserve[level], opts, assumed_ratio=ratio, rng=rng)
             except SkipPool as e:
                 rows.append(_skipped(level, pool, str(e), skips))
                 continue

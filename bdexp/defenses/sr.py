@@ -4,12 +4,23 @@ each pool sample by its ℓ2 reconstruction error. SR has no threshold of its ow
 reports F1 at the best threshold (max-F1), as the paper does."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
 from bdexp.defenses import DEFENSES
-from bdexp.defenses.screening import DetectorOutput, SkipPool, run_pool_detector
+from bdexp.defenses.contexts import Kind
+from bdexp.defenses.screening import DetectorOutput, SkipPool
+from bdexp.defenses.subspace import principal_axes
+from bdexp.options import Options, option
+
+
+@dataclass(frozen=True)
+class SROptions(Options):
+    """conf/defense/sr.yaml explains each value."""
+
+    reserve_size: int = option(200, lo=2)  # clean target-class images the subspace is fitted on (ML-MMDR §6.1)
+    energy: float = option(0.9, lo=0, hi=1, lo_open=True)  # variance the subspace restores
 
 _CHUNK = 256  # pool rows per float64 block in reconstruction_error
 
@@ -24,23 +35,13 @@ def energy_rank(explained_variance_ratio: np.ndarray, energy: float) -> int:
 
 
 def fit_subspace(reserve: np.ndarray, energy: float) -> tuple[np.ndarray, np.ndarray]:
-    """(mean (d,), components (k, d) with orthonormal rows) of the PCA subspace restoring `energy`.
-
-    PCA through the smaller of the m×m Gram and d×d covariance eigenproblems: a full SVD of
-    200 × 65 536 s1 features takes ~30 s on 2 cores, the Gram route well under a second."""
-    xc = np.asarray(reserve, dtype=np.float64)
-    mean = xc.mean(0)
-    xc = xc - mean
-    gram = xc.shape[0] <= xc.shape[1]
-    vals, vecs = np.linalg.eigh(xc @ xc.T if gram else xc.T @ xc)
-    vals, vecs = np.clip(vals[::-1], 0.0, None), vecs[:, ::-1]  # descending variances (×(m−1))
-    total = vals.sum()
+    """(mean (d,), components (k, d) with orthonormal rows) of the PCA subspace restoring `energy`."""
+    ax = principal_axes(reserve, rank_tol=1e-12)  # never a numerically-zero direction
+    total = float(np.clip(ax.variances, 0.0, None).sum())
     if total <= 0:  # identical rows: a point, no directions
-        return mean, np.zeros((0, xc.shape[1]))
-    k = energy_rank(vals / total, energy)
-    k = min(k, int((vals > 1e-12 * vals[0]).sum()))  # never a numerically-zero direction
-    comps = (xc.T @ vecs[:, :k]) / np.sqrt(vals[:k]) if gram else vecs[:, :k]
-    return mean, np.ascontiguousarray(comps.T)
+        return ax.mean, np.zeros((0, np.asarray(reserve).shape[1]))
+    k = energy_rank(ax.variances / total, energy)
+    return ax.mean, np.ascontiguousarray(ax.axes[:k])
 
 
 def reconstruction_error(x: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
@@ -52,19 +53,17 @@ def reconstruction_error(x: np.ndarray, mean: np.ndarray, components: np.ndarray
     return out
 
 
-def detect_sr(features: np.ndarray, reserve: np.ndarray, dcfg: Any, *, assumed_ratio: float,
+@DEFENSES.register("sr", options=SROptions, kind=Kind.pool_detector)
+def detect_sr(features: np.ndarray, reserve: np.ndarray, opts: SROptions, *, assumed_ratio: float,
               rng: np.random.Generator) -> DetectorOutput:
     """Scores only (flagged=None): the evaluator takes max-F1 (ML-MMDR §6.1)."""
-    reserve = reserve[: int(dcfg.get("reserve_size", 200))]  # 200 validated samples (ML-MMDR §6.1)
+    opts = SROptions.of(opts)
+    reserve = reserve[: opts.reserve_size]  # 200 validated samples (ML-MMDR §6.1)
     if len(reserve) < 2:
         raise SkipPool(f"SR needs at least 2 clean reserve images of the target class, has {len(reserve)} "
                        "(raise screening.reserve_per_class)")
-    mean, comps = fit_subspace(reserve, float(dcfg.get("energy", 0.9)))
+    mean, comps = fit_subspace(reserve, opts.energy)
     scores = reconstruction_error(features, mean, comps)
     return DetectorOutput(scores, None, {"k": float(len(comps)), "n_reserve": float(len(reserve))},
                           {"rule": "max-F1"})
 
-
-@DEFENSES.register("sr")
-def sr(exp, cfg) -> list[dict]:
-    return run_pool_detector(exp, cfg, detect_sr)

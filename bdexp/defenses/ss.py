@@ -19,35 +19,33 @@ precision is at most 1/removal_factor when ε̂ is the true fraction (F1 ≤ 0.8
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
-import torch
 
-from bdexp.options import with_defaults
 from bdexp.defenses import DEFENSES
-from bdexp.errors import ConfigError
-from bdexp.defenses.screening import DetectorOutput, SkipPool, run_pool_detector
+from bdexp.defenses.contexts import Kind
+from bdexp.defenses.screening import DetectorOutput, SkipPool
+from bdexp.defenses.subspace import principal_axes
+from bdexp.options import Options, option
 
-ORIENTS = ("reserve", "none")
+
+@dataclass(frozen=True)
+class SSOptions(Options):
+    """conf/defense/ss.yaml explains each value."""
+
+    removal_factor: float = option(1.5, lo=0)  # flag the top removal_factor·ε̂·n (Tran et al.: 1.5)
+    eps: float | None = option(None, lo=0, hi=1)  # ε̂; null = the pool's r′/(1+r′)
+    orient: Literal["reserve", "none"] = "reserve"
+
+
 def top_direction(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(μ (d,), v (d,)): the mean and the top right singular vector of the centred (n, d) matrix.
-
-    The top eigenvector of the smaller of XcXcᵀ (n×n) and XcᵀXc (d×d) suffices: one matmul plus a
-    small symmetric eigensolve, for any width d (v = Xcᵀu/‖Xcᵀu‖ on the Gram route)."""
-    x = torch.from_numpy(np.asarray(features, dtype=np.float32))
-    mu = x.mean(0, dtype=torch.float64)
-    xc = (x - mu.float()).double()
-    n, d = xc.shape
-    if n <= d:
-        _, vecs = torch.linalg.eigh(xc @ xc.T)
-        v = xc.T @ vecs[:, -1]
-    else:
-        _, vecs = torch.linalg.eigh(xc.T @ xc)
-        v = vecs[:, -1]
-    norm = float(v.norm())
-    v = v / norm if norm > 0 else v
-    return mu.numpy(), v.numpy()
+    """(μ (d,), v (d,)): the mean and the top right singular vector of the centred (n, d) matrix
+    (zero when every row is the same)."""
+    ax = principal_axes(features, 1)
+    v = ax.axes[0] if len(ax.axes) else np.zeros(np.asarray(features).shape[1])
+    return ax.mean, v
 
 
 def spectral_projection(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -75,14 +73,13 @@ def n_removed(n: int, eps: float, factor: float) -> int:
     return int(min(max(math.ceil(factor * eps * n - 1e-9), 0), n))
 
 
-def detect_ss(features: np.ndarray, reserve: np.ndarray | None, dcfg: Any, *, assumed_ratio: float,
+@DEFENSES.register("ss", options=SSOptions, kind=Kind.pool_detector)
+def detect_ss(features: np.ndarray, reserve: np.ndarray | None, opts: SSOptions, *, assumed_ratio: float,
               rng: np.random.Generator) -> DetectorOutput:
     """ε̂ = `eps` when set, else the protocol's assumed_ratio r′/(1+r′). The reserve orients the
     score (`orient: reserve`) and is not used otherwise."""
-    opts = with_defaults(dcfg, "defense", "ss")  # conf/defense/ss.yaml under a partial config
-    orient = str(opts["orient"])
-    if orient not in ORIENTS:
-        raise ConfigError(f"defense.ss.orient must be one of {list(ORIENTS)}, got {orient!r}")
+    opts = SSOptions.of(opts)
+    orient = opts.orient
     if orient == "reserve":
         if reserve is None or len(reserve) == 0:
             raise SkipPool("ss.orient=reserve needs clean reserve images of the target class "
@@ -90,16 +87,11 @@ def detect_ss(features: np.ndarray, reserve: np.ndarray | None, dcfg: Any, *, as
         scores = oriented_scores(features, reserve)
     else:
         scores = spectral_scores(features)
-    eps = opts["eps"]
-    eps = float(assumed_ratio if eps is None else eps)
-    factor = float(opts["removal_factor"])
+    eps = float(assumed_ratio if opts.eps is None else opts.eps)
+    factor = opts.removal_factor
     k = n_removed(len(scores), eps, factor)
     flagged = np.zeros(len(scores), dtype=bool)
     flagged[np.argsort(-scores, kind="stable")[:k]] = True
     return DetectorOutput(scores, flagged, {"n_flagged": float(k), "eps_assumed": eps},
                           {"rule": f"top {factor:g}·eps·n", "orient": orient})
 
-
-@DEFENSES.register("ss")
-def ss(exp, cfg) -> list[dict]:
-    return run_pool_detector(exp, cfg, detect_ss)

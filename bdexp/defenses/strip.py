@@ -12,20 +12,28 @@ Threshold rule (STRIP §V-C): flag H below the `frr`-quantile of the reserve's o
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdexp.options import with_defaults
 from bdexp.defenses import DEFENSES
-from bdexp.defenses.input_pools import Reserve, float_batches, run_input_detector
+from bdexp.defenses.contexts import DetectorContext, Kind
+from bdexp.data.loader import iterate_eval
+from bdexp.defenses.input_pools import InputDetectorOptions
+from bdexp.options import option
 from bdexp.defenses.screening import DetectorOutput
 from bdexp.errors import ConfigError
 
-KEYS = ("n_overlay", "frr", "batch_size")
+@dataclass(frozen=True)
+class StripOptions(InputDetectorOptions):
+    """conf/defense/strip.yaml explains each value."""
+
+    n_overlay: int = option(100, lo=1)  # clean reserve images blended onto each input
+    frr: float | None = option(0.01, lo=0, hi=1, hi_open=True)  # threshold at this FRR on the reserve; null = scores only
+    batch_size: int = option(4096, lo=1)  # blended images per forward pass
 
 
 @torch.no_grad()
@@ -38,7 +46,7 @@ def strip_entropy(model: nn.Module, x: torch.Tensor, overlays: torch.Tensor, dev
     ov = ov.float().div(255) if ov.dtype == torch.uint8 else ov.float()
     per = max(1, int(batch_size) // len(ov))  # inputs per forward
     out = []
-    for _, xb in float_batches(x, per, device):
+    for xb in iterate_eval(x, per, device):
         blend = (xb[:, None] + ov[None]).clamp_(0, 1).flatten(0, 1)  # (b·n, c, h, w)
         logp = F.log_softmax(model(blend).float(), dim=1)
         h = -(logp.exp() * logp).sum(dim=1)
@@ -46,28 +54,18 @@ def strip_entropy(model: nn.Module, x: torch.Tensor, overlays: torch.Tensor, dev
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def build_strip(exp, reserve: Reserve, dcfg: Any):
-    dcfg = with_defaults(dcfg, "defense", "strip")
-    n = dcfg["n_overlay"]
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ConfigError(f"defense strip: n_overlay={n!r} must be an int >= 1")
-    frr = dcfg["frr"]
-    if frr is not None and not 0.0 <= float(frr) < 1.0:
-        raise ConfigError(f"defense strip: frr={frr!r} must be in [0, 1) or null")
-    overlays = reserve.x[torch.as_tensor(exp.rng("strip/overlays").integers(0, len(reserve.x), n))]
-    bs = int(dcfg["batch_size"])
+@DEFENSES.register("strip", options=StripOptions, kind=Kind.input_detector)
+def build_strip(ctx: DetectorContext, opts: StripOptions):
+    reserve = ctx.reserve
+    overlays = reserve.x[torch.as_tensor(ctx.rng("strip/overlays").integers(0, len(reserve.x), opts.n_overlay))]
     threshold = None
-    if frr is not None:
-        threshold = float(np.quantile(strip_entropy(exp.model, reserve.x, overlays, exp.device, bs), float(frr)))
+    if opts.frr is not None:
+        clean = strip_entropy(ctx.model, reserve.x, overlays, ctx.device, opts.batch_size)
+        threshold = float(np.quantile(clean, opts.frr))
 
     def score(x: torch.Tensor, tag: str) -> DetectorOutput:
-        h = strip_entropy(exp.model, x, overlays, exp.device, bs)
+        h = strip_entropy(ctx.model, x, overlays, ctx.device, opts.batch_size)
         flagged = None if threshold is None else h < threshold
         return DetectorOutput(-h, flagged, {"entropy_mean": float(h.mean())})
 
     return score
-
-
-@DEFENSES.register("strip")
-def strip(exp, cfg) -> list[dict]:
-    return run_input_detector(exp, cfg, build_strip, KEYS)

@@ -17,7 +17,7 @@ import pytest
 
 from bdexp import pipeline
 from bdexp.errors import ConfigError
-from bdexp.validation import RULES, Rule, check_run, probe_writable, validate_config
+from bdexp.validation import RunOptions, check_run, probe_writable, validate_config
 from tests.conftest import compose_cfg, with_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -188,10 +188,9 @@ def test_table_rejects_with_key_value_and_what_is_allowed(override, key):
     assert key in str(info.value) and "\n" not in str(info.value)
 
 
-def test_every_numeric_key_of_a_method_keeps_the_kind_of_its_yaml_default():
-    """defense.nc.steps has no row in RULES: defense/nc.yaml's `steps: 300` declares a number."""
-    assert "defense.nc.steps" not in RULES
-    with pytest.raises(ConfigError, match=r"defense.nc.steps='abc' is not allowed: use a number"):
+def test_every_key_of_a_method_is_checked_against_its_declaration():
+    """defense.nc.steps is declared an integer >= 1 by NCOptions (bdexp/defenses/nc.py)."""
+    with pytest.raises(ConfigError, match=r"defense.nc.steps='abc' is not allowed: use an integer"):
         validate_config(compose_cfg(with_tiny("defense=[nc]", "defense.nc.steps=abc")))
     with pytest.raises(ConfigError, match=r"analysis.distances.repeats='x'"):
         validate_config(compose_cfg(with_tiny("analysis=[distances]", "analysis.distances.repeats=x")))
@@ -213,12 +212,15 @@ def test_every_shipped_preset_passes():
         validate_config(compose_cfg(overrides))
 
 
-def test_rule_descriptions():
-    assert Rule("int", 1).describe() == "an integer >= 1"
-    assert Rule("number", 0, 1, lo_open=True, hi_open=True).describe() == "a number > 0 and < 1"
-    assert Rule("int", 1, null=True).describe() == "an integer >= 1, or null"
-    assert Rule("ints", 1).describe() == "a non-empty list of integers each >= 1"
-    assert Rule("int", 0).ok(3.0) and not Rule("int", 0).ok(True) and not Rule("number").ok("1")
+@pytest.mark.parametrize("node,message", [
+    ({"seed": -1}, "run.seed=-1 is not allowed: use an integer >= 0 and <= 4294967295"),
+    ({"threads": 0}, "run.threads=0 is not allowed: use an integer or null >= 1"),
+    ({"screening": {"sizes": []}}, "run.screening.sizes=[] is not allowed: use a non-empty list"),
+    ({"screening": {"ratios": [0.0]}}, "run.screening.ratios=[0.0] is not allowed: use a list of numbers > 0"),
+    ({"progress": 1}, "run.progress=1 is not allowed: use true or false"),
+])
+def test_run_option_descriptions(node, message):
+    assert message in RunOptions.problems(node, "run")
 
 
 def test_pipeline_run_validates_before_any_work(tmp_path):

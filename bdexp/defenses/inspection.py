@@ -1,0 +1,27 @@
+"""The inspector protocol (Neural Cleanse; ML-MMDR §6.2) — the evaluator side.
+
+An inspector examines the frozen model with the clean reserve (every class: the defender does not
+know the target) and returns an `InspectorOutput`. The evaluator then scores it against the
+truth with the defense's own `score` hook (registered with it), e.g. whether the target class
+was flagged.
+"""
+from __future__ import annotations
+
+from bdexp.defenses.contexts import InspectorContext, ModelView, Reserve, check_context
+
+
+def inspector_context(exp) -> InspectorContext:
+    idx = exp.reserve_index
+    reserve = Reserve(exp.data.x_test[idx], exp.data.y_test[idx].clone(), idx.numpy())
+    ctx = InspectorContext(seed=exp.seed, view=ModelView(exp.model, exp.device, int(exp.cfg.eval_batch_size)),
+                           reserve=reserve, num_classes=exp.data.num_classes, out_dir=exp.info.get("run_dir"))
+    check_context(ctx)
+    return ctx
+
+
+def run_inspector(exp, name: str, opts, inspect, meta: dict) -> list[dict]:
+    ctx = inspector_context(exp)
+    with exp.sealed(name):
+        out = inspect(ctx, opts)
+    score = meta.get("score")
+    return list(out.records) + (score(exp, opts, out) if score is not None else [])

@@ -1,0 +1,100 @@
+"""A defense sees only what a defender has (bdexp/defenses/contexts.py), and the code enforces it:
+every registered defense runs on a tiny poisoned run while the run's ground truth is sealed
+(reading it raises GroundTruthRead), a defense that reaches for it anyway is stopped, and no
+context can be built around the run itself."""
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bdexp.defenses import DEFENSES, contexts, run_defense
+from bdexp.options import yaml_node
+from bdexp.pipeline import build_experiment
+from tests.conftest import compose_cfg, with_tiny
+
+# Settings that keep each defense to a second or two on the tiny run (their YAMLs are paper-sized).
+FAST = {
+    "cd": {"steps": 3, "max_pool": 40}, "strip": {"n_overlay": 4, "max_pool": 40},
+    "overlap": {"max_pool": 40, "num_radii": 3}, "msp": {"max_pool": 40}, "energy": {"max_pool": 40},
+    "mahalanobis": {"max_pool": 40},
+    "nc": {"steps": 3, "num_images": 20, "figure": False, "prune_images": 20, "eval_images": 40},
+    "ispl": {"rounds": 1, "num_clusters": 2, "warmup_epochs": 1, "iter_epochs": 1, "learner_epochs": 1,
+             "st_epochs": 2, "st_interval": 1},
+    "itlm": {"rounds": 1, "first_epochs": 1, "next_epochs": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def exp():
+    cfg = compose_cfg(with_tiny("screening.sizes=[10]", "screening.reserve_per_class=8", "eval_batch_size=64",
+                                "sanitizer_reference_epochs=3"))
+    run, _ = build_experiment(cfg, torch.device("cpu"), None)
+    return run
+
+
+def defense_node(name: str):
+    """conf/defense/<name>.yaml with the FAST settings."""
+    return OmegaConf.create({**yaml_node("defense", name), **FAST.get(name, {})})
+
+
+@pytest.mark.parametrize("name", DEFENSES.names())
+def test_every_defense_runs_with_the_ground_truth_sealed(exp, name):
+    """The evaluator of each kind seals the run while the defense runs, so a defense that read
+    the poison flags, the attack or the backdoor test set would raise here."""
+    rows = run_defense(exp, name, defense_node(name))
+    assert rows, f"{name} returned no records"
+    assert not any(r["metric"] == "skipped" for r in rows) or name in ("ss", "sr", "ac"), rows[:3]
+    assert exp.train_set.poison.any()  # unsealed again afterwards
+
+
+# ---- a defense that reaches for the truth is stopped, whatever its kind -------------------------
+LEAKS = {
+    contexts.Kind.pool_detector: lambda run: (lambda features, reserve, opts, *, assumed_ratio, rng: run.train_set.poison),
+    contexts.Kind.input_detector: lambda run: (lambda ctx, opts: run.attack.target),
+    contexts.Kind.sanitizer: lambda run: (lambda ctx, opts: (~run.train_set.poison, {})),
+    contexts.Kind.inspector: lambda run: (lambda ctx, opts: run.backdoor_test.x),
+}
+
+
+@pytest.mark.parametrize("kind", contexts.KINDS)
+def test_a_defense_that_reads_the_ground_truth_raises(exp, kind):
+    from bdexp.defenses.input_pools import InputDetectorOptions
+    from bdexp.defenses.sanitize import SanitizerOptions
+    from bdexp.options import NoOptions
+
+    options = {contexts.Kind.input_detector: InputDetectorOptions, contexts.Kind.sanitizer: SanitizerOptions}.get(kind, NoOptions)
+    name = f"leaky_{kind}"
+    DEFENSES.register(name, options=options, kind=kind)(LEAKS[kind](exp))
+    try:
+        with pytest.raises(contexts.GroundTruthRead, match=f"defense '{name}' read the run's"):
+            run_defense(exp, name, OmegaConf.create({"name": name}))
+    finally:
+        DEFENSES.unregister(name)
+    assert len(exp.train_set.poison) == len(exp.train_set.y)  # restored after the failure too
+
+
+def test_only_the_oracle_is_handed_the_poison_flags():
+    readers = [n for n in DEFENSES.names() if DEFENSES.meta(n).get("reads_ground_truth")]
+    assert readers == ["oracle"]
+
+
+def test_a_context_cannot_hold_the_run(exp):
+    view = contexts.ModelView(exp.model, exp.device, 64)
+    reserve = contexts.Reserve(exp.data.x_test[:2], exp.data.y_test[:2], exp.reserve_index.numpy()[:2])
+    ok = contexts.DetectorContext(seed=0, view=view, reserve=reserve, num_classes=exp.data.num_classes)
+    contexts.check_context(ok)
+    for bad in (exp, exp.attack, exp.train_set, exp.cfg):
+        with pytest.raises(TypeError, match="must not reach the run"):
+            contexts.check_context(contexts.InspectorContext(seed=0, view=view, reserve=reserve, num_classes=3,
+                                                             out_dir=bad))
+
+
+def test_the_sealed_run_raises_on_every_use(exp):
+    with exp.sealed("probe"):
+        for read in (lambda: exp.train_set.poison, lambda: exp.attack.target, lambda: len(exp.backdoor_test),
+                     lambda: exp.cfg.attack, lambda: exp.info["screening_pools"], lambda: exp.data.y_test,
+                     lambda: exp.target):
+            with pytest.raises(contexts.GroundTruthRead, match="defense 'probe'"):
+                read()
+        assert exp.model is not None and exp.device.type == "cpu"  # what a defender has stays
