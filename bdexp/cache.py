@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import bdexp
+from bdexp.atomic import atomic_write
 
 try:  # POSIX record locks (work on NFS home directories of SLURM clusters too)
     import fcntl
@@ -108,14 +109,8 @@ def _plain(cfg: DictConfig | dict) -> dict:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk or a signal: the old file stays whole, no temporary is left
-        tmp.unlink(missing_ok=True)
-        raise
+    """torch.save through bdexp.atomic.atomic_write (no torn checkpoint, no temporary left)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class ModelCache:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import bdexp
+from bdexp.atomic import atomic_write_text
 
 RESULTS_FILE = "results.json"
 # Top-level config keys that change how a run looks or where files go, not what it computes: the
@@ -23,17 +24,6 @@ def record(metric: str, value: float, **tags: Any) -> dict:
     row = {"metric": metric, "value": v if math.isfinite(v) else None}
     row.update({k: t for k, t in tags.items() if t is not None})
     return row
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk or a signal: the old file stays whole, no temporary is left
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_results(run_dir: Path, run: dict, metrics: list[dict], status: str = "complete") -> Path:
@@ -132,22 +122,120 @@ class PartialRecords:
         self.path.unlink(missing_ok=True)
 
 
+# The config groups whose selected method a run's identity names, with the registry declaring
+# each method's options (module, registry attribute); docs/development.md, "Options".
+IDENTITY_GROUPS = {"attack": ("bdexp.attacks", "ATTACKS"), "train": ("bdexp.training", "REGIMES")}
+# The run record's list of the identity keys that make its case (all but the seed and version).
+CASE_KEYS = "case_keys"
+
+
+def _plain_node(node) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        try:
+            return OmegaConf.to_container(node, resolve=True)
+        except Exception:  # noqa: BLE001 - an unresolvable interpolation: the failed job's record shows it raw
+            return OmegaConf.to_container(node, resolve=False)
+    return dict(node) if isinstance(node, dict) else {}
+
+
+def _registry(group: str):
+    import importlib
+
+    module, attr = IDENTITY_GROUPS[group]
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except Exception:  # noqa: BLE001 - a package that does not import: the YAML defaults still serve
+        return None
+
+
+def _yaml_defaults(group: str, name: str, depth: int = 0) -> dict:
+    """conf/<group>/<name>.yaml with the files of its `defaults` list merged under it."""
+    from omegaconf import OmegaConf
+
+    from bdexp.options import CONF_DIR, yaml_node
+
+    path = CONF_DIR / group / f"{name}.yaml"
+    if depth > 8 or not path.is_file():
+        return {}
+    bases = OmegaConf.to_container(OmegaConf.load(path), resolve=False).get("defaults") or []
+    out: dict = {}
+    for base in bases:
+        if isinstance(base, str) and base != "_self_":
+            out.update(_yaml_defaults(group, base, depth + 1))
+    return {**out, **yaml_node(group, name)}
+
+
+def declared_defaults(group: str, name: str | None) -> dict:
+    """option -> default of method `name` of config group `group`: its registered Options
+    declaration, else its YAML file; {} for a method neither knows."""
+    if name is None:
+        return {}
+    registry = _registry(group)
+    try:
+        declared = registry.options(str(name)) if registry is not None else None
+    except Exception:  # noqa: BLE001 - an unknown name (a failed job's record): nothing declared
+        declared = None
+    if declared is not None:
+        return declared.defaults()
+    try:
+        node = _yaml_defaults(group, str(name))
+    except Exception:  # noqa: BLE001 - an unreadable YAML: nothing declared
+        return {}
+    node.pop("name", None)
+    return node
+
+
+def _same(a, b) -> bool:
+    """Equal as option values: a list and its tuple are, 1 and 1.0 are, True and 1 are not."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
+def changed_options(group: str, node: dict) -> dict:
+    """"<group>.<option>": value for every option of `node` whose value differs from the selected
+    method's declared default (a YAML variant's or a sweep's own values), in the node's order."""
+    name = node.get("name")
+    defaults = declared_defaults(group, name)
+    return {f"{group}.{key}": value for key, value in node.items()
+            if key != "name" and (key not in defaults or not _same(value, defaults[key]))}
+
+
+def _regime(train: dict) -> str | None:
+    """The regime's own name for the loss it trains with (its `cache_identity` hook: ML-MMDR at
+    λ = 0 says "rbt", ML-MMDR §5's regular backdoor training); the selected name otherwise."""
+    from omegaconf import OmegaConf
+
+    name = train.get("name")
+    registry = _registry("train")
+    try:
+        return str(registry.get(str(name)).cache_identity(OmegaConf.create(train)).get("name", name))
+    except Exception:  # noqa: BLE001 - unknown regime or a hook that rejects the node: its name
+        return name
+
+
 def run_identity(cfg) -> dict:
-    """The run-level tags every table groups by, read from the composed config alone (the pipeline
-    adds what needs the built attack; a failed job's record has only these)."""
-    attack = cfg.get("attack") or {}
-    train = cfg.get("train") or {}
-    return {
+    """The run-level tags every table groups by, read from the composed config and the registries
+    alone (the pipeline adds what needs the built attack; a failed job's record has only these):
+    the names of the dataset, model, attack and training regime, the regime's own name for its
+    loss (`regime`), every option of the attack and train nodes that differs from the method's
+    declared default (`attack.mark`, `train.mmd_weight`, ...), the scale, seed and bdexp version.
+    `case_keys` lists the keys that make the run's case (all but the seed and the version)."""
+    nodes = {group: _plain_node(cfg.get(group) or {}) for group in IDENTITY_GROUPS}
+    ident: dict[str, Any] = {
         "dataset": (cfg.get("dataset") or {}).get("name"),
         "model": (cfg.get("model") or {}).get("name"),
-        "attack": attack.get("name"),
-        "attack_mode": attack.get("mode"),
-        "poison_rate": attack.get("poison_rate"),
-        "scenario": attack.get("scenario"),
-        "train": train.get("name"),
-        "lambda": train.get("mmd_weight"),
-        "kernel": train.get("kernel"),
-        "seed": int(cfg.seed) if cfg.get("seed") is not None else None,
-        "scale": cfg.get("scale_name", "full"),
-        "bdexp_version": bdexp.__version__,
+        **{group: node.get("name") for group, node in nodes.items()},
+        "regime": _regime(nodes["train"]),
     }
+    for group, node in nodes.items():
+        ident.update(changed_options(group, node))
+    ident["scale"] = cfg.get("scale_name", "full")
+    ident[CASE_KEYS] = list(ident)
+    ident["seed"] = int(cfg.seed) if cfg.get("seed") is not None else None
+    ident["bdexp_version"] = bdexp.__version__
+    return ident

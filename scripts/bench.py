@@ -48,7 +48,7 @@ def load_images(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     from bdexp.data import load_dataset
 
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "bdexp" / "conf" / "dataset" / f"{name}.yaml")
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "dataset" / f"{name}.yaml")
     cfg.train_limit = n
     data = load_dataset(cfg, seed=0, cache_dir=None)
     return data.x_train, data.y_train
@@ -136,7 +136,7 @@ def bench_features(n: int, d: int, device: torch.device) -> dict:
     from bdexp.defenses.sr import detect_sr
     from bdexp.defenses.ss import detect_ss
 
-    conf = Path(__file__).resolve().parents[1] / "bdexp" / "conf" / "defense"
+    conf = Path(__file__).resolve().parents[1] / "conf" / "defense"
     rng = np.random.default_rng(0)
     clean = rng.normal(size=(n - n // 10, d)).astype(np.float32)
     poison = (rng.normal(size=(n // 10, d)) + 0.5).astype(np.float32)

@@ -1,4 +1,8 @@
 """The model cache: keyed by content, atomic, weights-only."""
+import os
+from pathlib import Path
+
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -124,3 +128,29 @@ def test_disabled_cache_stores_nothing(tmp_path):
     cache = ModelCache(tmp_path, enabled=False)
     assert cache.put("k", {"w": torch.zeros(1)}, {}) is None and cache.get("k") is None
     assert not cache.root.exists()
+
+
+def test_every_writer_goes_through_one_atomic_write(tmp_path, monkeypatch):
+    """results.json, report tables, cached models and datasets all rename a temporary written in the
+    same directory; a write that fails leaves the old file whole and no temporary."""
+    import bdexp.atomic as atomic
+    from bdexp.atomic import atomic_write
+    from bdexp.cache import atomic_torch_save
+    from bdexp.results import write_results
+
+    renames = []
+    real = os.replace
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (renames.append((Path(a), Path(b))), real(a, b))[1])
+    write_results(tmp_path / "run", {"attack": "patched"}, [])
+    atomic_torch_save({"w": torch.zeros(1)}, tmp_path / "m.pt")
+    assert [b.name for _, b in renames] == ["results.json", "m.pt"]
+    assert all(a.parent == b.parent and a.name.startswith(f".{b.name}.") for a, b in renames)
+
+    def half(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "m.pt", half)
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["w"].tolist() == [0.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "run"]

@@ -49,7 +49,8 @@ def test_failing_job_leaves_a_record_and_a_rerun_skips_the_complete_ones(tmp_pat
     assert [p["status"] for p in payloads.values()] == ["complete", "failed", "complete"]
     err = payloads["1"]["run"]["error"]
     assert err["type"] == "ConfigError" and "poison_rate=5.0" in err["message"]
-    assert payloads["1"]["run"]["poison_rate"] == 5.0 and payloads["1"]["run"]["attack"] == "patched"
+    # the failed job's identity (results.run_identity): the option that differs from the default
+    assert payloads["1"]["run"]["attack.poison_rate"] == 5.0 and payloads["1"]["run"]["attack"] == "patched"
     assert "2 complete, 1 failed" in first.stdout
     stamps = {n: (sweep / n / "results.json").stat().st_mtime_ns for n in ("0", "2")}
 

@@ -30,6 +30,18 @@ def test_tiny_run_learns_the_backdoor_and_writes_results(tiny_cfg, tmp_path):
     assert _metrics(saved) == m
 
 
+def test_the_run_record_names_its_identity_and_the_report_reads_it(tiny_cfg, tmp_path):
+    """results.json holds the options that differ from the methods' defaults (results.run_identity)
+    and the case keys; a report over two runs splits rows on the one they differ in."""
+    for i, rate in enumerate((0.2, 0.3)):
+        pipeline.run(tiny_cfg("train.epochs=1", f"attack.poison_rate={rate}"), tmp_path / "sweep" / str(i))
+    run = json.loads((tmp_path / "sweep" / "0" / "results.json").read_text())["run"]
+    assert run["attack"] == "patched" and run["attack.poison_rate"] == 0.2 and run["regime"] == "standard"
+    assert "attack.poison_rate" in run["case_keys"] and "seed" not in run["case_keys"]
+    table = report(tmp_path / "sweep", tmp_path / "out", "runs")["csv"].read_text()
+    assert "attack.poison_rate" in table.splitlines()[0] and "0.3" in table
+
+
 def test_clean_model_has_low_asr(tiny_cfg, tmp_path):
     m = _metrics(pipeline.run(tiny_cfg("attack=none", "train.epochs=6"), tmp_path))
     assert m["ba"] > 0.9 and "asr" not in m

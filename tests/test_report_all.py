@@ -5,16 +5,23 @@ import json
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from bdexp.report.cli import report
 from bdexp.report.collect import collect
 from bdexp.report.matrix import matrix_table
-from bdexp.results import write_results
+from bdexp.results import run_identity, write_results
+
+
+def _record(config: dict, **extra) -> dict:
+    """A run object as the pipeline writes it: results.run_identity of the composed config."""
+    cfg = {"dataset": {"name": "digits"}, "model": {"name": "convnet"}, "seed": 0, **config}
+    return {**run_identity(OmegaConf.create(cfg)), "config": cfg, **extra}
 
 
 def _run(tmp, name, *, attack="patched", train="standard", seed=0, ba=0.9, asr=1.0, extra=(), lam=None):
-    run = {"dataset": "digits", "model": "convnet", "attack": attack, "attack_mode": "all_to_one", "train": train,
-           "seed": seed, "bdexp_version": "0.1.0", "lambda": lam}
+    train_node = {"name": train, **({"mmd_weight": lam} if lam is not None else {})}
+    run = _record({"seed": seed, "attack": {"name": attack}, "train": train_node})
     metrics = [{"metric": "ba", "value": ba}, {"metric": "asr", "value": asr}, *extra]
     write_results(tmp / "sweep" / name, run, metrics)
 
@@ -82,11 +89,10 @@ def _ispl_run(tmp, name, *, ispl_a, nd_a=0.9, seed=0, attack="watermark", mode="
     """A results.json as the pipeline writes it for an ISPL preset run (identity, config, records)."""
     source, target = {0: (0, 2), 1: (1, 3)}[scenario]
     config = {"seed": seed, "device": device, "progress": False,
+              "dataset": {"name": "cifar10"}, "model": {"name": "preact18"}, "train": {"name": "standard"},
               "attack": {"name": attack, "mode": mode, "scenario": scenario, "poison_rate": eps, **attack_keys},
               "defense": {"nd": {"name": "nd"}, "ispl": {"name": "ispl", "alpha": 0.25}}}
-    run = {"dataset": "cifar10", "model": "preact18", "attack": attack, "attack_mode": mode, "source": source,
-           "target": target, "poison_rate": eps, "scenario": scenario, "train": "standard", "seed": seed,
-           "bdexp_version": "0.1.0", "config": config}
+    run = _record(config, source=source, target=target)
     metrics = [{"metric": "ba", "value": 0.9}, *(plain or [])]
     if nd_a is not None:
         metrics += [{"metric": m, "value": v, "defense": "nd"} for m, v in (("c", 0.9), ("a", nd_a), ("fp", 0), ("fn", 50))]
@@ -212,13 +218,11 @@ def test_keys_an_attack_already_determines_add_no_rows(tmp_path):
     swept poison rate does split."""
     for i, (attack, keys) in enumerate([("patched", {"size": 3}), ("blended", {"alpha": 0.2})]):
         for j, rate in enumerate((0.05, 0.1)):
-            run = {"dataset": "digits", "model": "convnet", "attack": attack, "attack_mode": "all_to_one",
-                   "train": "standard", "seed": 0, "poison_rate": rate,
-                   "config": {"seed": 0, "attack": {"name": attack, "poison_rate": rate, **keys}}}
+            run = _record({"attack": {"name": attack, "poison_rate": rate, **keys}, "train": {"name": "standard"}})
             write_results(tmp_path / "sweep" / f"{i}{j}", run, [{"metric": "ba", "value": 0.9}, {"metric": "asr", "value": 1.0},
                                                                  *_detectors(0.5 + 0.1 * j, 0.9, 0.0)])
     table = matrix_table(collect(tmp_path / "sweep"))
-    assert list(table.index.names) == ["attack", "regime", "poison_rate"]
+    assert list(table.index.names) == ["attack", "regime", "attack.poison_rate"]
     assert table.loc[("patched", "standard", 0.1), "ac s3"] == pytest.approx(0.65)
 
 
@@ -227,9 +231,11 @@ def test_ispl_pair_labels_name_the_mode():
     from bdexp.report.ispl import _sanitizer_rows
 
     df = pd.DataFrame([
-        {"metric": "a", "value": 0.0, "defense": "ispl", "source": 1.0, "target": 3.0, "attack_mode": "one_to_one", "poison_rate": 0.1},
-        {"metric": "a", "value": 0.0, "defense": "ispl", "source": None, "target": 3.0, "attack_mode": "all_to_one", "poison_rate": 0.1},
-        {"metric": "a", "value": 0.0, "defense": "ispl", "source": None, "target": 0.0, "attack_mode": "all_to_all", "poison_rate": 0.1},
+        {"metric": "a", "value": 0.0, "defense": "ispl", "attack": "dlbd", "source": 1.0, "target": 3.0,
+         "attack.mode": "one_to_one"},
+        {"metric": "a", "value": 0.0, "defense": "ispl", "attack": "patched", "source": None, "target": 3.0},  # default mode
+        {"metric": "a", "value": 0.0, "defense": "ispl", "attack": "patched", "source": None, "target": 0.0,
+         "attack.mode": "all_to_all"},
     ])
     assert _sanitizer_rows(df)["pair"].tolist() == ["1/3", "all/3", "y/y+1"]
 
@@ -250,3 +256,73 @@ def test_printed_tables_fit_80_columns_with_every_swept_key(tmp_path, capsys, mo
     assert "attack.mark" in out and all(f" {m} " in out for m in marks)
     assert "same in every row: dataset cifar10, model preact18" in out
     assert "ispl_detail (transposed)" in out
+
+
+# ---- columns come from the records and the registries, not from lists in the report code ---------
+@pytest.fixture
+def new_defenses():
+    """Defenses registered for the test only, one of each kind the matrix shows, with names no
+    report module has ever seen."""
+    from bdexp.defenses import DEFENSES
+
+    kinds = {"zz_pool": "pool_detector", "zz_input": "input_detector", "zz_keep": "sanitizer"}
+    for name, kind in kinds.items():
+        DEFENSES.register(name, kind=kind)(lambda *args, **kwargs: None)
+    yield kinds
+    for name in kinds:
+        DEFENSES.unregister(name)
+
+
+def test_newly_registered_defenses_get_matrix_and_detect_columns(tmp_path, new_defenses):
+    from bdexp.report.detect import detect_table
+
+    extra = [{"metric": "auroc", "value": 0.61, "defense": "zz_pool", "level": "s3", "N": 100, "r": 1.0},
+             *({"metric": m, "value": 0.72, "defense": "zz_input", "pool": p}
+               for m in ("auroc", "aupr", "tpr95") for p in ("train", "test")),
+             {"metric": "a", "value": 0.03, "defense": "zz_keep"}, {"metric": "fp", "value": 10, "defense": "zz_keep"},
+             # a sanitizer's records on a named pool are not an input detector's column
+             {"metric": "auroc", "value": 0.5, "defense": "zz_keep", "pool": "test"}]
+    _run(tmp_path, "0", extra=_detectors(0.6, 0.9, 0.2) + extra)
+    frame = collect(tmp_path / "sweep")
+    table = matrix_table(frame)
+    assert list(table.columns) == ["BA", "ASR", "ac s3", "zz_pool s3", "cd", "zz_input", "ispl TMR", "zz_keep TMR"]
+    assert table.loc[("patched", "standard"), "zz_pool s3"] == pytest.approx(0.61)
+    assert table.loc[("patched", "standard"), "zz_input"] == pytest.approx(0.72)
+    assert table.loc[("patched", "standard"), "zz_keep TMR"] == pytest.approx(0.03)
+    detect = detect_table(frame)
+    assert list(detect.columns) == ["cd", "zz_input"]  # OVL's detectors first, then every other one
+    assert detect.loc[("test", "tpr95"), "zz_input"] == pytest.approx(0.72)
+
+
+def test_identity_holds_the_options_that_differ_from_the_declared_defaults():
+    cfg = {"dataset": {"name": "digits"}, "model": {"name": "convnet"}, "seed": 3,
+           "attack": {"name": "patched", "poison_rate": 0.1, "mode": "one_to_one", "source": 1},
+           "train": {"name": "mlmmdr", "mmd_weight": 0.0, "kernel": "gmk_adaptive"}}
+    ident = run_identity(OmegaConf.create(cfg))
+    assert {k: v for k, v in ident.items() if "." in k} == {"attack.mode": "one_to_one", "attack.source": 1,
+                                                           "train.mmd_weight": 0.0}
+    assert ident["regime"] == "rbt" and ident["seed"] == 3  # λ = 0: the regime's own name (ML-MMDR §5's RBT)
+    assert "seed" not in ident["case_keys"] and "train.mmd_weight" in ident["case_keys"]
+
+
+def test_an_unchanged_option_reads_its_declared_default(tmp_path):
+    """λ swept as {0, default}: the default run's identity lacks train.mmd_weight, the λ table
+    (ML-MMDR Fig. 3) still reads 0.3 for it and RBT's row is labelled as ML-MMDR names it."""
+    from bdexp.report.mmdr import lambda_table
+
+    _run(tmp_path, "0", train="mlmmdr", lam=0.0, asr=0.9)
+    _run(tmp_path, "1", train="mlmmdr", asr=0.8)
+    frame = collect(tmp_path / "sweep")
+    assert set(frame["regime"]) == {"RBT", "ML"}
+    table = lambda_table(frame)
+    assert table.loc[0.0, ("mlmmdr", "asr")] == pytest.approx(0.9)
+    assert table.loc[0.3, ("mlmmdr", "asr")] == pytest.approx(0.8)
+
+
+def test_an_older_record_takes_its_identity_from_its_config(tmp_path):
+    run = {"dataset": "digits", "model": "convnet", "attack": "blended", "train": "standard", "seed": 0,
+           "lambda": None, "config": {"seed": 0, "dataset": {"name": "digits"}, "model": {"name": "convnet"},
+                                      "attack": {"name": "blended", "alpha": 0.3}, "train": {"name": "standard"}}}
+    write_results(tmp_path / "old", run, [{"metric": "ba", "value": 0.9}])
+    frame = collect(tmp_path / "old")
+    assert frame.loc[0, "attack.alpha"] == pytest.approx(0.3) and "attack.alpha" in frame.loc[0, "case_keys"]

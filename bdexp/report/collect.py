@@ -6,24 +6,80 @@ import logging
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 
-from bdexp.results import HASH_EXCLUDED, RESULTS_FILE, UNREADABLE, read_status
+from bdexp.results import (CASE_KEYS, HASH_EXCLUDED, IDENTITY_GROUPS, RESULTS_FILE, UNREADABLE, declared_defaults,
+                           read_status, run_identity)
 
 log = logging.getLogger(__name__)
 
-# Run-level identity copied onto every metric row, so any table is a pivot of one frame.
-RUN_COLUMNS = ("dataset", "model", "attack", "attack_mode", "source", "target", "poison_rate", "scenario",
-               "train", "lambda", "kernel", "seed", "scale", "bdexp_version")
 # Config keys that never tell two cases apart: the seed (tables aggregate over it) and the keys
 # that only change how a run looks or where its files go.
 NOT_A_CASE = ("seed", "hydra", "eval_batch_size", *HASH_EXCLUDED)
+# Display names a paper's module gives a regime's own name (bdexp/report/mmdr.py: ML-MMDR's RBT,
+# ML, SL); other regimes keep theirs.
+REGIME_LABELS: dict[str, str] = {}
 
 
-def regime_label(train: str | None, lam: float | None) -> str | None:
-    """ML-MMDR's names: RBT (λ = 0, the plain two-term loss), ML, SL; other regimes keep theirs."""
-    if train in ("mlmmdr", "slmmdr"):
-        return "RBT" if lam is not None and float(lam) == 0.0 else ("ML" if train == "mlmmdr" else "SL")
-    return train
+def regime_label(regime: str | None) -> str | None:
+    return REGIME_LABELS.get(regime, regime) if regime is not None else None
+
+
+def _cell(value) -> object:
+    """A config or identity value as a frame cell: lists and mappings as JSON text, null "null"
+    (so the values of two runs compare as plain scalars)."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, sort_keys=True, default=str)
+    return "null" if value is None else value
+
+
+def _scalar(value) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def run_tags(run: dict) -> tuple[dict, list[str]]:
+    """The columns a record's run object gives each of its metric rows (its scalar entries, and its
+    identity; results.run_identity) and the keys that make its case. A record without
+    `case_keys` (an older bdexp, or written by hand) takes its identity from its config where it
+    has one, else counts every scalar entry but the seed and version as its case."""
+    tags = {k: v for k, v in run.items() if _scalar(v)}
+    keys = run.get(CASE_KEYS)
+    if not isinstance(keys, list) and isinstance(run.get("config"), dict):
+        try:
+            ident = run_identity(OmegaConf.create(run["config"]))
+        except Exception:  # noqa: BLE001 - a config this bdexp cannot read: the record's own tags
+            ident = {}
+        keys = ident.get(CASE_KEYS)
+        tags = {**{k: v for k, v in ident.items() if v is not None}, **tags}
+    if not isinstance(keys, list):
+        keys = [k for k in tags if k not in ("seed", "bdexp_version")]
+    if "regime" not in keys:  # the regime's name before the selected one (tables.case_keys)
+        keys.insert(keys.index("train") if "train" in keys else len(keys), "regime")
+    tags.update({k: _cell(run[k]) for k in keys if k in run and not _scalar(run[k])})
+    tags["regime"] = regime_label(tags.get("regime") or tags.get("train"))
+    keys = [k for k in keys if k in tags]
+    return {k: (_cell(v) if "." in k else v) for k, v in tags.items()}, keys
+
+
+def option_column(df: pd.DataFrame, group: str, key: str) -> pd.Series:
+    """Option `key` of each row's `group` method (column `<group>.<key>` where the run's identity
+    holds it, i.e. it differs from the default), else that method's declared default
+    (results.declared_defaults); NaN where the method has no such option."""
+    col = f"{group}.{key}"
+    have = df[col] if col in df else pd.Series(None, index=df.index, dtype=object)
+    if group not in df or not have.isna().any():
+        return have
+    defaults = {n: declared_defaults(group, n) for n in df[group].dropna().unique()}
+    fill = df[group].map(lambda n: _cell(defaults[n][key]) if key in defaults.get(n, {}) else None)
+    return have.astype(object).where(have.notna(), fill).infer_objects()
+
+
+def _load_layouts() -> None:
+    """Import every module of bdexp/report, so their REGIME_LABELS are in place."""
+    import bdexp.report as package
+    from bdexp.registry import import_submodules
+
+    import_submodules(package.__name__, package.__path__)
 
 
 def find_results(root: Path) -> list[Path]:
@@ -51,10 +107,8 @@ def flatten_config(node, prefix: str = "") -> dict[str, object]:
             continue
         if isinstance(value, dict):
             out.update(flatten_config(value, f"{name}."))
-        elif isinstance(value, (list, tuple)):
-            out[name] = json.dumps(value, sort_keys=True, default=str)
         else:
-            out[name] = "null" if value is None else value
+            out[name] = _cell(value)
     return out
 
 
@@ -70,7 +124,10 @@ def swept_keys(configs: list[dict[str, object]]) -> list[str]:
 
 def collect(root: Path) -> pd.DataFrame:
     """One row per metric record, tagged with its run's identity and directory, plus one column per
-    config key the complete runs disagree on (dotted name, e.g. `attack.mark`; see tables.case_keys)."""
+    config key the complete runs disagree on (dotted name, e.g. `attack.mark`; see tables.case_keys).
+    Column CASE_KEYS holds each row's case keys (the identity keys, then the swept keys); an
+    attack or train option a run left at its default reads that default (option_column)."""
+    _load_layouts()
     runs = []
     for path in find_results(root):
         try:
@@ -87,8 +144,7 @@ def collect(root: Path) -> pd.DataFrame:
     rows = []
     for path, payload in runs:
         run = payload.get("run", {})
-        ident = {k: run.get(k) for k in RUN_COLUMNS}
-        ident["regime"] = regime_label(run.get("train"), run.get("lambda"))
+        ident, keys = run_tags(run if isinstance(run, dict) else {})
         ident["run_dir"] = str(path.parent)
         ident["status"] = payload.get("status", "complete")
         if ident["status"] == "interrupted":  # part of a run: its re-run (maybe another dir) holds all
@@ -96,6 +152,13 @@ def collect(root: Path) -> pd.DataFrame:
             continue
         flat = configs.get(ident["run_dir"], {})
         ident.update({key: flat[key] for key in swept if key in flat})
+        ident[CASE_KEYS] = tuple(dict.fromkeys([*keys, *(key for key in swept if key in flat)]))
         for rec in payload.get("metrics", []):
             rows.append({**ident, **rec})
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    found = frame[CASE_KEYS].drop_duplicates() if CASE_KEYS in frame else []
+    for col in dict.fromkeys(k for keys in found for k in keys):
+        group, _, key = col.partition(".")
+        if group in IDENTITY_GROUPS and key:
+            frame[col] = option_column(frame, group, key)
+    return frame

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bdexp.report.tables import MARK_COLUMN, TABLES, learnt_runs, pivot_mean, select
+from bdexp.report.tables import INPUT_DETECTOR, MARK_COLUMN, TABLES, learnt_runs, of_kind, pivot_mean, select
 
 METRICS = ["tpr95", "auroc", "aupr"]  # OVL §III-D2's three metrics, in its order
-# OVL Table II's column order (Ours, STRIP, Mahalanobis, ..., MSP), then energy and CD
+# OVL Table II's column order (Ours, STRIP, Mahalanobis, ..., MSP), then energy and CD; every other
+# input detector in the records (tables.defense_kind) follows by name
 DETECTORS = ["overlap", "strip", "mahalanobis", "msp", "energy", "cd", "cd_probs", "cd_feature"]
 SETTING_TAGS = ("variant", "level")
 
@@ -36,16 +37,17 @@ def _order(labels: list[str], first: list[str]) -> list[str]:
 
 @TABLES.register("detect")
 def detect_table(df: pd.DataFrame) -> pd.DataFrame:
-    """OVL Table VII layout: attack (× mode) × pool × metric rows, detector columns; runs whose
-    ASR shows the backdoor was not learnt are left out and their rows marked (tables.LEARNT_MIN)."""
+    """OVL Table VII layout: attack (× mode, a case key) × pool × metric rows, one column per input
+    detector in the records; runs whose ASR shows the backdoor was not learnt are left out and
+    their rows marked (tables.LEARNT_MIN)."""
     rows = select(df, metric=METRICS)
     if rows.empty or "pool" not in rows:
         return pd.DataFrame()
-    rows = rows[rows["pool"].notna()].copy()
+    rows = of_kind(rows[rows["pool"].notna()], INPUT_DETECTOR).copy()
     if rows.empty:
         return pd.DataFrame()
     rows["method"] = method_labels(rows)
-    table = pivot_mean(rows, ["dataset", "model", "regime", "attack", "attack_mode", "pool", "metric"], ["method"],
+    table = pivot_mean(rows, ["dataset", "model", "regime", "attack", "pool", "metric"], ["method"],
                        learnt=learnt_runs(df, "asr"))
     marked = [c for c in table.columns if c == MARK_COLUMN]
     table = table[_order([c for c in table.columns if c != MARK_COLUMN], DETECTORS) + marked]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from bdexp.report.collect import option_column
 from bdexp.report.tables import (MARK_COLUMN, SUCCESS_TMR, TABLES, leave_out, learnt_runs, note_left_out, pivot_mean,
                                  prepare, select)
 
@@ -15,7 +16,7 @@ from bdexp.report.tables import (MARK_COLUMN, SUCCESS_TMR, TABLES, leave_out, le
 METHODS = ["oracle", "nd", "ss_train", "ac_train", "itlm", "ispl"]
 # Table 2's metrics, then ISPL+B's FP/FN after boosting alone (before self-training; bdexp's diagnostic).
 METRICS = ["c", "a", "fp", "fn", "fp_boost", "fn_boost"]
-SUMMARY_COLUMNS = ["dataset", "attack", "attack_mode"]  # Table 1's columns (dataset · attack · mode)
+SUMMARY_COLUMNS = ["dataset", "attack", "attack.mode"]  # Table 1's columns (dataset · attack · mode)
 
 
 def _sanitizer_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -23,14 +24,17 @@ def _sanitizer_rows(df: pd.DataFrame) -> pd.DataFrame:
     if rows.empty:
         return rows
     rows = rows.copy()
-    # source/target; "all/T" for all-to-one (no source class), "y/y+1" for all-to-all
-    source = rows["source"].astype("Int64").astype(str).where(rows["source"].notna(), "all")
-    target = rows["target"].astype("Int64").astype(str).where(rows["target"].notna(), "y+1")
-    if "attack_mode" in rows:
-        all_to_all = rows["attack_mode"] == "all_to_all"
-        source, target = source.where(~all_to_all, "y"), target.where(~all_to_all, "y+1")
-    rows["pair"] = source + "/" + target
-    rows["eps"] = rows["poison_rate"]
+    # the mode and ε of each run's attack (its identity holds them where they are not the default)
+    rows["attack.mode"] = option_column(rows, "attack", "mode")
+    rows["eps"] = option_column(rows, "attack", "poison_rate")
+    # source/target as the built attack resolved them (the pipeline records them with the run);
+    # "all/T" for all-to-one (no source class), "y/y+1" for all-to-all
+    source, target = (pd.to_numeric(rows[c], errors="coerce") if c in rows else pd.Series(float("nan"), index=rows.index)
+                      for c in ("source", "target"))
+    source = source.astype("Int64").astype(str).where(source.notna(), "all")
+    target = target.astype("Int64").astype(str).where(target.notna(), "y+1")
+    all_to_all = rows["attack.mode"] == "all_to_all"
+    rows["pair"] = source.where(~all_to_all, "y") + "/" + target.where(~all_to_all, "y+1")
     return rows
 
 

@@ -4,14 +4,17 @@ ML-MMDR, built to beat difference-based detectors, also evade CD, the overlap de
 
 Cells (one number per detector, mean over seeds):
   - BA, ASR: the model's own clean accuracy and attack success rate (context);
-  - pool detectors (every defense with AUROC records on ML-MMDR's test-time screening pools, §6.1:
-    AC, SS, SR, ...): AUROC at the last conv stage `s3`, averaged over the pools (N, r′) formed;
-  - input detectors (every defense with AUROC records on a named pool: CD and its variants,
-    overlap, STRIP, Mahalanobis, MSP, energy; OVL §III-D3): AUROC on the backdoor test set (pool
-    "test", OVL's setting);
-  - sanitizers (every defense with the sanitizer protocol's A/FP records but ND and Oracle: ISPL,
-    ITLM, SS/AC as training-set sanitizers; ISPL §4): the TMR (or ASR) of the model retrained on
-    what the sanitizer kept — lower is better there, higher AUROC elsewhere.
+  - pool detectors (every defense registered as kind "pool_detector" with AUROC records on
+    ML-MMDR's test-time screening pools, §6.1: AC, SS, SR, ...): AUROC at the last conv stage
+    `s3`, averaged over the pools (N, r′) formed;
+  - input detectors (kind "input_detector" with AUROC records on a named pool: CD and its
+    variants, overlap, STRIP, Mahalanobis, MSP, energy; OVL §III-D3): AUROC on the backdoor test
+    set (pool "test", OVL's setting);
+  - sanitizers (kind "sanitizer" with the sanitizer protocol's A/FP records, but ND and Oracle:
+    ISPL, ITLM, SS/AC as training-set sanitizers; ISPL §4): the TMR (or ASR) of the model
+    retrained on what the sanitizer kept — lower is better there, higher AUROC elsewhere.
+Each kind's columns follow in name order, every defense the records hold (tables.defense_kind; a
+name the registry does not know goes where its records' shape puts it).
 Rows also split on every other swept key (tables.case_keys). Runs whose ASR is below
 tables.LEARNT_MIN credit no detector (their detector cells leave them out, column "undefended
 attack" marks the row). A sanitizer whose threat model does not compose with the run's training
@@ -22,12 +25,9 @@ from __future__ import annotations
 import pandas as pd
 
 from bdexp.report.detect import method_labels
-from bdexp.report.tables import MARK_COLUMN, REFERENCES, TABLES, add_note, learnt_runs, pivot_mean, select
+from bdexp.report.tables import (INPUT_DETECTOR, MARK_COLUMN, POOL_DETECTOR, REFERENCES, SANITIZER, TABLES, add_note,
+                                 learnt_runs, of_kind, pivot_mean, select)
 
-# Known detectors keep this order; others found in the records follow, alphabetically.
-POOL_DETECTORS = ["ac", "ss", "sr"]
-INPUT_DETECTORS = ["cd", "cd_probs", "cd_feature", "overlap", "strip", "mahalanobis", "msp", "energy"]
-SANITIZERS = ["ispl", "itlm", "ss_train", "ac_train"]
 POOL_LEVEL = "s3"  # ML-MMDR's headline level: the last conv stage
 INPUT_POOL = "test"  # the backdoor test set
 ROWS = ["attack", "regime"]
@@ -38,13 +38,9 @@ CONFLICT_NOTE = (f"{CONFLICT}: the sanitizer retrains as ISPL's defender (§3.1.
                  "number measures both threat models at once.")
 
 
-def _ordered(found, known: list[str]) -> list[str]:
-    found = set(found)
-    return [d for d in known if d in found] + sorted(found - set(known))
-
-
 def _long(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Every record the matrix shows, with its `column` label, and the columns in order."""
+    """Every record the matrix shows, with its `column` label, and the columns in order: BA, ASR,
+    then each kind of defense (tables.defense_kind) found in the records, by name."""
     parts, order = [], []
     plain = select(df, metric=["ba", "asr"], plain=True)
     if not plain.empty:
@@ -52,17 +48,16 @@ def _long(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         order += ["BA", "ASR"]
     auroc = select(df, metric="auroc")
     if not auroc.empty and "N" in auroc and "level" in auroc:  # the screening pools
-        pool = auroc[auroc["N"].notna() & (auroc["level"] == POOL_LEVEL)]
+        pool = of_kind(auroc[auroc["N"].notna() & (auroc["level"] == POOL_LEVEL)], POOL_DETECTOR)
         parts.append(pool.assign(column=pool["defense"] + f" {POOL_LEVEL}"))
-        order += [f"{d} {POOL_LEVEL}" for d in _ordered(pool["defense"], POOL_DETECTORS)]
+        order += [f"{d} {POOL_LEVEL}" for d in sorted(set(pool["defense"]))]
     if not auroc.empty and "pool" in auroc:  # the input detectors
-        inputs = auroc[auroc["pool"] == INPUT_POOL]
+        inputs = of_kind(auroc[auroc["pool"] == INPUT_POOL], INPUT_DETECTOR)
         inputs = inputs.assign(column=method_labels(inputs))
         parts.append(inputs)
-        order += sorted(set(inputs["column"]), key=lambda c: (_ordered(inputs["defense"], INPUT_DETECTORS)
-                                                             .index(c.split(" ")[0]), c))
-    protocol = select(df, metric=["a", "fp"])  # the sanitizer protocol's records (defenses/sanitize.py)
-    names = _ordered(set(protocol["defense"].dropna()) - set(REFERENCES), SANITIZERS) if not protocol.empty else []
+        order += sorted(set(inputs["column"]))
+    protocol = of_kind(select(df, metric=["a", "fp"]), SANITIZER)  # the sanitizer protocol (defenses/sanitize.py)
+    names = sorted(set(protocol["defense"].dropna()) - set(REFERENCES)) if not protocol.empty else []
     sanit = select(df, metric="a", defense=names)
     if sanit.empty:
         sanit = select(df, metric="asr", defense=names)

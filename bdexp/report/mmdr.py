@@ -10,16 +10,29 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bdexp.report.collect import REGIME_LABELS, option_column  # noqa: E402
 from bdexp.report.tables import (PLOTS, TABLES, f1_rows, leave_out, learnt_runs, pivot_mean, prepare,  # noqa: E402
                                  save_figure, select)
 
 LEVELS = ["s1", "s2", "s3"]
+MMDR = ["mlmmdr", "slmmdr"]
+# ML-MMDR §5's names: regular backdoor training (λ = 0, the regimes' own name "rbt"), ML- and SL-MMDR
+REGIME_LABELS.update({"rbt": "RBT", "mlmmdr": "ML", "slmmdr": "SL"})
+
+
+def _mmdr_columns(rows: pd.DataFrame) -> pd.DataFrame:
+    """`rows` with ML-MMDR's λ (train.mmd_weight) and kernel (train.kernel) as columns `lambda` and
+    `kernel`, the regime's declared default where a run left them unchanged."""
+    if rows.empty or "train" not in rows:
+        return rows
+    return rows.assign(**{"lambda": option_column(rows, "train", "mmd_weight"),
+                          "kernel": option_column(rows, "train", "kernel")})
 
 
 @TABLES.register("aro")
 def aro_table(df: pd.DataFrame) -> pd.DataFrame:
     """ML-MMDR Table 2: ARO per attack × model (× regime), columns dataset × level."""
-    rows = select(df, metric="aro", analysis="distances", level=LEVELS)
+    rows = _mmdr_columns(select(df, metric="aro", analysis="distances", level=LEVELS))
     return pivot_mean(rows, ["attack", "model", "regime", "kernel"], ["dataset", "level"])
 
 
@@ -33,7 +46,7 @@ def distances_table(df: pd.DataFrame) -> pd.DataFrame:
 @TABLES.register("mmdr_lambda")
 def lambda_table(df: pd.DataFrame) -> pd.DataFrame:
     """ML-MMDR Fig. 3 as a table: BA, ASR and ARO per level against λ, for SL- and ML-MMDR."""
-    runs = df[df["train"].isin(["mlmmdr", "slmmdr"])]
+    runs = _mmdr_columns(df[df["train"].isin(MMDR)])
     plain = select(runs, metric=["ba", "asr"], plain=True).assign(level="-")
     aro = select(runs, metric="aro", analysis="distances", level=LEVELS + ["mean"])
     both = pd.concat([plain, aro]).assign(indicator=lambda d: d["metric"] + d["level"].map(lambda v: "" if v == "-" else f" {v}"))
@@ -66,7 +79,7 @@ def lambda_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
         return []
     long = table.stack(list(range(table.columns.nlevels)), future_stack=True).rename("value").reset_index()
     if "lambda" not in long:  # one λ in the sweep: pivot_mean dropped the constant level
-        long["lambda"] = df.loc[df["train"].isin(["mlmmdr", "slmmdr"]), "lambda"].dropna().iloc[0]
+        long["lambda"] = _mmdr_columns(df[df["train"].isin(MMDR)])["lambda"].dropna().iloc[0]
     indicators = [i for i in ["ba", "asr", "aro s1", "aro s2", "aro s3"] if i in set(long["indicator"])]
     fig, axes = plt.subplots(1, len(indicators), figsize=(3.2 * len(indicators), 3), squeeze=False)
     for ax, ind in zip(axes[0], indicators):

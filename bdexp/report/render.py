@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bdexp.results import atomic_write_text
+from bdexp.atomic import atomic_write_text
 
 
 def _fmt(v) -> str:

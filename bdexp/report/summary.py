@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 
 import pandas as pd
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
 from bdexp.console import console
+from bdexp.options import show
 from bdexp.report.tables import f1_rows
 
 
@@ -107,11 +109,17 @@ def _pivot(df: pd.DataFrame, index: list[str], columns: list[str]) -> pd.DataFra
     return df.pivot_table(index=index, columns=columns, values="value", aggfunc="mean")
 
 
+def changed(run: dict, group: str) -> str:
+    """ " (mode=one_to_one, mark='peace')": the options of `group` the run's identity holds
+    (results.run_identity: those differing from the method's default); "" when none."""
+    opts = [f"{key.split('.', 1)[1]}={show(value)}" for key, value in run.items() if key.startswith(f"{group}.")]
+    return escape(f" ({', '.join(opts)})") if opts else ""  # a list value is no rich markup
+
+
 def print_summary(run: dict, metrics: list[dict]) -> None:
-    lam = "" if run.get("lambda") is None else f" λ={run['lambda']}"
     console.print(
-        f"[bold]{run['dataset']} · {run['model']} · {run['attack']} ({run.get('attack_mode') or '-'}) · "
-        f"{run['train']}{lam} · seed {run['seed']} · "
+        f"[bold]{run['dataset']} · {run['model']} · {run['attack']}{changed(run, 'attack')} · "
+        f"{run['train']}{changed(run, 'train')} · seed {run['seed']} · "
         f"{run['device']} · {run['wall_s']:.1f}s · model {run['model_cache']}", width=print_width()
     )
     df = pd.DataFrame(metrics)

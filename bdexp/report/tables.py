@@ -6,7 +6,8 @@ says how many went into each cell.
 
 Two rules hold in every table:
   - **cases**: a cell never merges runs that differ in anything but the seed. `case_keys` finds
-    the run tags and swept config keys (collect.py) that vary inside a table's cells and the
+    the keys of the runs' identity (results.run_identity: the methods and every option not at its
+    default) and the swept config keys (collect.py) that vary inside a table's cells, and the
     table adds them as row levels (ISPL's watermark marks, CLBD's PGD settings, ...).
   - **learnt attacks**: a defense is credited only against a backdoor its undefended model learnt
     (`LEARNT_MIN`); on the other runs the defenses' records are left out, the rows say so in the
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from bdexp.defenses.contexts import Kind
 from bdexp.registry import Registry
-from bdexp.report.collect import RUN_COLUMNS
+from bdexp.results import CASE_KEYS
 
 # name -> function(long_frame) -> DataFrame; a table may carry notes for its footer in
 # `table.attrs["notes"]` (a list of lines, see add_note)
@@ -27,11 +29,7 @@ TABLES: Registry = Registry("table")
 # name -> function(long_frame, out_dir) -> list of written PNG paths (optional per table)
 PLOTS: Registry = Registry("plot")
 
-RUN_INDEX = ["dataset", "model", "attack", "attack_mode", "train", "seed"]
-# Run tags a table may split rows on, ML-MMDR's regime name before the keys it is made of; the seed
-# is what tables aggregate over and the version is provenance (footer), not a case.
-CASE_TAGS = [tag for c in RUN_COLUMNS if c not in ("seed", "bdexp_version")
-             for tag in (("regime", c) if c == "train" else (c,))]
+RUN_INDEX = ["dataset", "model", "attack", "train", "seed"]
 
 # A defense is credited only against a backdoor its undefended model learnt (issue 12 item 11):
 # for runs whose undefended measure is below its minimum here, the records of the defenses are
@@ -52,6 +50,28 @@ LEARNT_MIN = {
 # and the clean ideal; they are never credited, so they stay in the tables for every run.
 REFERENCES = ("nd", "oracle")
 MARK_COLUMN = "undefended attack"
+# Kinds a defense registers with (bdexp/defenses/contexts.py) that the tables read.
+POOL_DETECTOR, INPUT_DETECTOR, SANITIZER = Kind.pool_detector, Kind.input_detector, Kind.sanitizer
+
+
+def defense_kind(name) -> str | None:
+    """The kind defense `name` registered with (`DEFENSES.meta(name)["kind"]`); None for a name
+    the registry does not know (records of another bdexp) or one that declares no kind."""
+    try:
+        from bdexp.defenses import DEFENSES
+
+        return DEFENSES.meta(str(name)).get("kind")
+    except Exception:  # noqa: BLE001 - unknown name, or a defense package that does not import
+        return None
+
+
+def of_kind(rows: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """The records of defenses registered as `kind`, and of those the registry gives no kind
+    (their records' shape put them here: see each table)."""
+    if rows.empty or "defense" not in rows:
+        return rows.iloc[0:0]
+    kinds = {d: defense_kind(d) for d in rows["defense"].dropna().unique()}
+    return rows[rows["defense"].map(lambda d: kinds.get(d) in (kind, None) if isinstance(d, str) else False)]
 
 
 def select(df: pd.DataFrame, *, metric=None, defense=None, analysis=None, plain: bool = False, **equal) -> pd.DataFrame:
@@ -70,12 +90,22 @@ def select(df: pd.DataFrame, *, metric=None, defense=None, analysis=None, plain:
     return out
 
 
+def candidate_keys(rows: pd.DataFrame) -> list[str]:
+    """The columns that may tell cases apart: each record's case keys (column CASE_KEYS, see
+    collect.py: its run's identity, then the swept config keys), in record order, then any other
+    dotted config column (a frame built by hand)."""
+    found = rows[CASE_KEYS].drop_duplicates() if CASE_KEYS in rows else []
+    keys = [k for keys in found if isinstance(keys, tuple) for k in keys]
+    keys += [c for c in rows.columns if "." in str(c)]
+    return [c for c in dict.fromkeys(keys) if c in rows and c not in ("seed", "bdexp_version")]
+
+
 def case_keys(rows: pd.DataFrame, cell: list[str]) -> list[str]:
-    """The run tags (CASE_TAGS) and swept config keys (collect.py's dotted columns) that differ
-    between runs falling into one cell `cell` (the table's row and column keys): the levels a
-    table must add to its rows so that no cell merges two cases. A key the cell already determines
-    (attack.patch_size under `attack`, poison_rate under ISPL's `eps`) is not added."""
-    candidates = [c for c in CASE_TAGS if c in rows] + [c for c in rows.columns if "." in str(c)]
+    """The case keys (candidate_keys) that differ between runs falling into one cell `cell` (the
+    table's row and column keys): the levels a table must add to its rows so that no cell merges
+    two cases. A key the cell already determines (attack.patch_size under `attack`,
+    attack.poison_rate under ISPL's `eps`) is not added."""
+    candidates = candidate_keys(rows)
     groups = [rows[c].astype(str) for c in cell if c in rows]
     keys: list[str] = []
     for col in candidates:

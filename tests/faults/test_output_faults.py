@@ -147,12 +147,12 @@ def test_every_table_fits_80_columns_and_the_runs_table_tells_the_targets_apart(
     out = res.stdout
     # table lines within 80 columns, no cell cut; a path on its own line is left whole for copying
     assert "…" not in out and max(len(ln) for ln in out.splitlines() if BOX.search(ln)) <= 80, out
-    # the runs table: a target column whose rows read 0 and 1 (the only key the sweep varied)
+    # the runs table: an attack.target column whose rows read 0 and 1 (the only key the sweep varied)
     header = next(ln for ln in out.splitlines() if "┃" in ln and "ba" in ln)
     names = [c.strip() for c in header.strip("┃").split("┃")]
     rows = [[c.strip() for c in ln.strip("│").split("│")] for ln in out.splitlines() if ln.startswith("│")]
-    assert "target" in names
-    assert sorted(r[names.index("target")] for r in rows) == ["0", "1"]
+    assert "attack.target" in names
+    assert sorted(r[names.index("attack.target")] for r in rows) == ["0", "1"]
     # every wide table of --table all, printed where the report cannot write, fits as well
     wide = _run([sys.executable, "-c", "import sys, bdexp.report.cli as c; c.writable = lambda out: False; "
                  "c.main(sys.argv[1:])", str(d), "--table", "all"], tmp_path, columns=80)
