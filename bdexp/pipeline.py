@@ -91,7 +91,7 @@ def clean_reference_model(cfg: DictConfig, data: ImageDataset, device: torch.dev
     clean = clean_attack.poison_train(to_float(data.x_train), data.y_train)
     clean.x = to_uint8(clean.x)
     reference, _ = fit(ref_cfg, data, clean_attack, clean, device, cache,
-                       FitRequest(train_cfg=ref_train, key_extra={"role": "clbd_reference"}, describe="clean reference"))
+                       FitRequest(train_cfg=ref_train, key_extra={"role": "clean_reference"}, describe="clean reference"))
     return reference
 
 

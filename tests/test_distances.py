@@ -80,7 +80,7 @@ def test_distances_grow_with_the_shift():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(200, 8, generator=g)
     noise = torch.randn(200, 8, generator=g)
-    for fn in (lambda a, b: mmd2(a, b), lambda a, b: mmd2(a, b, "lk"), ed2,
+    for fn in (lambda a, b: mmd2(a, b, "gmk_adaptive"), lambda a, b: mmd2(a, b, "lk"), ed2,
                lambda a, b: swd1(a, b, generator=torch.Generator().manual_seed(2))):
         values = [float(fn(x, noise + s)) for s in (0.5, 1.0, 2.0, 4.0)]
         assert values[0] > 0 and all(a < b for a, b in zip(values, values[1:])), values
@@ -120,9 +120,9 @@ def test_mmd2_is_differentiable_and_float32_under_autocast():
         gx, gy = torch.autograd.grad(loss, (x, y))
         assert torch.isfinite(gx).all() and torch.isfinite(gy).all() and gx.abs().sum() > 0
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under = mmd2(x.detach().bfloat16(), y.detach())
+        under = mmd2(x.detach().bfloat16(), y.detach(), "gmk_adaptive")
     assert under.dtype == torch.float32
-    assert float(under) == pytest.approx(float(mmd2(x.detach().bfloat16().float(), y.detach())), rel=1e-5)
+    assert float(under) == pytest.approx(float(mmd2(x.detach().bfloat16().float(), y.detach(), "gmk_adaptive")), rel=1e-5)
 
 
 def test_swd1_in_one_dimension_is_n_times_w1():

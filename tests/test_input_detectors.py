@@ -81,7 +81,7 @@ def test_cd_distils_the_trigger_pixel_and_ranks_triggered_inputs_first():
     x, labels = _toy_inputs(8, 8)
     colors = torch.rand(100, len(x), 3, generator=torch.Generator().manual_seed(2))
     with frozen(model):
-        masks = distill(output_fn(model, "logit", "s3"), x, colors, **HYPER)[:, 0]
+        masks = distill(output_fn(model, "logit", "s3", "logits", 1.0), x, colors, **HYPER, mask_init=1.0, amp=False)[:, 0]
     norms = masks.sum(dim=(1, 2)).numpy()
     trig, clean = masks[labels == 1], masks[labels == 0]
     assert (trig[:, -1, -1] > 0.9).all()  # the trigger pixel is kept ...
@@ -102,7 +102,7 @@ def test_cd_keeps_the_one_pixel_the_model_looks_at():
     x, _ = _toy_inputs(6, 0, seed=11)
     colors = torch.rand(100, len(x), 3, generator=torch.Generator().manual_seed(12))
     with frozen(OnePixel()):
-        masks = distill(output_fn(OnePixel(), "logit", "s3"), x, colors, **HYPER)[:, 0]
+        masks = distill(output_fn(OnePixel(), "logit", "s3", "logits", 1.0), x, colors, **HYPER, mask_init=1.0, amp=False)[:, 0]
     assert (masks[:, 3, 4] > 0.9).all()  # kept: any other colour there changes the logits
     assert (masks.sum(dim=(1, 2)) - masks[:, 3, 4] < 1.0).all()  # the other 63 px add up to < 1 px
 
@@ -190,7 +190,7 @@ def test_strip_entropy_known_answers_and_blends():
     h = strip_entropy(one_class, x, overlays, CPU, batch_size=6)  # 2 inputs × 3 overlays per forward
     assert h.shape == (5,) and np.all(np.abs(h) < 1e-12)
     uniform = ConstantLogits([1.0, 1.0, 1.0, 1.0])
-    np.testing.assert_allclose(strip_entropy(uniform, x, overlays, CPU), np.log(4), rtol=1e-6)
+    np.testing.assert_allclose(strip_entropy(uniform, x, overlays, CPU, 4096), np.log(4), rtol=1e-6)
     seen = torch.cat(one_class.seen).view(5, 3, 3, 4, 4)
     expect = (x.float()[:, None] / 255 + overlays.float()[None] / 255).clamp(0, 1)
     torch.testing.assert_close(seen, expect)
@@ -222,7 +222,7 @@ def test_msp_and_energy_match_numpy_formulas():
         np.testing.assert_allclose(energy_suspicion(t, temp, sign=-1.0), -energy)
     # the default direction calls low confidence suspicious: a flat input outranks a confident one
     pair = torch.tensor([[10.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
-    assert msp_suspicion(pair)[1] > msp_suspicion(pair)[0] and energy_suspicion(pair)[1] > energy_suspicion(pair)[0]
+    assert msp_suspicion(pair)[1] > msp_suspicion(pair)[0] and energy_suspicion(pair, 1.0)[1] > energy_suspicion(pair, 1.0)[0]
 
 
 @pytest.mark.parametrize("d", [5, 40])  # full rank, and singular (10 per class < d): pseudo-inverse
@@ -235,7 +235,7 @@ def test_mahalanobis_matches_a_direct_formula(d):
     centred = feats - means[y]
     prec = np.linalg.pinv(centred.T @ centred / len(feats))
     direct = np.array([min((v - m) @ prec @ (v - m) for m in means) for v in x])
-    mu, p = fit_mahalanobis(feats, y)
+    mu, p = fit_mahalanobis(feats, y, "empirical")
     np.testing.assert_allclose(mahalanobis_min(x, mu, p), direct, rtol=1e-6, atol=1e-8)
     # an unknown estimator is refused when the options are parsed (fit_mahalanobis itself no longer checks)
     with pytest.raises(ConfigError, match=r"defense\.mahalanobis\.covariance='graphical_lasso' is not allowed: "
@@ -334,7 +334,7 @@ def test_overlap_scores_each_input_against_its_predicted_class(tiny_run):
     rf = exp.features(reserve.x, ("penult",))[1]["penult"]
     for i in range(0, len(pool.x), 7):
         c = int(logits[i].argmax())
-        direct = OverlapScorer(norm=2, num_radii=10).fit(rf[reserve.y == c]).score(f["penult"][i:i + 1])
+        direct = OverlapScorer(norm=2, num_radii=10, center="p").fit(rf[reserve.y == c]).score(f["penult"][i:i + 1])
         assert out.scores[i] == pytest.approx(-float(direct[0]))
     with pytest.raises(ConfigError, match="norm"):  # a number, so it parses; the scorer refuses it
         build_overlap(ctx, OverlapOptions.parse({**cfg, "norm": 3}))
@@ -420,7 +420,7 @@ def test_cd_probs_output_is_the_tempered_softmax():
     f = output_fn(model, "logit", "s3", "probs", 2.0)
     np.testing.assert_allclose(f(torch.zeros(1, 1, 2, 2)).numpy(), torch.softmax(torch.tensor([[1.0, 0.0, -1.0]]), 1).numpy(),
                                rtol=1e-6)
-    assert torch.equal(output_fn(model, "logit", "s3")(torch.zeros(1, 1, 2, 2)), model.logits.expand(1, -1))
+    assert torch.equal(output_fn(model, "logit", "s3", "logits", 1.0)(torch.zeros(1, 1, 2, 2)), model.logits.expand(1, -1))
 
 
 # ---------------------------------------------------------------- every detector on a planted backdoor

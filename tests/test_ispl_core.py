@@ -76,8 +76,8 @@ def test_iterations_and_beta_annealing_follow_appendix_c():
     assert [n_iterations(1 / m) for m in (8, 7, 6, 5, 4, 3, 2, 1)] == [5, 5, 5, 5, 5, 5, 4, 3]
     assert n_iterations(0.9) == 3 and n_iterations(0.34) == 4
     # β: 3p → 2p → p over two iterations, then p; capped at 1.
-    assert beta_schedule(1 / 8, 5) == pytest.approx([3 / 8, 2 / 8, 1 / 8, 1 / 8, 1 / 8])
-    assert beta_schedule(0.5, 4) == pytest.approx([1.0, 1.0, 0.5, 0.5])
+    assert beta_schedule(1 / 8, 5, start=3.0, anneal=2) == pytest.approx([3 / 8, 2 / 8, 1 / 8, 1 / 8, 1 / 8])
+    assert beta_schedule(0.5, 4, start=3.0, anneal=2) == pytest.approx([1.0, 1.0, 0.5, 0.5])
     assert beta_schedule(0.2, 5, start=2.0, anneal=1) == pytest.approx([0.4, 0.2, 0.2, 0.2, 0.2])
 
 

@@ -60,7 +60,7 @@ def test_lambda_adds_mean_mmd_over_levels(model, name, levels):
     with torch.no_grad():
         _, feats = model(b.x, features=True)
     x3 = ~b.poison & (b.y == 0)
-    term = sum(mmd2(feats[lv][b.poison], feats[lv][x3]) for lv in levels) / len(levels)
+    term = sum(mmd2(feats[lv][b.poison], feats[lv][x3], "gmk_adaptive") for lv in levels) / len(levels)
     assert float(term) > 0
     assert float((loss - base).detach()) == pytest.approx(0.2 * float(term), rel=1e-4)
     assert _regime(name).levels == tuple(levels)  # the default levels of each regime

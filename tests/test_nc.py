@@ -70,7 +70,7 @@ def test_nc_flags_the_patched_target(patched):
     flagged = {r["class"] for r in _by(rows, "flagged") if r["value"] == 1.0}
     assert exp.target in flagged
     assert all(r["value"] >= 0.99 for r in _by(rows, "reversed_success"))  # every class reached the threshold
-    assert (run_dir / "nc_masks.png").stat().st_size > 0
+    assert (run_dir / "nc" / "nc_masks.png").stat().st_size > 0  # its own folder, not beside .hydra/
 
 
 def test_pruning_curve_and_mask_restored(patched):
@@ -91,7 +91,7 @@ def test_clean_model_skips_pruning(tmp_path):
     rows = [r for r in pipeline.run(cfg, tmp_path)["metrics"] if r.get("defense") == "nc"]
     assert len(_by(rows, "mask_l1")) == cfg.dataset.num_classes
     assert not any("prune_ratio" in r for r in rows)
-    assert not (tmp_path / "nc_masks.png").exists()
+    assert not (tmp_path / "nc" / "nc_masks.png").exists()
 
 
 def test_anomaly_index_on_hand_made_norms():
@@ -103,9 +103,9 @@ def test_anomaly_index_on_hand_made_norms():
     assert index[8] == pytest.approx((median - 4.0) / mad) and index[8] > 2
     big = l1.copy()
     big[8] = 60.0  # a large outlier is anomalous but never flagged: only small triggers are
-    index, flagged = anomaly_index(big)
+    index, flagged = anomaly_index(big, threshold=2.0)
     assert index[8] > 2 and not flagged.any()
-    index, flagged = anomaly_index([12.0] * 10)
+    index, flagged = anomaly_index([12.0] * 10, threshold=2.0)
     assert not flagged.any() and np.all(index == 0)
 
 

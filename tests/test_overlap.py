@@ -74,10 +74,10 @@ def test_identical_samples_give_exactly_one():
     p = np.random.default_rng(0).normal(3.0, 2.0, size=(300, 5))
     for norm in (*NORMS, "inf", 2.0):
         for center in CENTERS:
-            assert overlap_bound(p, p.copy(), norm, center=center) == 1.0
+            assert overlap_bound(p, p.copy(), norm, 10, center=center) == 1.0
             assert overlap_bound(torch.as_tensor(p, dtype=torch.float32), torch.as_tensor(p, dtype=torch.float32),
-                                 norm, center=center) == 1.0
-    assert overlap_bound(np.ones((5, 3)), np.ones((7, 3))) == 1.0  # D = 0: both point masses at one spot
+                                 norm, 10, center=center) == 1.0
+    assert overlap_bound(np.ones((5, 3)), np.ones((7, 3)), 2, 10) == 1.0  # D = 0: both point masses at one spot
 
 
 @pytest.mark.parametrize("kind,d,v", CASES, ids=[f"{k}-d{d}-{v}" for k, d, v in CASES])
@@ -86,7 +86,7 @@ def test_bound_never_falls_below_the_true_overlap(kind, d, v):
         p, q, eta = _case(kind, d, v, seed)
         for norm in NORMS:
             for center in ("best", "pooled", "origin"):
-                b = overlap_bound(p, q, norm, center=center)
+                b = overlap_bound(p, q, norm, 10, center=center)
                 assert eta - TOL <= b <= 1.0, (kind, d, v, seed, norm_name(norm), center, b, eta)
 
 
@@ -96,9 +96,9 @@ def test_the_bound_is_attained_where_theorem_1_is_tight(kind, center):
     term would show); for 'atom0' the mean term alone is off by ε/2."""
     p, q, eta = _tight(np.random.default_rng(1), 0.3, kind)
     for norm in NORMS:  # the atoms lie on e1, where all three norms agree
-        assert overlap_bound(p, q, norm, center=center) == pytest.approx(eta, abs=TOL)
+        assert overlap_bound(p, q, norm, 10, center=center) == pytest.approx(eta, abs=TOL)
     if kind == "atom0":
-        assert overlap_bound(p, q, 2, num_radii=0, center="origin") == pytest.approx(1 - 0.3 / 2, abs=TOL)
+        assert overlap_bound(p, q, 2, 0, center="origin") == pytest.approx(1 - 0.3 / 2, abs=TOL)
 
 
 def test_one_dimensional_boxes_match_the_closed_form():
@@ -107,7 +107,7 @@ def test_one_dimensional_boxes_match_the_closed_form():
     rng = np.random.default_rng(2)
     for s in (0.2, 0.5, 0.8):
         p, q, eta = _boxes(rng, 1, s)
-        assert overlap_bound(p, q, center="pooled") == pytest.approx(1 / (1 + s), abs=TOL)
+        assert overlap_bound(p, q, 2, 10, center="pooled") == pytest.approx(1 / (1 + s), abs=TOL)
         assert 1 / (1 + s) >= eta
 
 
@@ -116,7 +116,7 @@ def test_disjoint_distributions_fall_with_separation():
     for make, seps in ((lambda s: _boxes(rng, 1, s), (1.0, 2.0, 4.0, 8.0)),
                        (lambda s: _gaussians(rng, 3, s), (8.0, 16.0, 32.0, 64.0))):
         for norm in NORMS:
-            bounds = [overlap_bound(*make(s)[:2], norm) for s in seps]
+            bounds = [overlap_bound(*make(s)[:2], norm, 10) for s in seps]
             assert bounds[0] < 1 and all(a > b for a, b in zip(bounds, bounds[1:])), (norm, bounds)
 
 
@@ -124,31 +124,31 @@ def test_centring_makes_the_bound_translation_invariant_and_symmetric():
     p, q, eta = _boxes(np.random.default_rng(4), 3, 0.3)
     offset = np.full(3, 100.0)  # e.g. data that never sit near the origin
     for norm in NORMS:
-        b = overlap_bound(p, q, norm)
-        assert overlap_bound(p + offset, q + offset, norm) == pytest.approx(b, abs=1e-9)
-        assert overlap_bound(q, p, norm) == pytest.approx(b, abs=1e-12)
-        raw = overlap_bound(p + offset, q + offset, norm, center="origin")  # OVL's form: D ≈ ‖offset‖
+        b = overlap_bound(p, q, norm, 10)
+        assert overlap_bound(p + offset, q + offset, norm, 10) == pytest.approx(b, abs=1e-9)
+        assert overlap_bound(q, p, norm, 10) == pytest.approx(b, abs=1e-12)
+        raw = overlap_bound(p + offset, q + offset, norm, 10, center="origin")  # OVL's form: D ≈ ‖offset‖
         assert eta <= b < raw - 0.2 and raw > 0.95
 
 
 def test_inputs_and_errors():
     rng = np.random.default_rng(5)
     x, y = rng.normal(size=200), rng.normal(size=150) + 1
-    flat = overlap_bound(x, y)
-    assert flat == overlap_bound(torch.as_tensor(x[:, None]), torch.as_tensor(y[:, None])) and 0 < flat < 1
+    flat = overlap_bound(x, y, 2, 10)
+    assert flat == overlap_bound(torch.as_tensor(x[:, None]), torch.as_tensor(y[:, None]), 2, 10) and 0 < flat < 1
     with pytest.raises(ValueError, match="differ in dimension"):
-        overlap_bound(rng.normal(size=(10, 3)), rng.normal(size=(10, 4)))
+        overlap_bound(rng.normal(size=(10, 3)), rng.normal(size=(10, 4)), 2, 10)
     for bad in (3, 0, "l2", "two", None, True):
         with pytest.raises(ValueError, match="choose one of 1, 2, inf"):
-            overlap_bound(x, y, norm=bad)
+            overlap_bound(x, y, norm=bad, num_radii=10)
         with pytest.raises(ValueError, match="choose one of 1, 2, inf"):
-            OverlapScorer(norm=bad)
+            OverlapScorer(norm=bad, num_radii=10, center="p")
     with pytest.raises(ValueError, match="center"):
-        overlap_bound(x, y, center="median")
+        overlap_bound(x, y, 2, 10, center="median")
     with pytest.raises(ValueError, match="empty"):
-        overlap_bound(x[:0], y)
+        overlap_bound(x[:0], y, 2, 10)
     with pytest.raises(ValueError, match="num_radii"):
-        overlap_bound(x, y, num_radii=-1)
+        overlap_bound(x, y, 2, num_radii=-1)
 
 
 # ---- the one-class scorer ---------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_scorer_ranks_in_class_above_out_of_class():
     direction = rng.normal(size=d)
     outside = rng.normal(size=(300, d)) + 6 * direction / np.linalg.norm(direction)
     for norm in NORMS:
-        s = OverlapScorer(norm).fit(feats)
+        s = OverlapScorer(norm, 10, "p").fit(feats)
         scores = torch.cat([s.score(inside), s.score(outside)]).numpy()
         labels = np.r_[np.ones(300), np.zeros(300)]  # higher score = more in-class
         assert roc_auc_score(labels, scores) > 0.9, norm_name(norm)
@@ -185,9 +185,9 @@ def test_scorer_ranks_in_class_above_out_of_class():
 
 def test_scorer_errors():
     with pytest.raises(RuntimeError, match="before fit"):
-        OverlapScorer().score(np.zeros((2, 3)))
-    s = OverlapScorer().fit(np.zeros((4, 3)) + np.arange(4)[:, None])
+        OverlapScorer(2, 10, "p").score(np.zeros((2, 3)))
+    s = OverlapScorer(2, 10, "p").fit(np.zeros((4, 3)) + np.arange(4)[:, None])
     with pytest.raises(ValueError, match="dimension 2"):
         s.score(np.zeros((2, 2)))
     with pytest.raises(ValueError, match="center"):
-        OverlapScorer(center="pooled")
+        OverlapScorer(2, 10, center="pooled")

@@ -105,7 +105,7 @@ def test_bound_is_theorem_2_of_the_overlap_bound():
     exp = _stub()
     rows = shift(exp, {**CFG, "repeats": 1})
     m = int(_one(rows, "shift_set_size"))
-    (draw,) = shift_draws(numpy_rng(0, "shift"), len(exp.data.y_test), len(exp.backdoor_test.y_true), m, 1)
+    (draw,) = shift_draws(numpy_rng(0, "shift"), len(exp.data.y_test), len(exp.backdoor_test.y_true), m, 1, "p")
     a_p, a_q = _one(rows, "shift_clean_acc"), _one(rows, "shift_trigger_acc")
     for rho in (0.0, 0.3, 1.0):
         tc, tt = mixture(draw, rho, m)

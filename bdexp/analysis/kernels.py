@@ -72,7 +72,7 @@ def _gaussian_mixture(d2: torch.Tensor, base: torch.Tensor, mults: tuple[float, 
     return k
 
 
-def mmd2_masked(z: torch.Tensor, in_x: torch.Tensor, in_y: torch.Tensor, kernel: str = "gmk_adaptive") -> torch.Tensor:
+def mmd2_masked(z: torch.Tensor, in_x: torch.Tensor, in_y: torch.Tensor, kernel: str) -> torch.Tensor:
     """Biased MMD² (ML-MMDR eq. 3, diagonals included, no square root) between the rows of `z`
     (N, ...) selected by `in_x` and by `in_y` (bool or 0/1, disjoint). A group with no row gives
     a 0/0-free but meaningless value; callers gate on the group sizes."""
@@ -98,7 +98,7 @@ def mmd2_masked(z: torch.Tensor, in_x: torch.Tensor, in_y: torch.Tensor, kernel:
         return kxx + kyy - 2.0 * kxy
 
 
-def mmd2(x: torch.Tensor, y: torch.Tensor, kernel: str = "gmk_adaptive") -> torch.Tensor:
+def mmd2(x: torch.Tensor, y: torch.Tensor, kernel: str) -> torch.Tensor:
     """Biased MMD² between sets x (m, d) and y (n, d), a differentiable scalar (ML-MMDR eq. 3)."""
     if len(x) == 0 or len(y) == 0:
         raise ValueError(f"mmd2 needs two non-empty sets, got sizes {len(x)} and {len(y)}")

@@ -100,7 +100,7 @@ def _bound_about(p: Tensor, q: Tensor, center: Tensor, gap: Tensor, order: float
     return _bound(gap, d_max, radii, p_frac, q_frac)
 
 
-def overlap_bound(p, q, norm=2, num_radii: int = 10, *, center: str = "best", radii_from: str = "pooled") -> float:
+def overlap_bound(p, q, norm, num_radii: int, *, center: str = "best", radii_from: str = "pooled") -> float:
     """Upper bound on η(P, Q) from samples p (n, d) and q (m, d) (OVL Corollary 1).
 
     center: where the balls A_r sit and D is measured from (module docstring): "pooled" (mean of
@@ -139,7 +139,7 @@ class OverlapScorer:
     overlap_bound(feats, x[i:i+1], norm, num_radii, center=center, radii_from="p").
     """
 
-    def __init__(self, norm=2, num_radii: int = 10, center: str = "p"):
+    def __init__(self, norm, num_radii: int, center: str):
         if center not in ("p", "origin"):
             raise ValueError(f"center={center!r}; choose 'p' (the in-class mean) or 'origin'")
         self.order = norm_order(norm)

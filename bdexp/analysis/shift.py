@@ -84,7 +84,7 @@ class ShiftOptions(Options):
 
 
 def shift_draws(rng: np.random.Generator, n_clean: int, n_triggered: int, m: int, repeats: int,
-                clean_from: str = "p") -> list[dict]:
+                clean_from: str) -> list[dict]:
     """Per repeat: P (m clean test indices), `clean` (T's clean part is its first round(ρ·m): P
     itself for clean_from="p", m other clean images for "disjoint") and `triggered` (m
     backdoor-test indices: T's triggered part is the first m − round(ρ·m))."""

@@ -68,7 +68,6 @@ class ClbdOptions(ScenarioOptions):
 class CleanLabelBackdoor(ScenarioAttack):
     name = "clbd"
     Options = ClbdOptions
-    # The pipeline trains a clean reference model for attacks that set this (bdexp.pipeline.prepare).
 
     def build(self, generator: torch.Generator) -> None:
         c, h, w = self.image_shape

@@ -82,7 +82,7 @@ def total_variation(m: torch.Tensor) -> torch.Tensor:
     return (tv_h + tv_w) / m[0].numel()
 
 
-def output_fn(model: nn.Module, variant: str, level: str, output: str = "logits", temperature: float = 1.0
+def output_fn(model: nn.Module, variant: str, level: str, output: str, temperature: float
               ) -> Callable[[torch.Tensor], torch.Tensor]:
     """What CD matches: the logits (authors' code), the softmax probabilities at a temperature
     (`output: probs`, softmax(z / temperature); our option, see cd_probs.yaml), or the flattened
@@ -95,8 +95,8 @@ def output_fn(model: nn.Module, variant: str, level: str, output: str = "logits"
 
 
 def distill(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, colors: torch.Tensor, *, lr: float,
-            betas: tuple[float, float], alpha: float, beta: float, mask_init: float = 1.0,
-            amp: bool = False) -> torch.Tensor:
+            betas: tuple[float, float], alpha: float, beta: float, mask_init: float,
+            amp: bool) -> torch.Tensor:
     """Masks (b, 1, h, w) for float images x (b, c, h, w) on one device; colors (steps, b, c) holds
     the random colour δ of every step and image. f must belong to a frozen model."""
     b, c, h, w = x.shape

@@ -7,20 +7,25 @@ was flagged.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from bdexp.defenses.contexts import InspectorContext, ModelView, Reserve, check_context
 
 
-def inspector_context(exp) -> InspectorContext:
+def inspector_context(exp, name: str) -> InspectorContext:
     idx = exp.reserve_index
     reserve = Reserve(exp.data.x_test[idx], exp.data.y_test[idx].clone(), idx.numpy())
+    run_dir = exp.info.get("run_dir")
+    # a folder of its own: the run directory holds the run's config (.hydra/), which names the attack
+    out_dir = None if run_dir is None else Path(run_dir) / name
     ctx = InspectorContext(seed=exp.seed, view=ModelView(exp.model, exp.device, int(exp.cfg.eval_batch_size)),
-                           reserve=reserve, num_classes=exp.data.num_classes, out_dir=exp.info.get("run_dir"))
+                           reserve=reserve, num_classes=exp.data.num_classes, out_dir=out_dir)
     check_context(ctx)
     return ctx
 
 
 def run_inspector(exp, name: str, opts, inspect, meta: dict) -> list[dict]:
-    ctx = inspector_context(exp)
+    ctx = inspector_context(exp, name)
     with exp.sealed(name):
         out = inspect(ctx, opts)
     score = meta.get("score")

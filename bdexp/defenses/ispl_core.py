@@ -231,7 +231,7 @@ def n_iterations(p: float) -> int:
     return 2 + min(3, math.floor(1.0 / p + 1e-9))
 
 
-def beta_schedule(p: float, n_iter: int, start: float = 3.0, anneal: int = 2) -> list[float]:
+def beta_schedule(p: float, n_iter: int, start: float, anneal: int) -> list[float]:
     """β_t for t = 1..N: start·p, then linearly down to p over `anneal` iterations, capped at 1
     (App. C: "β starts at 3∗p ... then drops linearly to its final value of p over the next 2")."""
     out = []

@@ -48,7 +48,7 @@ class ReversedTriggers:
     reached: torch.Tensor  # (K,) bool: the threshold was reached (else the last mask is kept)
 
 
-def anomaly_index(l1: Sequence[float] | np.ndarray, threshold: float = 2.0,
+def anomaly_index(l1: Sequence[float] | np.ndarray, threshold: float,
                   consistency: float = MAD_CONSISTENCY) -> tuple[np.ndarray, np.ndarray]:
     """NC's MAD outlier test (NC §IV-C). Returns (index, flagged) per class.
 

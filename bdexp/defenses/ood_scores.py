@@ -67,13 +67,13 @@ def msp_suspicion(logits: torch.Tensor, sign: float = 1.0) -> np.ndarray:
     return (-sign * torch.softmax(logits.double(), dim=1).max(dim=1).values).numpy()
 
 
-def energy_suspicion(logits: torch.Tensor, temperature: float = 1.0, sign: float = 1.0) -> np.ndarray:
+def energy_suspicion(logits: torch.Tensor, temperature: float, sign: float = 1.0) -> np.ndarray:
     """E(x) = −T·logsumexp(f(x)/T) (sign = +1: high energy suspicious, Liu et al.) or −E(x)."""
     e = -temperature * torch.logsumexp(logits.double() / temperature, dim=1)
     return (sign * e).numpy()
 
 
-def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, covariance: str = "empirical"
+def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, covariance: str
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(class means (C', d) of the classes present, precision (d, d)) of a tied covariance fitted to
     the class-centred features (Lee et al. §2)."""

@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bdexp import metrics
 from bdexp.defenses import DEFENSES
@@ -61,28 +61,54 @@ def defender_training(exp, name: str, opts) -> DictConfig:
     return defender_train_cfg(exp.cfg.train, opts.retrain_regime, f"defense.{name}.retrain_regime")
 
 
-def sanitizer_context(exp, name: str, opts, meta: dict) -> SanitizerContext:
+def _detached(node) -> DictConfig:
+    """A copy of a config node with no parent: nothing in it leads back to the run's config."""
+    return OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+
+
+def sanitizer_context(exp, name: str, opts, meta: dict) -> tuple[SanitizerContext, torch.Tensor | None]:
     """What the sanitizer has (ISPL §3.1): the training images and given labels, the model trained on
-    them, a trainer with its own regime, the run's schedule length; the oracle also the flags."""
+    them, a trainer with its own regime, the run's schedule length; the oracle also the flags.
+
+    Returns (context, order). Rows an attack appended (`inject: append`) sit after the original
+    ones, so their position would give them away: then the context holds the rows in a seeded
+    random `order`, and the sanitizer's keep-masks are mapped back (`unshuffle`). None: as stored."""
     ts, cfg = exp.train_set, exp.cfg
     view = ModelView(exp.model, exp.device, int(cfg.eval_batch_size))
-    x, y, model_cfg, device = ts.x, ts.y, cfg.model, exp.device
-    augment = cfg.dataset.augment
-    train_cfg = defender_training(exp, name, opts) if meta.get("retrain", True) else None
+    order = None
+    if len(ts.y) > len(exp.data.y_train):
+        order = torch.from_numpy(exp.rng("sanitizer/order").permutation(len(ts.y)))
+    x, y = (ts.x, ts.y) if order is None else (ts.x[order], ts.y[order])
+    model_cfg, device = _detached(cfg.model), exp.device
+    crop_padding, flip = int(cfg.dataset.augment.crop_padding), bool(cfg.dataset.augment.flip)
+    train_cfg = _detached(defender_training(exp, name, opts)) if meta.get("retrain", True) else None
 
     def make_trainer() -> TensorTrainer:
         """Trains the defender's models: the run's model, optimiser settings and augmentation under
         the defense's `retrain_regime` (never the run's regime: it may be the attacker's)."""
-        return TensorTrainer(x, y, model_cfg, train_cfg, device, crop_padding=int(augment.crop_padding),
-                             flip=bool(augment.flip), eval_batch_size=view.eval_batch_size,
-                             regime=REGIMES.get(str(train_cfg.name)))
+        return TensorTrainer(x, y, model_cfg, train_cfg, device, crop_padding=crop_padding, flip=flip,
+                             eval_batch_size=view.eval_batch_size, regime=REGIMES.get(str(train_cfg.name)))
 
     common = dict(seed=exp.seed, x=x, y=y, num_classes=exp.data.num_classes, view=view,
                   model_name=str(cfg.model.name), make_trainer=make_trainer, train_epochs=int(cfg.train.epochs),
                   reference_epochs=float(cfg.sanitizer_reference_epochs))
-    ctx = OracleContext(**common, poison=ts.poison.clone()) if meta.get("reads_ground_truth") else SanitizerContext(**common)
+    if meta.get("reads_ground_truth"):
+        poison = ts.poison if order is None else ts.poison[order]
+        ctx = OracleContext(**common, poison=poison.clone())
+    else:
+        ctx = SanitizerContext(**common)
     check_context(ctx)
-    return ctx
+    return ctx, order
+
+
+def unshuffle(mask, order: torch.Tensor | None) -> torch.Tensor:
+    """A keep-mask over the context's rows as a mask over the stored training set."""
+    mask = torch.as_tensor(mask, dtype=torch.bool).cpu()
+    if order is None or mask.shape != order.shape:
+        return mask  # (a wrong shape is reported by _mask)
+    out = torch.empty_like(mask)
+    out[order] = mask
+    return out
 
 
 def threat_model_conflict(exp) -> str | None:
@@ -108,13 +134,14 @@ def run_sanitizer(exp, name: str, opts, keep_fn: KeepFn, meta: dict) -> list[dic
     """Sanitize, retrain on the kept set with the defender's regime (cached by the mask's hash)
     and score the result. `meta["retrain"] = False` (ND only) scores the run's own model."""
     retrain = meta.get("retrain", True)
-    ctx = sanitizer_context(exp, name, opts, meta)
-    train_cfg = defender_training(exp, name, opts) if retrain else None  # checks the regime before any work
+    ctx, order = sanitizer_context(exp, name, opts, meta)
+    train_cfg = defender_training(exp, name, opts) if retrain else None
     start = time.perf_counter()
     with exp.sealed(name):
         keep, info = keep_fn(ctx, opts)
-    keep = _mask(keep, exp, name)
-    stages = {stage: _mask(mask, exp, f"{name} ({stage})") for stage, mask in (info.pop("stages", None) or {}).items()}
+    keep = _mask(unshuffle(keep, order), exp, name)
+    stages = {stage: _mask(unshuffle(mask, order), exp, f"{name} ({stage})")
+              for stage, mask in (info.pop("stages", None) or {}).items()}
     defense_s = time.perf_counter() - start
     kept = keep.nonzero().flatten()
     if not retrain:

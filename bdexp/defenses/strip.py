@@ -38,7 +38,7 @@ class StripOptions(InputDetectorOptions):
 
 @torch.no_grad()
 def strip_entropy(model: nn.Module, x: torch.Tensor, overlays: torch.Tensor, device: torch.device,
-                  batch_size: int = 4096) -> np.ndarray:
+                  batch_size: int) -> np.ndarray:
     """Mean prediction entropy of each image of x over its blends with every overlay; about
     `batch_size` blended images per forward pass."""
     model.eval()

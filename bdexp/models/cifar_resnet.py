@@ -52,7 +52,7 @@ class CifarResNet(FeatureModel):
         num_classes: int,
         mean: Sequence[float],
         std: Sequence[float],
-        width: float = 1.0,
+        width: float,  # ModelOptions.width (conf/model/*.yaml)
     ):
         super().__init__(in_channels, num_classes, mean, std)
         w = [scaled(c, width) for c in (16, 32, 64)]

@@ -36,7 +36,7 @@ class ConvNet(FeatureModel):
         num_classes: int,
         mean: Sequence[float],
         std: Sequence[float],
-        width: float = 1.0,
+        width: float,  # ModelOptions.width (conf/model/*.yaml)
     ):
         super().__init__(in_channels, num_classes, mean, std)
         c1, c2, c3 = scaled(32, width), scaled(64, width), scaled(128, width)

@@ -82,7 +82,7 @@ class ResNet(FeatureModel):
         num_classes: int,
         mean: Sequence[float],
         std: Sequence[float],
-        width: float = 1.0,
+        width: float,  # ModelOptions.width (conf/model/*.yaml)
     ):
         super().__init__(in_channels, num_classes, mean, std)
         block = PreActBlock if preact else BasicBlock

@@ -40,7 +40,7 @@ class VGG(FeatureModel):
         num_classes: int,
         mean: Sequence[float],
         std: Sequence[float],
-        width: float = 1.0,
+        width: float,  # ModelOptions.width (conf/model/*.yaml)
     ):
         super().__init__(in_channels, num_classes, mean, std)
         groups: list[list[nn.Module]] = [[]]
