@@ -20,7 +20,7 @@ USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, 
 
 
 @hydra.main(version_base="1.3", config_path="pkg://bdexp.conf", config_name="config")
-def _main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> float | None:
     # Imports live inside: process launchers (joblib, submitit) pickle this function by value,
     # so it must not capture module globals such as the rich console (it holds a lock).
     import logging
@@ -32,7 +32,7 @@ def _main(cfg: DictConfig) -> None:
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    from bdexp import jobs, pipeline, validation
+    from bdexp import jobs, objective, pipeline, validation
     from bdexp.console import console, print_error
     from bdexp.errors import BdexpError
 
@@ -51,7 +51,7 @@ def _main(cfg: DictConfig) -> None:
     digest = jobs.config_hash(cfg)
     if jobs.completed(run_dir, digest):
         log.info("skipped: %s already holds complete results for this config (hash %s)", run_dir, digest)
-        return
+        return objective.run_objective(cfg, run_dir)  # a sweeper still gets the job's number
     n_jobs = hc.launcher.get("n_jobs") if in_sweep else None
     if n_jobs is not None and int(n_jobs) < 0:  # joblib: -1 = all cores
         n_jobs = os.cpu_count()
@@ -60,9 +60,10 @@ def _main(cfg: DictConfig) -> None:
         torch.set_num_threads(threads)
     with open_dict(cfg):
         cfg.device = jobs.pinned_device(str(cfg.device), hc.job.num if in_sweep else None)
+    payload = None
     try:
         with jobs.interruptible():  # SIGINT/SIGTERM: results so far kept, one line, exit 130/143
-            pipeline.run(cfg, run_dir, config_hash=digest)
+            payload = pipeline.run(cfg, run_dir, config_hash=digest)
     except jobs.Interrupted as err:
         print(err.message(), file=sys.stderr)
         sys.exit(err.exit_code)
@@ -78,6 +79,9 @@ def _main(cfg: DictConfig) -> None:
         else:  # main() prints the traceback
             err.bdexp_record = path
             raise
+    # The number a sweeper (hydra/sweeper=optuna) optimises, when the config names one; outside the
+    # try: an objective that matches no record is a config error that stops the sweep.
+    return objective.run_objective(cfg, payload) if payload is not None else None
 
 
 def record_failure(run_dir, cfg: DictConfig, digest: str | None, err: BaseException,

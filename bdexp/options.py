@@ -1,5 +1,5 @@
 """How every method declares its options, once: a frozen dataclass of typed fields with their
-defaults and allowed values (docs/development.md, "Options").
+defaults and allowed values (README, "Adding a method").
 
     @dataclass(frozen=True)
     class ACOptions(Options):
@@ -117,7 +117,7 @@ def _describe(tp) -> str:
         if item.startswith(("a ", "an ")):
             return f"a list of {item.split(' ', 1)[1]}s"
         return f"a list, each item {item}"
-    if origin is dict:
+    if origin is dict or _is_options(tp):
         return "a mapping"
     return getattr(tp, "__name__", str(tp))
 
@@ -230,14 +230,21 @@ class Options:
         for key, value in raw.items():
             if key not in fields:
                 continue
-            ok, _ = _convert(hints[key], value) if not _is_options(hints[key]) else (isinstance(value, Mapping), value)
+            nested, optional = _options_of(hints[key])
+            if nested is not None:  # a block of options (or null, where the type allows it)
+                if value is None and optional:
+                    continue
+                if not isinstance(value, Mapping):
+                    out.append(f"{where}.{key}={show(value)} is not allowed: use a mapping"
+                               + (" or null" if optional else ""))
+                    continue
+                out += nested.problems(value, f"{where}.{key}")
+                continue
+            ok, _ = _convert(hints[key], value)
             bounds = fields[key].metadata.get("bounds")
             allowed = _describe(hints[key]) + (f" {bounds.describe()}" if bounds and bounds.describe() else "")
             if not ok:
                 out.append(f"{where}.{key}={show(value)} is not allowed: use {allowed}")
-                continue
-            if _is_options(hints[key]):
-                out += hints[key].problems(value, f"{where}.{key}")
                 continue
             if fields[key].metadata.get("nonempty") and isinstance(value, (list, tuple)) and not value:
                 out.append(f"{where}.{key}=[] is not allowed: use a non-empty list")
@@ -276,6 +283,17 @@ class Options:
             v = getattr(self, name)
             out[name] = v.as_dict() if isinstance(v, Options) else list(v) if isinstance(v, tuple) else v
         return out
+
+
+def _options_of(tp) -> tuple[type | None, bool]:
+    """(the Options class of a field typed `X` or `X | None`, whether None is allowed), or (None, _)."""
+    if _is_options(tp):
+        return tp, False
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if not _is_none(a)]
+        if len(args) == 1 and _is_options(args[0]):
+            return args[0], len(args) < len(typing.get_args(tp))
+    return None, False
 
 
 def _is_options(tp) -> bool:

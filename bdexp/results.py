@@ -14,7 +14,7 @@ from bdexp.atomic import atomic_write_text
 RESULTS_FILE = "results.json"
 # Top-level config keys that change how a run looks or where files go, not what it computes: the
 # config hash (jobs.py) leaves them out, and report tables never split rows on them.
-HASH_EXCLUDED = ("progress", "cache", "device", "threads", "checkpoint_every")
+HASH_EXCLUDED = ("progress", "cache", "device", "threads", "checkpoint_every", "objective")
 
 
 def record(metric: str, value: float, **tags: Any) -> dict:
@@ -123,7 +123,7 @@ class PartialRecords:
 
 
 # The config groups whose selected method a run's identity names, with the registry declaring
-# each method's options (module, registry attribute); docs/development.md, "Options".
+# each method's options (module, registry attribute); README, "Adding a method".
 IDENTITY_GROUPS = {"attack": ("bdexp.attacks", "ATTACKS"), "train": ("bdexp.training", "REGIMES")}
 # The run record's list of the identity keys that make its case (all but the seed and version).
 CASE_KEYS = "case_keys"

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bdexp.errors import ConfigError
 from bdexp.models.base import Level
+from bdexp.objective import ObjectiveOptions
 from bdexp.options import Options, option
 
 
@@ -53,6 +54,7 @@ class RunOptions(Options):
     sanitizer_reference_epochs: float = option(100, lo=0, lo_open=True)
     screening: ScreeningOptions = option(ScreeningOptions())
     cache: CacheOptions = option(CacheOptions())
+    objective: ObjectiveOptions | None = None  # the number a sweep optimises (bdexp/objective.py)
 
 
 def one_line(text) -> str:
