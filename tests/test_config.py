@@ -73,6 +73,8 @@ def test_a_built_wheel_ships_every_config(tmp_path):
     shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
     expected = {"bdexp/conf/" + str(p.relative_to(CONF_DIR)) for p in CONF_DIR.rglob("*.yaml")}
     assert expected <= shipped, f"missing from the wheel: {sorted(expected - shipped)}"
+    # the SLURM launcher, in Hydra's plugin namespace (conf/hydra/launcher/slurm.yaml's _target_)
+    assert "hydra_plugins/bdexp_launcher/__init__.py" in zipfile.ZipFile(wheel).namelist()
 
 
 ISPL_PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("ispl_*.yaml"))
