@@ -146,30 +146,14 @@ def _registry(group: str):
     module, attr = IDENTITY_GROUPS[group]
     try:
         return getattr(importlib.import_module(module), attr)
-    except Exception:  # noqa: BLE001 - a package that does not import: the YAML defaults still serve
+    except Exception:  # noqa: BLE001 - a package that does not import: no declarations to compare with
         return None
-
-
-def _yaml_defaults(group: str, name: str, depth: int = 0) -> dict:
-    """conf/<group>/<name>.yaml with the files of its `defaults` list merged under it."""
-    from omegaconf import OmegaConf
-
-    from bdexp.options import CONF_DIR, yaml_node
-
-    path = CONF_DIR / group / f"{name}.yaml"
-    if depth > 8 or not path.is_file():
-        return {}
-    bases = OmegaConf.to_container(OmegaConf.load(path), resolve=False).get("defaults") or []
-    out: dict = {}
-    for base in bases:
-        if isinstance(base, str) and base != "_self_":
-            out.update(_yaml_defaults(group, base, depth + 1))
-    return {**out, **yaml_node(group, name)}
 
 
 def declared_defaults(group: str, name: str | None) -> dict:
     """option -> default of method `name` of config group `group`: its registered Options
-    declaration, else its YAML file; {} for a method neither knows."""
+    declaration (every registered method has one: tests/test_options.py); {} for a name the
+    registry does not know (a failed job's record)."""
     if name is None:
         return {}
     registry = _registry(group)
@@ -177,14 +161,7 @@ def declared_defaults(group: str, name: str | None) -> dict:
         declared = registry.options(str(name)) if registry is not None else None
     except Exception:  # noqa: BLE001 - an unknown name (a failed job's record): nothing declared
         declared = None
-    if declared is not None:
-        return declared.defaults()
-    try:
-        node = _yaml_defaults(group, str(name))
-    except Exception:  # noqa: BLE001 - an unreadable YAML: nothing declared
-        return {}
-    node.pop("name", None)
-    return node
+    return declared.defaults() if declared is not None else {}
 
 
 def _same(a, b) -> bool:

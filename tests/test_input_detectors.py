@@ -361,8 +361,8 @@ def test_bad_config_and_clean_pools(tiny_run):
     # run_defense parses too: the evaluator is never reached
     with pytest.raises(ConfigError, match=r"defense\.cd\.variant='pixels'"):
         run_defense(exp, "cd", OmegaConf.create({"name": "cd", "variant": "pixels"}))
-    with pytest.raises(ConfigError, match="pools=\\[\\] must name at least one"):
-        run_input_detector(exp, "x", InputDetectorOptions.parse({"pools": []}), build_msp, {})
+    with pytest.raises(ConfigError, match=r"defense\.x\.pools=\[\] is not allowed: use a non-empty list"):
+        InputDetectorOptions.parse({"pools": []}, "defense.x")
     # a pool without poisoned inputs (attack `none`) is skipped, and nothing is built
     p = input_pool(exp, "train", 2000)
     exp.info[INFO_KEY][("train", 7)] = InputPool("train", p.x, np.zeros_like(p.labels), p.index, len(p.labels), 0)

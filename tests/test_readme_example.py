@@ -70,3 +70,32 @@ def test_the_readme_detector_runs_and_shows_in_detect_and_matrix(margin, tmp_pat
     assert len(auroc) == 2 and auroc.between(0, 1).all()
     assert any("margin" in str(c) for c in TABLES.get("detect")(df).columns)
     assert any("margin" in str(c) for c in TABLES.get("matrix")(df).columns)
+
+
+def test_the_readme_detector_is_one_file_and_one_yaml_in_the_package(tmp_path):
+    """Drop the README's two files into a copy of the installed layout (bdexp/ with its conf as
+    bdexp/conf, as a wheel installs it): the registry finds the detector with no other file
+    touched, and `bdexp defense=[margin]` runs it end to end."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    site = tmp_path / "site"
+    shutil.copytree(root / "bdexp", site / "bdexp", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "conf", site / "bdexp" / "conf", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "hydra_plugins", site / "hydra_plugins", ignore=shutil.ignore_patterns("__pycache__"))
+    (site / "bdexp" / "defenses" / "margin.py").write_text(example("python"))
+    (site / "bdexp" / "conf" / "defense" / "margin.yaml").write_text(example("yaml"))
+    env = {**os.environ, "PYTHONPATH": str(site), "BDEXP_CACHE_DIR": str(tmp_path / "cache")}
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bdexp", *with_tiny("defense=[margin]", "defense.margin.max_pool=60"),
+           f"hydra.run.dir={run}"]
+    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    which = subprocess.run([sys.executable, "-c", "import bdexp; print(bdexp.__file__)"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True).stdout
+    assert which.startswith(str(site)), which  # the copy ran, not the repository
+    records = json.loads((run / "results.json").read_text())["metrics"]
+    assert {r["pool"] for r in records if r.get("defense") == "margin" and r["metric"] == "auroc"} == {"train", "test"}

@@ -187,15 +187,18 @@ def test_a_requeued_job_resumes_from_its_checkpoint_to_the_weights_of_an_uninter
 
 
 def test_timeouts_requeue_and_resume_until_max_num_timeout_is_used_up(tmp_path, partition):
-    """timeout_min=1: SIGUSR2 signal_delay_s before the limit, submitit requeues the job; with
-    max_num_timeout=6 it resumes until done, with max_num_timeout=0 it stops at the first."""
-    slow = [*SLOW, "train.epochs=30", "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30"]
-    again = Sweep(tmp_path, partition, "timeout6", *slow, "hydra.launcher.max_num_timeout=6")
-    never = Sweep(tmp_path, partition, "timeout0", *slow, "hydra.launcher.max_num_timeout=0")
+    """timeout_min=1: SIGUSR2 arrives signal_delay_s (and, SLURM's resolution, up to 30 s more)
+    before the limit and submitit requeues the job. A job that needs more than a minute on any
+    machine like this one (150 epochs, ~85 s here) is interrupted at least once; with
+    max_num_timeout=10 it resumes until done, with max_num_timeout=0 it stops at the first."""
+    limit = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30"]
+    again = Sweep(tmp_path, partition, "timeout10", *SLOW, "train.epochs=150", *limit,
+                  "hydra.launcher.max_num_timeout=10")
+    never = Sweep(tmp_path, partition, "timeout0", *SLOW, "train.epochs=1000", *limit, "hydra.launcher.max_num_timeout=0")
     procs = [again.start(), never.start()]
     stops = [holds_released(again.name), holds_released(never.name)]
     try:
-        outs = [p.communicate(timeout=600)[0] for p in procs]
+        outs = [p.communicate(timeout=900)[0] for p in procs]
     finally:
         for s in stops:
             s.set()

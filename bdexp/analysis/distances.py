@@ -87,7 +87,7 @@ def _pair_values(x: torch.Tensor, y: torch.Tensor, opts: DistanceOptions, seed: 
 @ANALYSES.register("distances", options=DistanceOptions)
 def distances(exp, cfg) -> list[dict]:
     """Distances a/b/c, ranks and ARO per level (ML-MMDR §4); see the module docstring."""
-    opts = DistanceOptions.parse(cfg)
+    opts = DistanceOptions.of(cfg, "analysis.distances")
     attack = exp.attack
     if not has_backdoor(attack):
         return _skipped("attack=none: there is no backdoor target class")

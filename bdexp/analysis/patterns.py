@@ -74,7 +74,7 @@ class PatternOptions(SearchOptions):
 def options(cfg, num_classes: int) -> PatternOptions:
     """The analysis options of `cfg` (defaults: PatternOptions) with `classes` resolved: every
     class when null, else checked against `num_classes`."""
-    opts = PatternOptions.parse(cfg, "analysis.patterns")
+    opts = PatternOptions.of(cfg, "analysis.patterns")
     classes = tuple(range(num_classes)) if opts.classes is None else opts.classes
     if not classes or len(set(classes)) != len(classes) or not all(0 <= c < num_classes for c in classes):
         raise ConfigError(f"analysis.patterns.classes={list(classes)}: need distinct class indices in "

@@ -125,7 +125,7 @@ def _spaces(exp, images: torch.Tensor, opts: ShiftOptions) -> dict[str, torch.Te
 @ANALYSES.register("shift", options=ShiftOptions)
 def shift(exp, cfg) -> list[dict]:
     """Measured accuracy and Theorem 2's bound against the purity ρ (OVL Theorem 2, Fig. 5)."""
-    opts = ShiftOptions.parse(cfg)
+    opts = ShiftOptions.of(cfg, "analysis.shift")
     rhos, norms = opts.rhos, opts.orders
     bd = exp.backdoor_test
     n_clean, n_trig = len(exp.data.y_test), len(bd.y_true)

@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -44,7 +44,8 @@ from bdexp.results import record
 
 log = logging.getLogger(__name__)
 
-POOLS = ("train", "test")
+PoolName = Literal["train", "test"]
+POOLS = get_args(PoolName)
 INFO_KEY = "input_pools"
 
 Scorer = Callable[[torch.Tensor, str], DetectorOutput]
@@ -54,7 +55,7 @@ Scorer = Callable[[torch.Tensor, str], DetectorOutput]
 class InputDetectorOptions(Options):
     """Keys every input detector has (conf/defense/msp.yaml explains them)."""
 
-    pools: tuple[Literal["train", "test"], ...] = option(["train", "test"])
+    pools: tuple[PoolName, ...] = option(["train", "test"], nonempty=True)
     max_pool: int | None = option(2000, lo=2)  # stratified seeded cap per pool; null = all
     reserve_per_class: int = option(10, lo=1)  # clean reserve images per class (OVL §III-D3: 10)
 
@@ -161,8 +162,6 @@ def run_input_detector(exp, name: str, opts: InputDetectorOptions, build: Callab
     A pool without both clean and poisoned inputs (attack `none`) gets one `skipped` record.
     `meta["tags"]` (optional): opts -> tags on every record (e.g. CD's variant)."""
     tags = dict(meta["tags"](opts)) if meta.get("tags") else {}
-    if not opts.pools:
-        raise ConfigError(f"defense {name!r}: pools=[] must name at least one of {list(POOLS)}")
     pools = [input_pool(exp, p, opts.max_pool) for p in opts.pools]
     rows: list[dict] = []
     runnable = []

@@ -26,6 +26,7 @@ from bdexp.defenses.ispl_boost import ispl_boost
 from bdexp.defenses.ispl_core import ISPLOptions, Metered
 from bdexp.defenses.sanitize import SanitizerOptions
 from bdexp.errors import ConfigError
+from bdexp.training.loop import ScheduleName
 from bdexp.options import option
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class ITLMOptions(SanitizerOptions):
     rounds: int = option(3, lo=1)
     first_epochs: float = option(80, lo=0)
     next_epochs: float = option(40, lo=0)
-    round_schedule: Literal["constant", "step"] = "step"
+    round_schedule: ScheduleName = "step"
     reference_epochs: float | None = option(None, lo=0, lo_open=True)  # null: the run's sanitizer_reference_epochs
 
 

@@ -78,7 +78,7 @@ from bdexp.models import build_for, image_stats
 from bdexp.options import Options, option
 from bdexp.training.base import Regime
 from bdexp.training.defender import DefenderLoader
-from bdexp.training.loop import Optimization, train_model
+from bdexp.training.loop import Optimization, ScheduleName, train_model
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,9 @@ class ISPLOptions(Options):
     st_momentum: float = option(0.8, lo=0, hi=1)
     st_smooth: Literal["probs", "agreement"] = "probs"
     st_epochs: int = option(100, lo=0)
-    iter_schedule: Literal["constant", "step"] = "constant"
-    learner_schedule: Literal["constant", "step"] = "constant"
-    st_schedule: Literal["constant", "step"] = "step"
+    iter_schedule: ScheduleName = "constant"
+    learner_schedule: ScheduleName = "constant"
+    st_schedule: ScheduleName = "step"
 
 
 class Trainer(Protocol):

@@ -20,6 +20,8 @@ signal is acted on (jobs.deferred), so it is never torn.
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import copy
 import logging
 import math
@@ -39,7 +41,8 @@ from bdexp.training.base import Schedule
 log = logging.getLogger(__name__)
 
 # step: cfg.lr, multiplied by cfg.gamma at each milestone; constant: cfg.lr throughout.
-SCHEDULES = ("step", "constant")
+ScheduleName = Literal["step", "constant"]  # the lr schedules an inner training may follow
+SCHEDULES = get_args(ScheduleName)
 
 
 def milestone_epochs(fractions, total_epochs: int) -> list[int]:
