@@ -225,3 +225,30 @@ def test_two_jobs_that_need_one_model_train_it_once(tmp_path, partition):
     assert runs[0]["model_key"] == runs[1]["model_key"]
     assert sorted(r["model_cache"] for r in runs) == ["hit", "miss"], runs
     assert len(list((sweep.cache / "models").glob("*.pt"))) == 1
+
+
+def test_a_cancelled_job_is_recorded_and_a_rerun_resumes_it(tmp_path, partition):
+    """scancel (SIGTERM, then SIGKILL) leaves submitit without a result: the launcher records the
+    job as failed with SLURM's state, keeping what its interrupted record held, the other job
+    finishes, and the same command resubmits only the cancelled one, which resumes."""
+    sweep = Sweep(tmp_path, partition, "cancel", *SLOW, "train.epochs=20", "attack=patched,blended")
+    proc = sweep.start()
+    try:
+        deadline = time.time() + 120
+        while len(list((sweep.cache / "checkpoints").glob("*.pt"))) < 2:  # both jobs are training
+            assert time.time() < deadline and proc.poll() is None, "no checkpoints appeared"
+            time.sleep(0.5)
+        first = sorted(sh("squeue", "-h", "-n", sweep.name, "-o", "%i").split())[0]
+        sh("scancel", first)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "1 complete, 1 failed" in out, out[-3000:]
+    failed = sweep.results(0)
+    assert failed["status"] == "failed" and "ended CANCELLED" in failed["run"]["error"]["message"]
+    assert failed["run"]["interrupted"]["signal"] == "SIGTERM"  # the job's own record of where it stopped
+    assert sweep.results(1)["status"] == "complete"
+    rc, out = sweep.run()
+    assert rc == 0 and "#1 : complete in" in out and "1 complete, 1 skipped" in out, out[-3000:]
+    assert "resumed from" in (sweep.dir / "0" / "cli.log").read_text()

@@ -98,12 +98,27 @@ class SlurmLauncher(SubmititSlurmLauncher):
             log.error("#%s: %s", hydra.job.num, lost)
             digest = jobs.config_hash(cfg)
             if not jobs.completed(run_dir, digest):
-                hydra_dir = run_dir / ".hydra"
-                hydra_dir.mkdir(parents=True, exist_ok=True)  # so the sweep summary finds the job
-                if not (hydra_dir / "overrides.yaml").exists():
-                    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
-                jobs.write_failure(run_dir, cfg, digest, lost)
+                self._record_lost(run_dir, overrides, cfg, digest, lost)
             return self._done(overrides, cfg, hydra, run_dir, None)
+
+    @staticmethod
+    def _record_lost(run_dir: Path, overrides: Sequence[str], cfg: DictConfig, digest: str, lost: LostJob) -> None:
+        """The job's results.json becomes "failed" with SLURM's reason. A job that caught the signal
+        first (scancel and preemption send SIGTERM) left an "interrupted" record with what it had
+        computed: that stays in it, with the reason added."""
+        from bdexp import jobs
+        from bdexp.results import RESULTS_FILE, read_status, write_results
+
+        hydra_dir = run_dir / ".hydra"
+        hydra_dir.mkdir(parents=True, exist_ok=True)  # so the sweep summary finds the job
+        if not (hydra_dir / "overrides.yaml").exists():
+            (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+        status, payload = read_status(run_dir / RESULTS_FILE)
+        if status == "interrupted":
+            run = {**payload.get("run", {}), "error": {"type": type(lost).__name__, "message": str(lost)}}
+            write_results(run_dir, run, payload.get("metrics", []), status="failed")
+        else:
+            jobs.write_failure(run_dir, cfg, digest, lost)
 
     @staticmethod
     def _done(overrides: Sequence[str], cfg: DictConfig, hydra: DictConfig, run_dir: Path, value: Any) -> JobReturn:
