@@ -118,3 +118,16 @@ def test_a_bad_value_is_refused_at_compose_time():
 
     with pytest.raises(ConfigError, match=r"defense\.ac\.n_init='many' is not allowed"):
         validate_config(compose_cfg(["defense.ac.n_init=many"]))
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["analysis=[distances]", "analysis.distances.levels=[]"], "analysis.distances.levels"),
+    (["analysis=[shift]", "analysis.shift.norms=[]"], "analysis.shift.norms"),
+    (["train=mlmmdr", "train.levels=[]"], "train.levels"),
+    (["defense=[cd]", "defense.cd.pools=[]"], "defense.cd.pools"),
+])
+def test_an_empty_list_is_refused_at_compose_time(overrides, key):
+    from bdexp.validation import validate_config
+
+    with pytest.raises(ConfigError, match=rf"{key}=\[\] is not allowed: use a non-empty list"):
+        validate_config(compose_cfg(overrides))

@@ -19,8 +19,7 @@ import torch
 from bdexp.analysis import ANALYSES
 from bdexp.analysis.kernels import Kernel, ed2, mmd2, swd1
 from bdexp.attacks import has_backdoor
-from bdexp.errors import ConfigError
-from bdexp.models.base import LEVELS, Level
+from bdexp.models.base import Level
 from bdexp.options import Options, option
 from bdexp.results import record
 
@@ -38,7 +37,7 @@ def rank_of_a(a: float, b: float, c: float) -> int:
 class DistanceOptions(Options):
     """conf/analysis/distances.yaml (ML-MMDR §4)."""
 
-    levels: tuple[Level, ...] = option(["s1", "s2", "s3"])  # feature levels (ML-MMDR §4)
+    levels: tuple[Level, ...] = option(["s1", "s2", "s3"], nonempty=True)  # feature levels (ML-MMDR §4)
     set_size: int = option(500, lo=2)  # samples per set (ML-MMDR §4); capped per run to one common size m
     repeats: int = option(3, lo=1)  # random draws averaged (ML-MMDR §4)
     min_class_size: int = option(10, lo=2)  # classes with fewer predicted test images are left out
@@ -46,12 +45,6 @@ class DistanceOptions(Options):
     kernel: Kernel = "gmk_adaptive"  # MMD² kernel (ML-MMDR authors' code; ablation kernels of Table 3)
     exclude_reserve: bool = False  # draw only from test images outside the defender's reserve
 
-    @classmethod
-    def parse(cls, node=None, where: str | None = "analysis.distances") -> "DistanceOptions":
-        opts = super().parse(node, where)
-        if not opts.levels:
-            raise ConfigError(f"{where}.levels=[]: choose a non-empty subset of {list(LEVELS)}")
-        return opts
 
 
 def _skipped(reason: str) -> list[dict]:

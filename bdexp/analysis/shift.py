@@ -40,7 +40,6 @@ import torch
 from bdexp.analysis import ANALYSES
 from bdexp.analysis.overlap import Center, Norm, norm_name, norm_order, overlap_bound
 from bdexp.attacks import has_backdoor
-from bdexp.errors import ConfigError
 from bdexp.models.base import Level
 from bdexp.options import Options, option
 from bdexp.results import record
@@ -52,11 +51,12 @@ log = logging.getLogger(__name__)
 class ShiftOptions(Options):
     """conf/analysis/shift.yaml (OVL §IV, Fig. 5)."""
 
-    purities: tuple[float, ...] = option([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], lo=0, hi=1)
-    spaces: tuple[Literal["input", "hidden", "output"], ...] = option(["input", "hidden", "output"])
+    purities: tuple[float, ...] = option([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], lo=0, hi=1,
+                                         nonempty=True)
+    spaces: tuple[Literal["input", "hidden", "output"], ...] = option(["input", "hidden", "output"], nonempty=True)
     hidden_level: Level = "penult"  # the feature level used as the hidden space
     output: Literal["softmax", "logits"] = "softmax"  # softmax: bounded, as Theorem 1 assumes
-    norms: tuple[Norm, ...] = option([1, 2, "inf"])  # ℓ1, ℓ2, ℓ∞ (OVL §IV)
+    norms: tuple[Norm, ...] = option([1, 2, "inf"], nonempty=True)  # ℓ1, ℓ2, ℓ∞ (OVL §IV)
     num_radii: int = option(10, lo=0)  # K balls A_r (OVL §II-C, K = 10)
     center: Center = "best"  # ball centre (overlap.py)
     clean_from: Literal["p", "disjoint"] = "p"  # where T's clean images come from (module docstring)
@@ -64,13 +64,6 @@ class ShiftOptions(Options):
     repeats: int = option(3, lo=1)  # random draws averaged
     tolerance: Literal["auto"] | float = option("auto", lo=0)  # auto = √(2/m) (module docstring)
 
-    @classmethod
-    def parse(cls, node=None, where: str | None = "analysis.shift") -> "ShiftOptions":
-        opts = super().parse(node, where)
-        empty = [k for k in ("purities", "spaces", "norms") if not getattr(opts, k)]
-        if empty:
-            raise ConfigError(f"{where}: {', '.join(empty)} must not be empty")
-        return opts
 
     @property
     def rhos(self) -> list[float]:

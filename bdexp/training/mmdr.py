@@ -19,7 +19,7 @@ from bdexp.analysis.kernels import Kernel, mmd2_masked
 from bdexp.attacks import has_backdoor
 from bdexp.data.loader import Batch
 from bdexp.errors import ConfigError
-from bdexp.models.base import LEVELS, Level
+from bdexp.models.base import Level
 from bdexp.options import option
 from bdexp.training.base import REGIMES, Regime, Schedule
 
@@ -43,14 +43,14 @@ class MLMMDROptions(Schedule):
 
     mmd_weight: float = option(0.3, lo=0)  # λ ∈ {0, 0.1, 0.2, 0.3}; 0 = regular backdoor training (RBT), §5
     kernel: Kernel = "gmk_adaptive"  # the ML-MMDR authors' code; ablation kernels of ML-MMDR Table 3
-    levels: tuple[Level, ...] = option(["s1", "s2", "s3"])  # I = {s1, s2, s3}: multi-level (ML-MMDR §5)
+    levels: tuple[Level, ...] = option(["s1", "s2", "s3"], nonempty=True)  # I = {s1, s2, s3}: multi-level (ML-MMDR §5)
 
 
 @dataclass(frozen=True)
 class SLMMDROptions(MLMMDROptions):
     """SL-MMDR: the MMD term on the last hidden stage only (ML-MMDR §5)."""
 
-    levels: tuple[Level, ...] = option(["s3"])
+    levels: tuple[Level, ...] = option(["s3"], nonempty=True)
 
 
 class MMDRegime(Regime):
@@ -92,9 +92,6 @@ class MMDRegime(Regime):
             )
         self.target = int(attack.target)
         self.levels: tuple[str, ...] = self.opts.levels
-        if not self.levels:
-            raise ConfigError(f"train.levels=[]: choose a non-empty subset of {list(LEVELS)} "
-                              "(ML-MMDR: [s1, s2, s3] or [s3])")
         self.weight = self.opts.mmd_weight
         self.kernel = self.opts.kernel
         self._sums: torch.Tensor | None = None  # per-epoch diagnostics, see epoch_stats
