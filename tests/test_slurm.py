@@ -187,12 +187,14 @@ def test_a_requeued_job_resumes_from_its_checkpoint_to_the_weights_of_an_uninter
 
 
 def test_timeouts_requeue_and_resume_until_max_num_timeout_is_used_up(tmp_path, partition):
-    """timeout_min=1: SIGUSR2 arrives before the limit (signal_delay_s, and up to a minute earlier:
-    SLURM's resolution) and submitit requeues the job while max_num_timeout allows. Jobs that never
-    finish in time: with max_num_timeout=1 the job is requeued once, resumes from its checkpoint,
-    and stops at its second timeout; with 0 it stops at the first. (That a resumed job ends with
-    the weights of an uninterrupted run is the requeue test's.)"""
-    endless = [*SLOW, "train.epochs=1000", "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30"]
+    """timeout_min=1: SIGUSR2 arrives before the limit and submitit requeues the job while
+    max_num_timeout allows. Jobs that never finish in time: with max_num_timeout=1 the job is
+    requeued once, resumes from its checkpoint, and stops at its second timeout; with 0 it stops at
+    the first. (That a resumed job ends with the weights of an uninterrupted run is the requeue
+    test's.) slurmctld sends the signal at its first 30-second check past limit − signal_delay_s −
+    30 s; with signal_delay_s=5 that is 25-55 s into the job, after its first epoch checkpoint
+    (signal_delay_s=30 sent it anywhere in the first 30 s, sometimes before any checkpoint)."""
+    endless = [*SLOW, "train.epochs=1000", "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=5"]
     once = Sweep(tmp_path, partition, "timeout1", *endless, "hydra.launcher.max_num_timeout=1")
     never = Sweep(tmp_path, partition, "timeout0", *endless, "hydra.launcher.max_num_timeout=0")
     procs = [once.start(), never.start()]
