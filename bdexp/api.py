@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
@@ -32,6 +34,21 @@ CONFIG_MODULE = "bdexp.conf"
 CONFIG_NAME = "config"
 # What a run's record tags mean for `Result.metric`: every key of a record but these two.
 _VALUE_KEYS = ("metric", "value")
+# One compose or run at a time per process: Hydra's compose API keeps process-wide singletons, and a
+# run seeds torch's and numpy's global generators and sets torch's thread count. Calls from several
+# threads are served one after the other (each gets the result it would get alone).
+_ONE_AT_A_TIME = threading.RLock()
+
+
+@contextlib.contextmanager
+def _serialized(what: str) -> Iterator[None]:
+    if not _ONE_AT_A_TIME.acquire(blocking=False):
+        log.info("%s waits for the bdexp call running in another thread (one at a time per process)", what)
+        _ONE_AT_A_TIME.acquire()
+    try:
+        yield
+    finally:
+        _ONE_AT_A_TIME.release()
 
 
 @contextlib.contextmanager
@@ -63,11 +80,22 @@ def _own_hydra() -> Iterator[None]:
 
 
 def _override_list(overrides: str | Iterable[str] | None) -> list[str]:
+    """Overrides as a list of 'key=value' strings; a ConfigError for anything else (a number, a
+    mapping: a dict's keys are not overrides)."""
+    from bdexp.errors import ConfigError
+
     if overrides is None:
         return []
     if isinstance(overrides, str):  # one override, not its characters
         return [overrides]
-    return [str(o) for o in overrides]
+    if isinstance(overrides, (Mapping, bytes)) or not isinstance(overrides, Iterable):
+        raise ConfigError(f"expected a list of overrides ('key=value' strings) or a config from bdexp.compose(), "
+                          f"not {type(overrides).__name__} {overrides!r:.80}")
+    wanted = list(overrides)
+    odd = [o for o in wanted if not isinstance(o, str)]
+    if odd:
+        raise ConfigError(f"an override is a 'key=value' string, not {type(odd[0]).__name__} {odd[0]!r:.80}")
+    return wanted
 
 
 def _compose(overrides: str | Iterable[str] | None) -> tuple[DictConfig, str | None, bool]:
@@ -78,13 +106,14 @@ def _compose(overrides: str | Iterable[str] | None) -> tuple[DictConfig, str | N
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    from bdexp.cli import hydra_message
+    from bdexp.cli import check_override_digits, hydra_message
     from bdexp.errors import ConfigError
     from bdexp.validation import validate_config
 
     wanted = _override_list(overrides)
+    check_override_digits(wanted)
     try:
-        with _own_hydra():
+        with _serialized("bdexp.compose"), _own_hydra():
             cfg = hydra_compose(config_name=CONFIG_NAME, overrides=wanted, return_hydra_config=True)
             raw_dir = OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=False)
             template = OmegaConf.to_container(cfg.hydra.run, resolve=False).get("dir")
@@ -142,8 +171,16 @@ def run(config: DictConfig | str | Iterable[str] | None = None, run_dir: str | o
     As in the CLI, a run directory that already holds complete results for the same config is
     not computed again (its results are returned; `rerun=True` computes them anyway), a failure
     leaves a results.json with status "failed", and an interrupted run (Ctrl-C) keeps what it
-    finished in results.json, so a call with the same config and `run_dir` resumes it. `threads` sets torch's CPU threads for
-    the process."""
+    finished in results.json, so a call with the same config and `run_dir` resumes it. A `run_dir`
+    holding complete results of another config is refused (ConfigError): pass another one.
+    `threads` sets torch's CPU threads for the process. Calls from several threads run one after
+    the other, each with the result it would get alone. Anything but overrides or a config (a
+    number, a dict), or a config without a dataset, model, attack or train node, raises ConfigError."""
+    with _serialized("bdexp.run"):
+        return _run_one(config, run_dir, rerun)
+
+
+def _run_one(config, run_dir, rerun: bool) -> Result:
     import copy
     import signal
 
@@ -172,7 +209,7 @@ def run(config: DictConfig | str | Iterable[str] | None = None, run_dir: str | o
 
     from bdexp import jobs, pipeline
     from bdexp.cli import record_failure
-    from bdexp.errors import BdexpError
+    from bdexp.errors import BdexpError, ConfigError
     from bdexp.validation import check_run
 
     try:  # before any work, as the CLI: writable run and cache directories
@@ -185,6 +222,12 @@ def run(config: DictConfig | str | Iterable[str] | None = None, run_dir: str | o
         log.info("%s already holds complete results for this config (hash %s); pass rerun=True to "
                  "compute them again", target, digest)
         return Result.read(target)
+    in_the_way = jobs.results_in_the_way(target, digest)
+    if in_the_way is not None and in_the_way[0].startswith("complete"):
+        raise ConfigError(f"{target} already holds {in_the_way[0]}; this config (hash {digest}) would replace "
+                          f"them: pass another run_dir, or move {target / 'results.json'} away to replace them")
+    if in_the_way is not None:  # an edited results.json: kept beside the new one
+        jobs.set_aside_results(target, *in_the_way)
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))
     try:
@@ -202,19 +245,31 @@ def run(config: DictConfig | str | Iterable[str] | None = None, run_dir: str | o
 
 
 def _results_file(path: str | os.PathLike) -> Path:
+    """The results.json of a run directory, or `path` itself when it is a file, once it reads as
+    one bdexp wrote (report.collect.read_run). A missing file raises FileNotFoundError, any other
+    file report.collect.ResultsFileError (a BdexpError and a ValueError) naming it and why."""
+    from bdexp.report.collect import ResultsFileError, read_run
     from bdexp.results import RESULTS_FILE
 
     path = Path(path)
     if path.is_dir() and (path / RESULTS_FILE).is_file():
-        return path / RESULTS_FILE
-    if path.is_file():
-        return path
-    raise FileNotFoundError(f"no {RESULTS_FILE} at {path} (give a run directory or its {RESULTS_FILE})")
+        path = path / RESULTS_FILE
+    elif not path.is_file():
+        hint = f"; for a sweep use bdexp.collect({str(path)!r})" if path.is_dir() else ""
+        raise FileNotFoundError(f"no {RESULTS_FILE} at {path} (give a run directory or its {RESULTS_FILE}){hint}")
+    problem = read_run(path)[1]
+    if problem is not None:
+        raise ResultsFileError(f"{path} is not a bdexp {RESULTS_FILE}: {problem}")
+    return path
 
 
 def load(path: str | os.PathLike) -> pd.DataFrame:
     """The records of one run (its directory or its results.json) as the long-format DataFrame
-    `bdexp-report` builds: one row per metric record, with the run's identity as columns."""
+    `bdexp-report` builds: one row per metric record, with the run's identity as columns. A path
+    with no results.json raises FileNotFoundError; a file that is not a results.json bdexp wrote
+    (not JSON, or another JSON) raises ValueError (report.collect.ResultsFileError, also a
+    BdexpError) naming the file and why. An interrupted run gives an empty frame (its re-run holds
+    the records)."""
     from bdexp.report.collect import collect as collect_frame
 
     return collect_frame(_results_file(path))
@@ -222,12 +277,23 @@ def load(path: str | os.PathLike) -> pd.DataFrame:
 
 def collect(root: str | os.PathLike) -> pd.DataFrame:
     """Every results.json under `root` (a sweep's `outputs/multirun/<date>/<time>`, or any folder
-    of runs) as the one DataFrame `bdexp-report` builds from it (bdexp/report/collect.py)."""
-    from bdexp.report.collect import collect as collect_frame
+    of runs) as the one DataFrame `bdexp-report` builds from it (bdexp/report/collect.py). A
+    results.json that cannot be used (unreadable, or not shaped as bdexp writes it) is skipped with
+    a warning naming it and why, as `bdexp-report` does; the others are read. `root` missing, or a
+    folder with no results.json anywhere under it, raises FileNotFoundError; a folder whose
+    results.json are all skipped or hold no records (failed runs) gives an empty frame. `root` may
+    also be one results.json, read as `load` reads it."""
+    from bdexp.report.collect import collect as collect_frame, find_results
+    from bdexp.results import RESULTS_FILE
 
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"{root} does not exist")
+    if root.is_file():
+        return load(root)
+    if not find_results(root):
+        raise FileNotFoundError(f"no {RESULTS_FILE} under {root}; point bdexp.collect at a run or sweep directory "
+                                "(e.g. outputs/multirun/<date>/<time>)")
     return collect_frame(root)
 
 
@@ -254,7 +320,8 @@ class Result:
 
     def metric(self, name: str, default: Any = KeyError, **tags: Any) -> float | None:
         """The value of the record `name` whose tags match `tags` (`metric("f1", defense="ac",
-        level="s3", size=100, ratio=0.1)`). Among several matches, the one with no tags beyond
+        level="s3", N=100, r=0.1)`: the screening pool's size N and ratio r′, as records tag them,
+        docs/metrics.md). Among several matches, the one with no tags beyond
         those given (the run's own BA/ASR rather than a defense's); a choice still open raises
         ValueError naming the tags that tell the matches apart. A missing record raises KeyError,
         or returns `default` when one is given."""

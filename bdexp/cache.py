@@ -7,9 +7,14 @@ remaining keys (augmentation), the model, attack and training configs, the seed 
 version. Where the data lives (`root`) is not part of the key; what it holds is. A sweep over
 defenses therefore trains each model once. Files are written to a temporary name and renamed,
 so a crash never leaves a half-written checkpoint, and they are loaded with
-``weights_only=True`` (a pickle that would run code is refused). A stored file that cannot be
-read, or is not a {"state_dict", "meta"} record, is set aside as `<key>.pt.bad` with a warning
-and counts as a miss. Training a key holds a file lock (`lock`), so concurrent sweep jobs that
+``weights_only=True`` (a pickle that would run code is refused).
+
+A stored model carries what it was trained for: its key, the identity the key hashes (the
+dataset, model, attack and training configs, the data fingerprint, seed and version: what
+`model_identity` returns) and a sha256 digest of its weights. `get` serves it only when all three
+agree with the key asked for: a file copied over another key (a one-epoch model under a
+twenty-epoch model's name) or weights changed after storing (a sign-flipped layer) is, like a file
+that cannot be read, set aside as `<key>.pt.bad` with a warning and counts as a miss. Training a key holds a file lock (`lock`), so concurrent sweep jobs that
 need the same model train it once.
 """
 from __future__ import annotations
@@ -51,27 +56,43 @@ def _strip(obj: Any) -> Any:
     return obj
 
 
+def _hash_tensor(h, t: torch.Tensor | None) -> None:
+    """Feed the dtype, shape and bytes of `t` (or a marker for None) into the hash `h`."""
+    if t is None:
+        h.update(b"none;")
+        return
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+    if t.numel():
+        arr = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().reshape(-1)
+        h.update(memoryview(arr).cast("B"))
+
+
 def data_fingerprint(*tensors: torch.Tensor | None) -> str:
     """sha256 over the dtype, shape and bytes of each tensor (None for an absent one): the
     identity of a training set. About 0.1 s for CIFAR-10's 50 000 uint8 images on one core."""
     h = hashlib.sha256()
     for t in tensors:
-        if t is None:
-            h.update(b"none;")
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
-        if t.numel():
-            arr = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().reshape(-1)
-            h.update(memoryview(arr).cast("B"))
+        _hash_tensor(h, t)
     return h.hexdigest()
 
 
-def model_key(cfg: DictConfig, *, train_cfg: DictConfig | dict | None = None, extra: dict | None = None,
-              data: str | None = None) -> str:
-    """Hash of what a trained model depends on; `train_cfg`/`extra` let a defense that retrains
-    (on a sanitized set, say) key its own models. `data`: the `data_fingerprint` of the tensors
-    trained on; given, it replaces the dataset keys that only select data (`_DATA_ONLY_KEYS`)."""
+def weights_digest(state_dict: dict) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict's tensors (sorted by name):
+    what a stored model's weights must still hash to when it is served."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        h.update(f"{name};".encode())
+        _hash_tensor(h, state_dict[name])
+    return h.hexdigest()
+
+
+def model_identity(cfg: DictConfig, *, train_cfg: DictConfig | dict | None = None, extra: dict | None = None,
+                   data: str | None = None) -> dict:
+    """What a trained model depends on, as plain JSON-able data (its key is `key_of` this);
+    `train_cfg`/`extra` let a defense that retrains (on a sanitized set, say) key its own models.
+    `data`: the `data_fingerprint` of the tensors trained on; given, it replaces the dataset keys
+    that only select data (`_DATA_ONLY_KEYS`)."""
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     if data is not None:
         dataset = {k: v for k, v in dataset.items() if k not in _DATA_ONLY_KEYS}
@@ -85,8 +106,18 @@ def model_key(cfg: DictConfig, *, train_cfg: DictConfig | dict | None = None, ex
         "version": bdexp.__version__,
         "extra": extra or {},
     }
-    blob = json.dumps(_strip(parts), sort_keys=True, default=str)
+    return json.loads(json.dumps(_strip(parts), sort_keys=True, default=str))
+
+
+def key_of(identity: dict) -> str:
+    """The cache key of a `model_identity`."""
+    blob = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def model_key(cfg: DictConfig, **parts) -> str:
+    """The cache key of what a trained model depends on (`model_identity`'s keywords)."""
+    return key_of(model_identity(cfg, **parts))
 
 
 def _first_line(err: BaseException) -> str:
@@ -101,6 +132,25 @@ def _record_problem(hit: Any) -> str | None:
         return f"not a stored model (found {keys})"
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in hit["state_dict"].items()):
         return "its state_dict holds something other than named tensors"
+    return None
+
+
+def _provenance_problem(hit: dict, key: str) -> str | None:
+    """Why the record `hit` is not the model of `key` (None if it is): it must carry that key, an
+    identity that hashes to it, and weights that still hash to their stored digest."""
+    stored_key, identity, digest = hit.get("key"), hit.get("identity"), hit.get("weights_sha256")
+    if not isinstance(stored_key, str) or not isinstance(identity, str) or not isinstance(digest, str):
+        return "it carries no key, identity or weights digest (stored by an older bdexp, or not by bdexp)"
+    if stored_key != key:
+        return f"it was stored for model {stored_key}, not {key} (a file copied over another model's)"
+    try:
+        hashed = key_of(json.loads(identity))
+    except ValueError:
+        return "its identity is not readable JSON"
+    if hashed != key:
+        return f"its identity hashes to {hashed}, not to its key {key} (edited after storing)"
+    if weights_digest(hit["state_dict"]) != digest:
+        return "its weights do not match their stored digest (changed after storing)"
     return None
 
 
@@ -151,9 +201,10 @@ class ModelCache:
                 fcntl.lockf(handle, fcntl.LOCK_UN)
 
     def get(self, key: str) -> dict | None:
-        """The stored {"state_dict", "meta"} or None. A file that does not load (truncated,
-        random bytes, a pickle that is more than tensors) or is not such a record is set aside
-        (`set_aside`) and treated as a miss."""
+        """The stored {"state_dict", "meta", ...} of `key`, or None. A file that does not load
+        (truncated, random bytes, a pickle that is more than tensors), is not such a record, or is
+        not the model of `key` (`_provenance_problem`) is set aside (`set_aside`) and treated as a
+        miss."""
         if not self.enabled or not self.path(key).exists():
             return None
         try:
@@ -161,7 +212,7 @@ class ModelCache:
         except Exception as err:  # noqa: BLE001 - any unreadable file means: retrain
             self.set_aside(key, f"unreadable: {type(err).__name__}: {_first_line(err)}")
             return None
-        problem = _record_problem(hit)
+        problem = _record_problem(hit) or _provenance_problem(hit, key)
         if problem is not None:
             self.set_aside(key, problem)
             return None
@@ -182,9 +233,13 @@ class ModelCache:
                     path, reason, bad)
         return bad
 
-    def put(self, key: str, state_dict: dict, meta: dict) -> Path | None:
+    def put(self, identity: dict, state_dict: dict, meta: dict) -> Path | None:
+        """Store a model under `key_of(identity)` with its key, identity and weights digest."""
         if not self.enabled:
             return None
-        state = {k: v.detach().cpu() for k, v in state_dict.items()}
-        atomic_torch_save({"state_dict": state, "meta": meta}, self.path(key))
+        key = key_of(identity)
+        state = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
+        record = {"state_dict": state, "meta": meta, "key": key,
+                  "identity": json.dumps(identity, sort_keys=True, default=str), "weights_sha256": weights_digest(state)}
+        atomic_torch_save(record, self.path(key))
         return self.path(key)

@@ -40,6 +40,9 @@ def _main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     in_sweep = hc.mode == RunMode.MULTIRUN
+    n_jobs = hc.launcher.get("n_jobs") if in_sweep else None
+    job_num = hc.job.num if in_sweep else None
+    del hc  # Hydra's node names the attack (runtime.choices): no frame holds it while a defense runs
     try:  # before any work: every value's type and range, a writable run dir and cache dir
         validation.check_run(cfg, run_dir, "hydra.sweep.dir" if in_sweep else "hydra.run.dir")
     except BdexpError as err:
@@ -52,14 +55,21 @@ def _main(cfg: DictConfig) -> float | None:
     if jobs.completed(run_dir, digest):
         log.info("skipped: %s already holds complete results for this config (hash %s)", run_dir, digest)
         return objective.run_objective(cfg, run_dir)  # a sweeper still gets the job's number
-    n_jobs = hc.launcher.get("n_jobs") if in_sweep else None
+    in_the_way = jobs.results_in_the_way(run_dir, digest)
+    if in_the_way is not None and not in_sweep and in_the_way[0].startswith("complete"):
+        # one run pointed at a directory of another: refuse rather than replace what it computed
+        print_error(f"{run_dir} already holds {in_the_way[0]}; this config (hash {digest}) would replace them: "
+                    f"choose another hydra.run.dir, or move {run_dir / 'results.json'} away to replace them")
+        sys.exit(2)
+    if in_the_way is not None:  # a sweep re-run whose job changed, or an edited file: keep both
+        jobs.set_aside_results(run_dir, *in_the_way)
     if n_jobs is not None and int(n_jobs) < 0:  # joblib: -1 = all cores
         n_jobs = os.cpu_count()
     threads = jobs.job_threads(cfg.get("threads"), int(n_jobs) if n_jobs else None)
     if threads is not None:
         torch.set_num_threads(threads)
     with open_dict(cfg):
-        cfg.device = jobs.pinned_device(str(cfg.device), hc.job.num if in_sweep else None)
+        cfg.device = jobs.pinned_device(str(cfg.device), job_num)
     payload = None
     try:
         with jobs.interruptible():  # SIGINT/SIGTERM: results so far kept, one line, exit 130/143
@@ -102,6 +112,25 @@ def record_failure(run_dir, cfg: DictConfig, digest: str | None, err: BaseExcept
         return jobs.write_failure(run_dir, cfg, digest, err)
     except Exception:  # an unwritable directory, or a value run_identity cannot read (seed=abc)
         return None
+
+
+def check_override_digits(overrides) -> None:
+    """A ConfigError for an override holding an integer longer than Python converts from text
+    (`sys.get_int_max_str_digits()`, 4300 digits by default): Hydra's parser would fail on it with a
+    ValueError deep in its grammar. No bdexp key takes such a number."""
+    import re
+
+    from bdexp.errors import ConfigError
+
+    limit = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
+    if not limit:
+        return
+    for override in overrides:
+        run = max((len(m) for m in re.findall(r"\d+", str(override))), default=0)
+        if run > limit:
+            key = str(override).partition("=")[0]
+            raise ConfigError(f"override {key}=<{run} digits> holds an integer of {run} digits (Python reads at most "
+                              f"{limit}); no bdexp key takes such a number: check the value of {key}")
 
 
 def _raised_by_mkdir(err: BaseException) -> bool:
@@ -174,18 +203,36 @@ def main() -> None:
     """The `bdexp` command. Hydra's own error report (a message, or a trimmed traceback, then
     exit 1) is replaced by ours: Hydra raises (HYDRA_FULL_ERROR for this call) and a composition
     or user error becomes one line and exit 2, a bug one traceback and exit 1. A user who sets
-    HYDRA_FULL_ERROR gets Hydra's full traceback as before."""
+    HYDRA_FULL_ERROR gets Hydra's full traceback as before. SIGINT, SIGTERM and SIGHUP
+    (jobs.forwarding) are one line saying what was kept and exit 128 + the signal's number."""
     import os
     import traceback
 
+    from bdexp import callbacks, jobs
     from bdexp.console import print_error
 
+    def run() -> None:
+        """_main under the command's signal handlers: a sweep's worker processes get the signal
+        and record their jobs; then one line for the run or the sweep."""
+        with jobs.forwarding():
+            try:
+                _main()
+            except BaseException as err:
+                # no signal, or a run (or in-process sweep job) that printed its own line
+                if jobs.interrupt_signal() is None or (isinstance(err, SystemExit) and callbacks.sweep_dir() is None):
+                    raise
+            signum = jobs.interrupt_signal()
+            if signum is not None:
+                print_error(callbacks.interrupted_sweep_line() or jobs.interrupted_run_line(), prefix="bdexp")
+                sys.exit(128 + signum)
+
     if os.environ.get("HYDRA_FULL_ERROR"):
-        _main()
+        run()
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        _main()
+        check_override_digits(sys.argv[1:])  # before the signal handlers: cheap, and no torch import
+        run()
     except KeyboardInterrupt:  # Ctrl-C before the run's own handlers are in place (composing, launching)
         print_error("interrupted before the run started; nothing was computed", prefix="bdexp")
         sys.exit(130)

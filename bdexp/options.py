@@ -101,7 +101,7 @@ def _describe(tp) -> str:
     if tp is int:
         return "an integer"
     if tp is float:
-        return "a number"
+        return "a finite number"
     if tp is str:
         return "a string"
     if origin is Literal:  # as typed on the command line: inf, reserve
@@ -132,7 +132,9 @@ def _convert(tp, v) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(v, int) and not isinstance(v, bool), v
     if tp is float:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (math.isfinite(v) or math.isinf(v))
+        # inf and nan are refused: train.lr=inf or an infinite weight decay would only surface as a NaN
+        # loss (or, worse, a model that never moves); no option of bdexp means anything at infinity
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         return ok, float(v) if ok else v
     if tp is str:
         return isinstance(v, str), v

@@ -149,12 +149,14 @@ def build_experiment(cfg: DictConfig, device: torch.device, run_dir: Path | None
 def _run(cfg: DictConfig, run_dir: Path, device: torch.device, start: float, config_hash: str | None,
          done: dict, store: PartialRecords | None) -> dict:
     exp, fit_info = build_experiment(cfg, device, run_dir, done, store)
-    data, attack, train, bd = exp.data, exp.attack, exp.train_set, exp.backdoor_test
-    metrics = backdoor_metrics(exp.pred_test, data.y_test, exp.pred_backdoor, bd)
+    # No local of this frame holds the run's parts: while a defense runs they are sealed away
+    # (Experiment.sealed), and a frame up the stack must not keep them within reach.
+    metrics = backdoor_metrics(exp.pred_test, exp.data.y_test, exp.pred_backdoor, exp.backdoor_test)
     done["metrics"] = list(metrics)
-    warn_if_collapsed(exp.pred_test, data.num_classes, cfg)
+    warn_if_collapsed(exp.pred_test, exp.data.num_classes, cfg)
     metrics += run_extensions(exp)
 
+    data, attack, train = exp.data, exp.attack, exp.train_set
     history = fit_info.get("history", {})
     run_info = {
         **run_identity(cfg),

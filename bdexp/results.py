@@ -1,7 +1,9 @@
 """Long-format result records and the run's results.json (a `run` object and a list of `metrics`)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -10,6 +12,8 @@ from typing import Any
 
 import bdexp
 from bdexp.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 # Top-level config keys that change how a run looks or where files go, not what it computes: the
@@ -26,11 +30,122 @@ def record(metric: str, value: float, **tags: Any) -> dict:
     return row
 
 
+DIGEST = "digest"  # results.json's own key: sha256 of the rest (results_digest)
+# Records whose value is a rate or a score in [0, 1] wherever they appear (bdexp/metrics.py).
+RATES = frozenset({"ba", "asr", "tmr", "c", "a", "f1", "f1_max", "precision", "recall", "auroc", "aupr", "tpr95",
+                   "tpr", "fpr"})
+TOLERANCE = 1e-9  # float slack of the consistency checks
+
+
+def results_digest(payload: dict) -> str:
+    """sha256 of a results payload (without its digest) in canonical JSON: what results.json was
+    when bdexp wrote it, so a hand edit is told apart from a computed result."""
+    body = {k: v for k, v in payload.items() if k != DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def write_results(run_dir: Path, run: dict, metrics: list[dict], status: str = "complete") -> Path:
     path = Path(run_dir) / RESULTS_FILE
-    payload = {"status": status, "run": run, "metrics": metrics}
-    atomic_write_text(path, json.dumps(payload, indent=1, default=str))
+    payload = json.loads(json.dumps({"status": status, "run": run, "metrics": metrics}, default=str))
+    payload[DIGEST] = results_digest(payload)
+    atomic_write_text(path, json.dumps(payload, indent=1))
     return path
+
+
+def inconsistencies(metrics: list) -> list[str]:
+    """Values no computation of bdexp gives, in the records of one run: a rate outside [0, 1], a
+    negative count or time, a triggered-and-correct rate (TMR, ISPL eq. 7) above the attack success
+    rate it is a part of, an F1 other than the harmonic mean of the precision and recall beside it."""
+    problems: list[str] = []
+    groups: dict[str, dict[str, float]] = {}
+    for rec in metrics:
+        if not isinstance(rec, dict):
+            continue
+        name, value = rec.get("metric"), rec.get("value")
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        tags = json.dumps({k: v for k, v in rec.items() if k not in ("metric", "value")}, sort_keys=True, default=str)
+        groups.setdefault(tags, {})[str(name)] = float(value)
+        if name in RATES and not -TOLERANCE <= value <= 1 + TOLERANCE:
+            problems.append(f"{name} = {value} (tags {tags}) is not in [0, 1]")
+        elif str(name).startswith(("n_", "wall_s", "defense_wall_s")) and value < 0:
+            problems.append(f"{name} = {value} (tags {tags}) is negative")
+    for tags, got in groups.items():
+        if "tmr" in got and "asr" in got and got["tmr"] > got["asr"] + TOLERANCE:
+            problems.append(f"tmr {got['tmr']} > asr {got['asr']} (tags {tags}): TMR counts a subset of ASR's images")
+        if "a" in got and "asr" in got and got["a"] > got["asr"] + TOLERANCE:
+            problems.append(f"a (TMR) {got['a']} > asr {got['asr']} (tags {tags})")
+        if {"f1", "precision", "recall"} <= set(got):
+            p, r, f1 = got["precision"], got["recall"], got["f1"]
+            want = 2 * p * r / (p + r) if p + r > 0 else 0.0
+            if abs(f1 - want) > 1e-6:
+                problems.append(f"f1 {f1} is not the harmonic mean {want:.6f} of precision {p} and recall {r} (tags {tags})")
+    return problems
+
+
+def _kind(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _record_problem(i: int, rec) -> str | None:
+    """Why metric record `i` is not one results.record writes (a `metric` name and a numeric or
+    null `value`); None when it is."""
+    where = f"metrics[{i}]"
+    if not isinstance(rec, dict):
+        return f"{where} is a {_kind(rec)}, not a record object"
+    if not isinstance(rec.get("metric"), str):
+        return f"{where} has no metric name" if "metric" not in rec else f"{where}.metric is a {_kind(rec['metric'])}"
+    if "value" not in rec:
+        return f"{where} ({rec['metric']}) has no value"
+    value = rec["value"]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return f"{where} ({rec['metric']}) has value {value!r}, not a number"
+    return None
+
+
+def shape_problem(payload) -> str | None:
+    """Why a parsed results.json is not shaped as write_results writes it (an object with a
+    `run` object, a list of `metrics` records and an optional `status` text); None when it is."""
+    if not isinstance(payload, dict):
+        return f"a JSON {_kind(payload)}, not a results object"
+    for key, kind, what in (("run", dict, "an object"), ("metrics", list, "a list")):
+        if key not in payload:
+            return f"no {key!r} entry, so not a bdexp results.json"
+        if not isinstance(payload[key], kind):
+            return f"{key!r} is a {_kind(payload[key])}, not {what}"
+    if not isinstance(payload.get("status", "complete"), str):
+        return f"'status' is a {_kind(payload['status'])}, not a text"
+    run = payload["run"]
+    for key, kind, what in (("config", dict, "an object"), (CASE_KEYS, list, "a list")):
+        if run.get(key) is not None and not isinstance(run[key], kind):
+            return f"run.{key} is a {_kind(run[key])}, not {what}"
+    if not all(isinstance(k, str) for k in run.get(CASE_KEYS) or []):
+        return f"run.{CASE_KEYS} holds something other than key names"
+    seed = run.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, float))):
+        return f"run.seed is {seed!r}, not a number"
+    return next((p for i, rec in enumerate(payload["metrics"]) if (p := _record_problem(i, rec))), None)
+
+
+def trust_problem(payload: dict) -> str | None:
+    """Why a well-shaped results.json cannot be trusted as bdexp wrote it (None when it can): its
+    digest does not match its contents (edited after writing), or its records are inconsistent
+    (`inconsistencies`; also checked for a file without a digest, from an older bdexp or written
+    by hand)."""
+    digest = payload.get(DIGEST)
+    if digest is not None and digest != results_digest(payload):
+        return "its contents do not match the digest bdexp wrote with them (edited after the run)"
+    metrics = payload.get("metrics")
+    found = inconsistencies(metrics if isinstance(metrics, list) else [])
+    if found:
+        return f"its records are inconsistent: {found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
+    return None
+
+
+def results_problem(payload) -> str | None:
+    """Why a parsed results.json is not one to use (not shaped as bdexp writes it, or not what bdexp
+    computed: `shape_problem`, `trust_problem`); None when it is."""
+    return shape_problem(payload) or trust_problem(payload)
 
 
 def read_results(path: Path) -> dict:
@@ -42,15 +157,22 @@ def read_results(path: Path) -> dict:
 UNREADABLE = (OSError, ValueError)
 
 
+EDITED = "edited"  # read_status of a results.json that results_problem refuses
+
+
 def read_status(path: Path) -> tuple[str, dict]:
-    """(status, payload) of a results.json: "complete", "failed", "interrupted", ... or
-    "unreadable" (payload {}) for a missing, truncated or corrupt file."""
+    """(status, payload) of a results.json: "complete", "failed", "interrupted", ..., "unreadable"
+    (payload {}) for a missing, truncated or corrupt file or one not shaped as bdexp writes it, or
+    EDITED for one whose digest or records say it is not what bdexp computed (`trust_problem`):
+    never counted as complete."""
     try:
         payload = read_results(path)
     except UNREADABLE:
         return "unreadable", {}
-    if not isinstance(payload, dict) or not isinstance(payload.get("run", {}), dict):
+    if shape_problem(payload) is not None:
         return "unreadable", {}
+    if trust_problem(payload) is not None:
+        return EDITED, payload
     return payload.get("status", "complete"), payload
 
 
@@ -89,6 +211,9 @@ class PartialRecords:
             stored = {}
         ok = (isinstance(stored, dict) and stored.get("config_hash") == self.config_hash
               and stored.get("model_key") == model_key and isinstance(stored.get("steps"), dict))
+        if ok and stored.get(DIGEST) != results_digest(stored):  # edited by hand: recompute, as results.json
+            log.warning("ignoring the partial records %s: they do not match the digest stored with them", self.path)
+            ok = False
         self.steps = dict(stored["steps"]) if ok else {}
         self.files = dict(stored.get("files") or {}) if ok else {}
         return len(self.steps)
@@ -114,9 +239,10 @@ class PartialRecords:
     def put(self, step: str, rows: list[dict], files: list[str] = ()) -> None:
         self.steps[step] = rows
         self.files[step] = {"dir": str(self.run_dir), "names": sorted(files)}
-        payload = {"config_hash": self.config_hash, "model_key": self.model_key, "steps": self.steps,
-                   "files": self.files}
-        atomic_write_text(self.path, json.dumps(payload, indent=1, default=str))
+        payload = json.loads(json.dumps({"config_hash": self.config_hash, "model_key": self.model_key,
+                                         "steps": self.steps, "files": self.files}, default=str))
+        payload[DIGEST] = results_digest(payload)
+        atomic_write_text(self.path, json.dumps(payload, indent=1))
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -57,6 +57,51 @@ class RunOptions(Options):
     objective: ObjectiveOptions | None = None  # the number a sweep optimises (bdexp/objective.py)
 
 
+# The config groups a run selects methods from: the four every run needs, and the two lists.
+REQUIRED_GROUPS = ("dataset", "model", "attack", "train")
+LIST_GROUPS = ("defense", "analysis")
+# Top-level keys the config tree sets besides RunOptions and the groups: the scale a run was composed
+# at (conf/scale/*.yaml) and the scale an experiment preset brings with it (conf/experiment/rgb_*.yaml).
+PRESET_KEYS = ("scale_name", "own_scale")
+
+
+def top_level_problems(cfg: DictConfig) -> list[str]:
+    """An unknown top-level key (`+trian.epochs=5`, the fix Hydra's own message suggests for a
+    misspelt key, would otherwise be accepted and ignored) and a missing method group."""
+    known = set(RunOptions.fields()) | set(REQUIRED_GROUPS) | set(LIST_GROUPS) | set(PRESET_KEYS)
+    problems = []
+    unknown = sorted(str(k) for k in cfg.keys() if k not in known)
+    if unknown:
+        problems.append(f"unknown top-level key(s) {', '.join(unknown)}: bdexp reads none of them; allowed: "
+                        f"{', '.join(sorted(known - set(PRESET_KEYS)))} (bdexp --help lists the groups and keys)")
+    for group in REQUIRED_GROUPS:
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or node.get("name") is None:
+            problems.append(f"the config has no {group} (a `{group}` node with a `name`): compose it with "
+                            f"bdexp.compose([...]) or pick one with {group}=<name>")
+    return problems
+
+
+def unselected_entry_problems(cfg: DictConfig) -> list[str]:
+    """A `defense.<key>` / `analysis.<key>` block without a `name` holds settings for a method the run
+    did not select (a preset's defense.ac.n_components, say; the run skips it with a warning): fine
+    when <key> names a registered method, a misspelling (`defense.acc.n_components=20`) when not."""
+    from bdexp.analysis import ANALYSES
+    from bdexp.defenses import DEFENSES
+
+    from bdexp.options import CONF_DIR
+
+    problems = []
+    for group, registry in (("defense", DEFENSES), ("analysis", ANALYSES)):
+        # a selection is a YAML of conf/<group>/ (cd_probs is a variant of cd) or a registered name
+        choices = sorted({*registry.names(), *(p.stem for p in (CONF_DIR / group).glob("[!_]*.yaml"))})
+        node = cfg.get(group)
+        for key, entry in (node.items() if isinstance(node, DictConfig) else []):
+            if isinstance(entry, DictConfig) and entry.get("name") is None and str(key) not in choices:
+                problems.append(f"{group}.{key} names no {registry.kind}: choose one of {', '.join(choices)}")
+    return problems
+
+
 def one_line(text) -> str:
     """An omegaconf or Hydra message on one line, without its `full_key:`/`object_type=` trailer."""
     lines = [line.strip() for line in str(text).splitlines()]
@@ -105,8 +150,9 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"the config does not resolve: {one_line(err)}") from None
     run_keys = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                 for k in RunOptions.fields() if k in cfg}
-    problems = RunOptions.problems(run_keys, "run").copy()
-    problems = [p.removeprefix("run.") for p in problems]
+    problems = top_level_problems(cfg)
+    problems += [p.removeprefix("run.") for p in RunOptions.problems(run_keys, "run")]
+    problems += unselected_entry_problems(cfg)
     problems += declared_problems(cfg)
     own = cfg.get("own_scale")
     if own and cfg.get("scale_name") != own:

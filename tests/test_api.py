@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 import bdexp
 from bdexp.errors import ConfigError
@@ -69,6 +69,13 @@ def test_compose_honours_presets():
     ("attack.poison_rate=2", "attack.poison_rate"),  # out of range
     ("train.epoch=3", "train.epoch"),  # a misspelt key (Hydra)
     ("attack=nope", "attack"),  # an unknown option (Hydra)
+    ("train.lr=inf", "train.lr=inf is not allowed: use a finite number > 0"),  # would train to a NaN loss
+    ("train.weight_decay=inf", "train.weight_decay=inf is not allowed: use a finite number >= 0"),
+    ("attack.poison_rate=nan", "attack.poison_rate=nan is not allowed"),
+    ("+trian.epochs=5", "unknown top-level key(s) trian"),  # Hydra's own fix for a misspelt key
+    ("+defense.acc.n_components=20", "defense.acc names no defense"),  # a misspelt defense's settings
+    ("+analysis.distance.set_size=9", "analysis.distance names no analysis"),
+    ("seed=" + "9" * 5000, "seed=<5000 digits> holds an integer of 5000 digits"),  # Python reads <= 4300
 ])
 def test_compose_refuses_a_bad_value_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
@@ -211,3 +218,51 @@ def test_the_readme_example_runs_as_written(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"^digits · convnet · blended · standard: BA [01]\.\d+, ASR [01]\.\d+$", out.stdout, re.M), out.stdout[-2000:]
     assert list((tmp_path / "outputs" / "runs").glob("*/*/results.json"))
+
+
+@pytest.mark.parametrize("bad, said", [
+    (123, "not int 123"), ({"attack": "blended"}, "not dict"), ([1], "an override is a 'key=value' string, not int"),
+    (b"attack=blended", "not bytes"),
+])
+def test_run_and_compose_refuse_what_is_not_a_config(bad, said):
+    for call in (bdexp.run, bdexp.compose):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            call(bad)
+
+
+def test_a_config_without_a_method_group_is_refused(tmp_path):
+    cfg = bdexp.compose(_tiny())
+    with open_dict(cfg):
+        del cfg["train"]
+    with pytest.raises(ConfigError, match=r"the config has no train \(a `train` node"):
+        bdexp.run(cfg, tmp_path / "r")
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_runs_from_several_threads_get_what_they_would_get_alone(tmp_path):
+    """Hydra's compose API and a run's seeding are process-wide: calls from threads are served one at a
+    time, and each gets exactly the numbers of the same run made alone."""
+    import threading
+
+    alone = bdexp.run(_tiny("seed=1"), tmp_path / "alone")
+    results, errors = {}, []
+
+    def go(i):
+        try:
+            results[i] = bdexp.run(_tiny(f"seed={i}"), tmp_path / f"t{i}")
+        except Exception as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and sorted(results) == [0, 1, 2]
+    assert results[1].metrics == alone.metrics
+
+
+def test_another_config_into_a_run_dir_with_complete_results_is_refused(sweep):
+    root, (first, _) = sweep
+    before = (root / "0" / "results.json").read_bytes()
+    with pytest.raises(ConfigError, match="already holds complete results of another config"):
+        bdexp.run(_tiny("attack.poison_rate=0.25"), root / "0")
+    assert (root / "0" / "results.json").read_bytes() == before

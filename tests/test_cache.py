@@ -1,4 +1,5 @@
-"""The model cache: keyed by content, atomic, weights-only."""
+"""The model cache: keyed by content, atomic, weights-only, verified on load."""
+import json
 import os
 from pathlib import Path
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bdexp.cache import ModelCache, data_fingerprint, model_key
+from bdexp.cache import ModelCache, data_fingerprint, key_of, model_identity, model_key
 
 
 def _cfg(**over):
@@ -69,8 +70,8 @@ def test_unusable_files_are_set_aside(tmp_path, caplog):
         assert cache.get(key) is None, key
         assert not cache.path(key).exists() and (cache.root / f"{key}.pt.bad").read_bytes() == original
     assert caplog.text.count("moved it to") == len(cases)
-    cache.put("ok", good["state_dict"], {})
-    assert torch.equal(cache.get("ok")["state_dict"]["w"], torch.ones(2))
+    cache.put({"ok": 1}, good["state_dict"], {})
+    assert torch.equal(cache.get(key_of({"ok": 1}))["state_dict"]["w"], torch.ones(2))
 
 
 def test_a_pickle_that_runs_code_is_refused_and_never_runs(tmp_path):
@@ -113,20 +114,58 @@ def test_load_strictly_is_all_or_nothing():
 
 def test_round_trip_and_corrupt_file(tmp_path):
     cache = ModelCache(tmp_path)
-    assert cache.get("k") is None
+    identity = model_identity(_cfg(), data="abc")
+    k = key_of(identity)
+    assert k == model_key(_cfg(), data="abc") and cache.get(k) is None
     sd = {"w": torch.arange(4.0)}
-    cache.put("k", sd, {"history": {"loss": [1.0, 0.5]}})
-    got = cache.get("k")
+    cache.put(identity, sd, {"history": {"loss": [1.0, 0.5]}})
+    got = cache.get(k)
     assert torch.equal(got["state_dict"]["w"], sd["w"]) and got["meta"]["history"]["loss"] == [1.0, 0.5]
+    assert got["key"] == k and key_of(json.loads(got["identity"])) == k  # it says what it was trained for
     assert not list(cache.root.glob(".*tmp"))  # no temp files left behind
-    cache.path("k").write_bytes(b"garbage")
-    assert cache.get("k") is None  # a corrupt file is a miss, not a crash
-    assert (cache.root / "k.pt.bad").read_bytes() == b"garbage"  # kept for inspection, never loaded
+    cache.path(k).write_bytes(b"garbage")
+    assert cache.get(k) is None  # a corrupt file is a miss, not a crash
+    assert (cache.root / f"{k}.pt.bad").read_bytes() == b"garbage"  # kept for inspection, never loaded
+
+
+def _stored(cache, identity, **weights):
+    cache.put(identity, {"fc.weight": torch.tensor([[1.0, -2.0], [0.5, 3.0]]), **weights}, {"history": {}})
+    return key_of(identity), torch.load(cache.path(key_of(identity)), weights_only=True)
+
+
+def test_a_stored_model_is_served_only_for_what_it_was_trained_for(tmp_path, caplog):
+    """A file under a key must carry that key, an identity hashing to it and weights matching their
+    digest: a model copied over another key, edited weights or an edited identity are set aside."""
+    cache = ModelCache(tmp_path)
+    long_id, short_id = model_identity(_cfg(**{"train.epochs": 20})), model_identity(_cfg(**{"train.epochs": 1}))
+    long_key, _ = _stored(cache, long_id)
+    short_key, short = _stored(cache, short_id)
+    assert cache.get(long_key) is not None and cache.get(short_key) is not None
+
+    cases = {  # what is written under long_key -> the reason given when it is refused
+        "copied over": (short, "stored for model"),
+        "sign-flipped": ({**short, "key": long_key, "identity": json.dumps(long_id),
+                          "state_dict": {"fc.weight": -short["state_dict"]["fc.weight"]}}, "stored digest"),
+        "identity edited": ({**short, "key": long_key}, "hashes to"),
+        "no provenance": ({"state_dict": short["state_dict"], "meta": {}}, "carries no key"),
+    }
+    for name, (record, reason) in cases.items():
+        caplog.clear()
+        torch.save(record, cache.path(long_key))
+        assert cache.get(long_key) is None, name
+        assert (cache.root / f"{long_key}.pt.bad").exists() and not cache.path(long_key).exists(), name
+        assert reason in caplog.text and "moved it to" in caplog.text, (name, caplog.text)
+    # a sign flip that keeps the digest field is caught whatever the weights' layout
+    _, good = _stored(cache, long_id)
+    flipped = {k: v.clone() for k, v in good["state_dict"].items()}
+    flipped["fc.weight"][0, 1] *= -1
+    torch.save({**good, "state_dict": flipped}, cache.path(long_key))
+    assert cache.get(long_key) is None
 
 
 def test_disabled_cache_stores_nothing(tmp_path):
     cache = ModelCache(tmp_path, enabled=False)
-    assert cache.put("k", {"w": torch.zeros(1)}, {}) is None and cache.get("k") is None
+    assert cache.put({"k": 1}, {"w": torch.zeros(1)}, {}) is None and cache.get(key_of({"k": 1})) is None
     assert not cache.root.exists()
 
 

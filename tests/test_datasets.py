@@ -291,7 +291,7 @@ def test_train_limit_above_the_size_warns_and_changes_nothing(caplog):
     ("image_size", 4, "dataset.image_size=4 is not allowed: use an integer >= 8"),
     ("channels", 2, "dataset.channels=2 is not allowed: use one of 1, 3"),
     ("train_limit", 0, "dataset.train_limit=0 is not allowed: use an integer or null >= 1"),
-    ("test_fraction", 1.0, "dataset.test_fraction=1.0 is not allowed: use a number > 0 and < 1"),
+    ("test_fraction", 1.0, "dataset.test_fraction=1.0 is not allowed: use a finite number > 0 and < 1"),
     ("augment.crop_padding", -1, "dataset.augment.crop_padding=-1 is not allowed: use an integer >= 0"),
     ("bogus", 1, "dataset: unknown key(s) bogus"),
 ])

@@ -98,3 +98,30 @@ def test_the_sealed_run_raises_on_every_use(exp):
             with pytest.raises(contexts.GroundTruthRead, match="defense 'probe'"):
                 read()
         assert exp.model is not None and exp.device.type == "cpu"  # what a defender has stays
+
+
+# ---- nothing of the truth is within reach while a defense runs ----------------------------------
+def test_no_ground_truth_is_reachable_from_inside_a_defense(tmp_path):
+    """A defense of each kind searches its callers' frames (every thread's) and every object the
+    garbage collector tracks, with what they hold, for the run's truth: the carriers (the data, the
+    attack, the poisoned sets, the pools, an unsealed run, the run's config) and arrays equal to
+    the poison flags, a pool's labels or the sanitizer's row order of an appended-row run. It finds
+    nothing, from Python and inside `bdexp` (where Hydra's frames and HydraConfig hold the config
+    too); the same search from outside a defense finds them all (tests/snoop_run.py, in a fresh
+    interpreter so that no other test's run is in memory)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "tests.snoop_run", str(tmp_path)], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    found = json.loads(res.stdout.strip().splitlines()[-1])
+    unsealed = found.pop("unsealed")
+    for carrier in ("PoisonedTrainSet", "BackdoorTestSet", "ScreeningPools", "InputPool", "the poison flags",
+                    "a screening pool's labels", "an input pool's labels", "the run's config"):
+        assert any(carrier in line for line in unsealed), (carrier, unsealed)
+    assert len(found) == 8 and all(what == [] for what in found.values()), found  # 6 from Python, 2 under the CLI

@@ -64,6 +64,33 @@ def test_failing_job_leaves_a_record_and_a_rerun_skips_the_complete_ones(tmp_pat
                  tmp_path)
     assert "3 " not in third.stdout.split("sweep")[-1].split("skipped")[0]  # nothing skipped
     assert (sweep / "0" / "results.json").stat().st_mtime_ns != stamps["0"]
+    # ... and the complete results of the earlier config are kept beside the new ones, not replaced
+    kept = sweep / "0" / f"results.{payloads['0']['run']['config_hash']}.json"
+    assert json.loads(kept.read_text()) == payloads["0"] and kept.stat().st_mtime_ns == stamps["0"]
+    assert "kept as results." in third.stdout + third.stderr
+
+
+def test_an_edited_results_json_is_not_trusted(tmp_path):
+    """A complete results.json whose numbers were changed by hand after the run is not skipped on a
+    re-run: it is computed again, the edited file kept beside it, and the report never shows it."""
+    import bdexp
+
+    overrides = [*TINY, "train.epochs=1", f"cache.dir={tmp_path / 'c'}"]
+    bdexp.run(overrides, run_dir=tmp_path / "run")  # in this process: the CLI's results.json, sooner
+    args = [*overrides, f"hydra.run.dir={tmp_path / 'run'}"]
+    path = tmp_path / "run" / "results.json"
+    computed = json.loads(path.read_text())
+    edited = json.loads(path.read_text())
+    ba = next(r for r in edited["metrics"] if r["metric"] == "ba")
+    ba["value"] = 1.0 if ba["value"] != 1.0 else 0.5
+    path.write_text(json.dumps(edited))
+    from bdexp.report.collect import collect
+
+    assert collect(tmp_path / "run").empty  # skipped, with a warning naming it
+    again = _cli(args, tmp_path)
+    assert again.returncode == 0 and "edited after the run" in again.stdout + again.stderr
+    assert json.loads(path.read_text())["metrics"] == computed["metrics"]  # the same model, the same numbers
+    assert json.loads((tmp_path / "run" / f"results.{computed['run']['config_hash']}.edited.json").read_text()) == edited
 
 
 class Interrupt(Exception):
@@ -181,7 +208,8 @@ def test_a_checkpoint_that_does_not_load_changes_nothing(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     trained = torch.nn.Linear(4, 3)
-    torch.save({"model": trained.state_dict(), "epoch": 1}, tmp_path / "old.pt")  # no optimizer state
+    torch.save({"key": "old", "model": trained.state_dict(), "epoch": 1}, tmp_path / "old.pt")  # no optimizer state
+    torch.save({"key": "another", "model": trained.state_dict(), "epoch": 1}, tmp_path / "copied.pt")
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     optim = Optimization(model, cfg)
     loader = DeviceLoader(torch.zeros(8, 1, 2, 2, dtype=torch.uint8), torch.zeros(8, dtype=torch.long),
@@ -189,5 +217,8 @@ def test_a_checkpoint_that_does_not_load_changes_nothing(tmp_path):
     rng = torch.get_rng_state()
     with pytest.raises(KeyError):
         load_checkpoint(tmp_path / "old.pt", model, optim, loader)
+    assert all(torch.equal(model.state_dict()[k], fresh[k]) for k in fresh)
+    with pytest.raises(ValueError, match="checkpoint of model another, not of copied"):  # another model's
+        load_checkpoint(tmp_path / "copied.pt", model, optim, loader)
     assert all(torch.equal(model.state_dict()[k], fresh[k]) for k in fresh)
     assert optim.epochs_done == 0 and torch.equal(torch.get_rng_state(), rng)

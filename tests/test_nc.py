@@ -267,9 +267,9 @@ def test_bad_nc_options_are_refused_when_parsed():
     from bdexp.validation import validate_config
 
     with pytest.raises(ConfigError, match=r"defense\.nc\.prune_ratios=\[0\.1, 1\.5\] is not allowed: "
-                                          r"use a list of numbers >= 0 and <= 1"):
+                                          r"use a list of finite numbers >= 0 and <= 1"):
         NCOptions.parse({"prune_ratios": [0.1, 1.5]}, "defense.nc")
     with pytest.raises(ConfigError, match=r"defense\.nc\.steps=0 is not allowed: use an integer >= 1"):
         validate_config(compose_cfg(with_tiny("defense=[nc]", "defense.nc.steps=0")))
-    with pytest.raises(ConfigError, match=r"defense\.nc\.betas=\[0\.5\] is not allowed: use a list of 2 numbers"):
+    with pytest.raises(ConfigError, match=r"defense\.nc\.betas=\[0\.5\] is not allowed: use a list of 2 finite numbers"):
         NCOptions.parse({"betas": [0.5]}, "defense.nc")

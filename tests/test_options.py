@@ -102,7 +102,7 @@ def test_parse_takes_declared_defaults_and_converts_lists():
     ({"k": "abc"}, "toy.k='abc' is not allowed: use an integer >= 1"),
     ({"k": 0}, "toy.k=0 is not allowed: use an integer >= 1"),
     ({"k": True}, "toy.k=true is not allowed: use an integer"),
-    ({"rate": 1.5}, "toy.rate=1.5 is not allowed: use a number >= 0 and <= 1"),
+    ({"rate": 1.5}, "toy.rate=1.5 is not allowed: use a finite number >= 0 and <= 1"),
     ({"rule": "c"}, "toy.rule='c' is not allowed: use one of a, b"),
     ({"levels": "s1"}, "toy.levels='s1' is not allowed: use a list of strings"),
     ({"cap": 1}, "toy.cap=1 is not allowed: use an integer or null >= 2"),

@@ -138,7 +138,7 @@ def test_sanitizer_layers_follow_ispl_app_c_and_config_errors():
                                           r"penult or null"):
         _opts("ss_train", level="s7")
     for bad, shown in ((None, "null"), (0, "0"), (1.0, "1.0"), ("0.1", "'0.1'")):
-        with pytest.raises(ConfigError, match=rf"defense\.ss_train\.eps={shown} is not allowed: use a number"):
+        with pytest.raises(ConfigError, match=rf"defense\.ss_train\.eps={shown} is not allowed: use a finite number"):
             _opts("ss_train", eps=bad)
     with pytest.raises(ConfigError, match="removal fraction"):
         ss_removal_fraction("ss_train", _opts("ss_train", eps=0.7))

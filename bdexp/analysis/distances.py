@@ -8,6 +8,12 @@ with Z^T_j the features of clean test images the model *predicts* as j and Z^V_t
 triggered test images predicted as t. The relative ordering is the rank of a among {a, b, c};
 ARO = mean rank over the three distances (3.0: the malicious set is farther than every class;
 ~2.0: between intra- and inter-class, the floor ML-MMDR reaches, §5).
+
+SWD1 follows ML-MMDR eq. 5 literally (kernels.swd1): the SUM over the m samples of a set of the
+sorted projections' gaps, averaged over the random directions, i.e. m × the usual sliced
+Wasserstein-1 (the mean over directions of W1 between the projected sets). Every set of a run has
+the one size m (record `set_size`), so the ranks are unaffected, but absolute SWD1 values grow
+with m; the tables say so (swd1_note, docs/analyses.md).
 """
 from __future__ import annotations
 
@@ -25,6 +31,15 @@ from bdexp.results import record
 
 DISTANCES: tuple[str, ...] = ("mmd2", "ed2", "swd1")  # the three metrics ARO averages (ML-MMDR §4)
 PAIRS: tuple[str, ...] = ("malicious", "intra", "inter")
+
+
+def swd1_note(sizes) -> str:
+    """The line a table of SWD1 values carries: what SWD1 sums over, with the runs' set sizes m."""
+    sizes = sorted({int(m) for m in sizes})
+    shown = ", ".join(map(str, sizes)) if sizes else "the set size (record set_size)"
+    return (f"SWD1 = sum over the m = {shown} samples per set (m × the usual sliced Wasserstein-1, the mean over "
+            "random directions of W1 between the projected sets; ML-MMDR eq. 5): it grows with m, so compare "
+            "SWD1 values at equal m only.")
 
 
 def rank_of_a(a: float, b: float, c: float) -> int:

@@ -5,6 +5,7 @@ sizes, caches and subsets them into the uint8 NCHW `ImageDataset` every later st
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from bdexp.data.base import DATASETS, DataOptions, ImageDataset, resize_uint8, stratified_subset
-from bdexp.data.common import data_root, files_fingerprint
+from bdexp.data.common import DigestIndex, data_root
 from bdexp.errors import ConfigError
 from bdexp.registry import import_submodules
 
@@ -26,7 +27,9 @@ log = logging.getLogger(__name__)
 
 # Keys that choose a subset or a train-time transform, not the tensors: left out of the cache key.
 NOT_IDENTIFYING = frozenset({"train_limit", "test_limit", "augment", "download"})
-CACHE_FORMAT = 2  # bump when the stored layout or the decoding changes (2: the files listing, `skipped`)
+# Bump when the stored layout or the decoding changes (2: the files listing, `skipped`; 3: keyed by
+# the files' contents, 16-bit, float and CIELAB decoding, the key stored in the file, `not_regular`).
+CACHE_FORMAT = 3
 
 
 def dataset_options(cfg: Any) -> tuple[str, Callable[[DataOptions], ImageDataset], DataOptions]:
@@ -42,10 +45,10 @@ def load_dataset(cfg: Any, seed: int, cache_dir: str | None = None) -> ImageData
     `cfg.train_limit` / `cfg.test_limit` (class-stratified, drawn with `seed`).
 
     Slow sources (those marked `cache_on_disk`) keep the sized full tensors under
-    `cache_dir/datasets/`, keyed by the config and the listing of the source's files (sizes and
-    mtimes), so edited data is decoded again; limits are applied after the cache, so they can
-    vary freely. A dataset with fewer than two classes is refused: a backdoor sends inputs of
-    one class to another.
+    `cache_dir/datasets/`, keyed by the config and the contents of the source's files (a sha256
+    of each file's bytes; `cache_path`), so edited data is decoded again; limits are applied
+    after the cache, so they can vary freely. A dataset with fewer than two classes is refused:
+    a backdoor sends inputs of one class to another.
     """
     name, source, opts = dataset_options(cfg)
     path = None
@@ -56,13 +59,11 @@ def load_dataset(cfg: Any, seed: int, cache_dir: str | None = None) -> ImageData
     if full is None:
         full = _fit(source(opts), opts.image_size, opts.channels)
         if path is not None:
-            # Listed again: a source that downloads has created its files only now.
-            _write_cache(full, _cache_path(name, opts, cache_dir))
+            # Keyed by what was decoded: the digests of the bytes the source read (files_key), else
+            # the files listed again (a source that downloads has created its files only now).
+            _write_cache(full, _cache_path(name, opts, cache_dir, files_key=full.files_key))
     _check_classes(full, opts)
-    if full.skipped:  # on every run, read from the cache or not
-        shown = ", ".join(full.skipped[:3]) + (", ..." if len(full.skipped) > 3 else "")
-        log.warning("dataset %s: skipped %d unreadable %s (dataset.skip_bad_files=true): %s", full.name,
-                    len(full.skipped), "file" if len(full.skipped) == 1 else "files", shown)
+    _warn_left_out(full)
 
     ds = _limit(full, opts, seed)
     log.debug(  # pipeline.run logs the same sizes with the poison counts at INFO
@@ -70,6 +71,25 @@ def load_dataset(cfg: Any, seed: int, cache_dir: str | None = None) -> ImageData
         ds.name, len(ds.y_train), len(ds.y_test), "x".join(map(str, ds.image_shape)), ds.num_classes,
     )
     return ds
+
+
+def _warn_left_out(ds: ImageDataset) -> None:
+    """One warning line per kind of entry left out, on every run (read from the cache or not)."""
+
+    def shown(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+    not_regular = set(ds.not_regular)
+    unreadable = [f for f in ds.skipped if f not in not_regular]
+    if unreadable:
+        log.warning("dataset %s: skipped %d unreadable %s (dataset.skip_bad_files=true): %s", ds.name,
+                    len(unreadable), "file" if len(unreadable) == 1 else "files", shown(unreadable))
+    if ds.not_regular:
+        n = len(ds.not_regular)
+        log.warning("dataset %s: skipped %d %s (symbolic links are not followed; FIFOs, sockets and devices "
+                    "are not read): %s", ds.name, n,
+                    "entry that is not a regular file" if n == 1 else "entries that are not regular files",
+                    shown(ds.not_regular))
 
 
 def _check_classes(ds: ImageDataset, opts: DataOptions) -> None:
@@ -101,21 +121,30 @@ def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
 
 def cache_path(cfg: Any, cache_dir: str) -> str:
     """`cache_dir/datasets/<sha256>.pt`, hashed over every key that decides the tensors:
-    name, root (absolute), image_size, channels and the source's own keys, and over the listing
-    of the files the source reads (common.files_fingerprint; path, size, mtime of each)."""
+    name, root (absolute), image_size, channels and the source's own keys, and over the contents
+    of the files the source reads (common.cache_on_disk: a sha256 of each file's bytes, looked up
+    in the digest index `cache_dir/datasets/digests/` while a file's device, inode, size, mtime
+    and ctime are unchanged)."""
     name, _, opts = dataset_options(cfg)
     return _cache_path(name, opts, cache_dir)
 
 
-def _cache_path(name: str, opts: DataOptions, cache_dir: str) -> str:
+def _cache_path(name: str, opts: DataOptions, cache_dir: str, files_key: str | None = None) -> str:
+    """`cache_path`; `files_key`: the files' fingerprint as the source computed it while decoding."""
+    cache_dir = os.path.abspath(os.path.expanduser(str(cache_dir)))
     ident = {"name": name, **{k: v for k, v in opts.as_dict().items() if k not in NOT_IDENTIFYING}}
     ident["root"] = data_root(opts)
     ident["cache_format"] = CACHE_FORMAT
-    files = getattr(DATASETS.get(name), "cache_files", None)
-    if files is not None:
-        ident["files"] = files_fingerprint(files(opts))
+    fingerprint = getattr(DATASETS.get(name), "cache_fingerprint", None)
+    if files_key is not None:
+        ident["files"] = files_key
+    elif fingerprint is not None:
+        where = hashlib.sha256(ident["root"].encode()).hexdigest()[:16]
+        index = DigestIndex(os.path.join(cache_dir, "datasets", "digests", f"{name}-{where}.json"))
+        ident["files"] = fingerprint(opts, index)
+        index.save()
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
-    return os.path.join(os.path.abspath(os.path.expanduser(str(cache_dir))), "datasets", f"{digest}.pt")
+    return os.path.join(cache_dir, "datasets", f"{digest}.pt")
 
 
 def _fit(ds: ImageDataset, size: int, channels: int) -> ImageDataset:
@@ -126,8 +155,7 @@ def _fit(ds: ImageDataset, size: int, channels: int) -> ImageDataset:
             return resize_uint8(convert_channels(x, channels), size)
         return convert_channels(resize_uint8(x, size), channels)
 
-    return ImageDataset(ds.name, fit(ds.x_train), ds.y_train, fit(ds.x_test), ds.y_test, list(ds.classes),
-                        list(ds.skipped))
+    return dataclasses.replace(ds, x_train=fit(ds.x_train), x_test=fit(ds.x_test))
 
 
 def _limit(ds: ImageDataset, opts: DataOptions, seed: int) -> ImageDataset:
@@ -150,29 +178,54 @@ def _limit(ds: ImageDataset, opts: DataOptions, seed: int) -> ImageDataset:
             idx = stratified_subset(y, limit, seed)
             x, y = x[idx], y[idx]
         out[split] = (x, y)
-    return ImageDataset(ds.name, *out["train"], *out["test"], list(ds.classes), list(ds.skipped))
+    (x_train, y_train), (x_test, y_test) = out["train"], out["test"]
+    return dataclasses.replace(ds, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+
+
+def _tensors_digest(ds: ImageDataset) -> str:
+    """sha256 of the stored tensors (bdexp.cache.data_fingerprint): a cached dataset is served only
+    while its images and labels are the ones written (0.1 s for CIFAR-10)."""
+    from bdexp.cache import data_fingerprint
+
+    return data_fingerprint(ds.x_train, ds.y_train, ds.x_test, ds.y_test)
 
 
 def _read_cache(path: str) -> ImageDataset | None:
+    """The dataset stored at `path`, if it is there, readable, stored under this key (the file name)
+    and its tensors match their stored digest; otherwise None, with a warning, and the caller decodes
+    and writes it again."""
     if not os.path.exists(path):
         return None
+    key = os.path.splitext(os.path.basename(path))[0]
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
         ds = ImageDataset(d["name"], d["x_train"], d["y_train"], d["x_test"], d["y_test"], list(d["classes"]),
-                          [str(f) for f in d.get("skipped", [])])
+                          [str(f) for f in d.get("skipped", [])], [str(f) for f in d.get("not_regular", [])])
+        stored, digest = d.get("key"), d.get("sha256")
     except Exception as e:  # noqa: BLE001 - a damaged cache file is rebuilt, never fatal
         log.warning("ignoring unreadable dataset cache %s (%s: %s)", path, type(e).__name__, e)
+        return None
+    if stored != key:
+        log.warning("ignoring dataset cache %s: it holds another key (%s; copied or renamed?); decoding again",
+                    path, stored)
+        return None
+    if digest != _tensors_digest(ds):
+        log.warning("ignoring dataset cache %s: its images or labels do not match the digest stored with them "
+                    "(changed after it was written); decoding again", path)
         return None
     log.info("dataset %s read from cache %s", ds.name, path)
     return ds
 
 
 def _write_cache(ds: ImageDataset, path: str) -> None:
-    """torch.save through bdexp.atomic.atomic_write (a temp file in the same directory, renamed)."""
+    """torch.save through bdexp.atomic.atomic_write (a temp file in the same directory, renamed),
+    with the key (the file name) and the tensors' digest inside, which `_read_cache` checks."""
     from bdexp.atomic import atomic_write
 
     record = {"name": ds.name, "x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test,
-              "y_test": ds.y_test, "classes": list(ds.classes), "skipped": list(ds.skipped)}
+              "y_test": ds.y_test, "classes": list(ds.classes), "skipped": list(ds.skipped),
+              "not_regular": list(ds.not_regular), "key": os.path.splitext(os.path.basename(path))[0],
+              "sha256": _tensors_digest(ds)}
     atomic_write(path, lambda tmp: torch.save(record, tmp))
 
 

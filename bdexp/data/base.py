@@ -62,7 +62,10 @@ class DownloadOptions(DataOptions):
 @dataclass
 class ImageDataset:
     """Images as uint8 (N, C, H, W) tensors with int64 labels; `classes` names each label.
-    `skipped`: source files left out because they could not be decoded (dataset.skip_bad_files)."""
+    `skipped`: source entries left out (results.json `skipped_files`): files that could not be
+    decoded (dataset.skip_bad_files) and `not_regular`, entries that are not regular files
+    (symbolic links, FIFOs, sockets, devices), which are never opened. `files_key`: the fingerprint
+    of the files decoded, from their bytes, when the source computes it (common.cache_on_disk)."""
 
     name: str
     x_train: torch.Tensor
@@ -71,6 +74,8 @@ class ImageDataset:
     y_test: torch.Tensor
     classes: list[str]
     skipped: list[str] = field(default_factory=list)
+    not_regular: list[str] = field(default_factory=list)
+    files_key: str | None = None
 
     @property
     def num_classes(self) -> int:

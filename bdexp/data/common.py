@@ -4,12 +4,17 @@ No source is registered here; the sources import what they need.
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
+import json
+import logging
 import os
+import stat
 import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -18,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from bdexp.errors import DatasetUnavailable
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
 
 # The `root` of every dataset (base.DataOptions) when BDEXP_DATA is unset (conf/dataset/*.yaml).
 DEFAULT_ROOT = "~/.cache/bdexp/data"
@@ -28,43 +34,170 @@ def data_root(opts: Any) -> str:
     return os.path.abspath(os.path.expanduser(opts.root))
 
 
-def cache_on_disk(fn: F | None = None, *, files: Callable[[Any], Sequence[str]] | None = None):
-    """Mark a source as slow to decode: `load_dataset` then keeps its sized tensors in cache_dir.
-    `files(opts)` names the directories the source reads; the listing of the files under them
-    (relative path, size, mtime) enters the cache key (`files_fingerprint`), so editing the data
-    (a class folder added, an image replaced) decodes it again instead of reading stale tensors.
-    Use as `@cache_on_disk` or `@cache_on_disk(files=...)`."""
+def cache_on_disk(fn: F | None = None, *, files: Callable[[Any], Sequence[str]] | None = None,
+                  fingerprint: Callable[[Any, "DigestIndex | None"], str] | None = None):
+    """Mark a source as slow to decode: `load_dataset` then keeps its sized tensors in cache_dir,
+    keyed by the contents of what the source reads, so edited data is decoded again even when an
+    edit keeps the files' sizes and mtimes (`cp -p`, `rsync -a`, `tar`). Either `files(opts)` names
+    the directories (or files) the source reads, and every entry under them enters the key
+    (`files_fingerprint`), or a source that lists its own inputs gives `fingerprint(opts, index)`,
+    the same fingerprint it sets as `ImageDataset.files_key` from the bytes it decodes.
+    Use as `@cache_on_disk`, `@cache_on_disk(files=...)` or `@cache_on_disk(fingerprint=...)`."""
+
+    def of_files(opts: Any, index: DigestIndex | None) -> str:
+        return files_fingerprint(files(opts), index)  # type: ignore[misc]
 
     def mark(f: F) -> F:
         f.cache_on_disk = True  # type: ignore[attr-defined]
-        f.cache_files = files  # type: ignore[attr-defined]
+        f.cache_fingerprint = fingerprint or (of_files if files is not None else None)  # type: ignore[attr-defined]
         return f
 
     return mark(fn) if fn is not None else mark
 
 
-def files_fingerprint(dirs: Sequence[str]) -> str:
-    """sha256 over every file and directory under `dirs` (sorted): relative path, size and
-    modification time in ns. A directory that does not exist counts as such."""
+# A file hashed while its mtime or ctime is younger than this is hashed again next time rather than
+# trusted from the DigestIndex: a write in the same clock tick as the hashing could leave its size
+# and times unchanged (Git's "racy clean" entries, Documentation/technical/racy-git.txt).
+SETTLED_NS = 2_000_000_000
+
+
+def open_regular(path: str, follow_links: bool = True) -> BinaryIO:
+    """`path` opened for reading, or an OSError unless it is a regular file: a FIFO is never waited
+    on (O_NONBLOCK) and, with follow_links=False, a symbolic link is refused (O_NOFOLLOW)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+    if not follow_links:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def file_digest(path: str) -> str:
+    """sha256 of the bytes of the regular file `path` (hex)."""
     h = hashlib.sha256()
-    for top in dirs:
-        top = os.path.abspath(os.path.expanduser(str(top)))
-        h.update(f"{top}\0".encode())
-        if not os.path.isdir(top):
-            h.update(b"absent\0")
-            continue
-        for here, subdirs, names in os.walk(top, followlinks=True):
-            subdirs.sort()
-            rel = os.path.relpath(here, top)
-            h.update(f"d {rel}\0".encode())
-            for name in sorted(names):
-                try:
-                    st = os.stat(os.path.join(here, name))
-                except OSError:  # a dangling link: listed, without size
-                    h.update(f"f {rel}/{name} ?\0".encode())
-                    continue
-                h.update(f"f {rel}/{name} {st.st_size} {st.st_mtime_ns}\0".encode())
+    with open_regular(path) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
+
+
+def unreadable_token(err: OSError) -> str:
+    """A file that cannot be read, in a cache key: by its error, so a fixed file changes the key."""
+    return f"unreadable: {errno.errorcode.get(err.errno or 0, err.errno)}"
+
+
+def content_token(path: str, index: "DigestIndex | None" = None) -> str:
+    """The digest of the file `path` (through `index` when given), or `unreadable_token`."""
+    try:
+        return index.digest(path) if index is not None else file_digest(path)
+    except OSError as err:
+        return unreadable_token(err)
+
+
+class DigestIndex:
+    """File digests remembered by (device, inode, size, mtime_ns, ctime_ns) in a JSON file, so a
+    key over an unchanged tree reads no file. An edit that keeps size and mtime (`cp -p`, `touch -r`,
+    `rsync -a`) still moves the ctime, which no user can set, and a replaced file has another inode;
+    files changed within SETTLED_NS of their hashing are not remembered. `path=None`: nothing is
+    remembered. The file is a cache too: unreadable, it is ignored; lost entries are hashed again."""
+
+    def __init__(self, path: str | None):
+        self.path, self.used = path, {}
+        self.known = self._load() if path else {}
+
+    def _load(self) -> dict:
+        try:
+            with open(self.path, encoding="utf-8") as f:  # type: ignore[arg-type]
+                known = json.load(f)["files"]
+            return known if isinstance(known, dict) else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+
+    def digest(self, path: str) -> str:
+        started = time.time_ns()
+        st = os.stat(path)
+        sig = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        entry = self.known.get(path)
+        if isinstance(entry, list) and entry[:5] == sig and len(entry) == 6:
+            self.used[path] = entry
+            return str(entry[5])
+        digest = file_digest(path)
+        if max(st.st_mtime_ns, st.st_ctime_ns) < started - SETTLED_NS:
+            self.used[path] = [*sig, digest]
+        return digest
+
+    def save(self) -> None:
+        """Keep the entries used since loading (those of files gone are dropped); best effort."""
+        if not self.path or self.used == self.known:
+            return
+        from bdexp.atomic import atomic_write_text
+
+        try:
+            atomic_write_text(self.path, json.dumps({"files": self.used}))
+        except OSError as err:  # a read-only cache still serves its datasets
+            log.debug("digest index %s not written (%s)", self.path, err)
+
+
+def pairs_fingerprint(pairs: Iterable[tuple[str, str]]) -> str:
+    """sha256 over (path, token) pairs, in order."""
+    h = hashlib.sha256()
+    for path, token in pairs:
+        h.update(f"{path}\0{token}\0".encode())
+    return h.hexdigest()
+
+
+def entry_kind(mode: int) -> str:
+    """What an `os.stat` st_mode is, in words."""
+    for test, kind in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symbolic link"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "device"),
+                       (stat.S_ISBLK, "device")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def entry_token(path: str, index: DigestIndex | None = None) -> str:
+    """What `path` holds, for a cache key: the digest of a regular file (through a symbolic link),
+    else what it is ("directory", "FIFO", "absent", ...); nothing but a regular file is opened."""
+    try:
+        link = "link to " if os.path.islink(path) else ""
+        st = os.stat(path)
+    except OSError as err:
+        return "dangling link" if os.path.islink(path) else f"absent ({errno.errorcode.get(err.errno or 0)})"
+    kind = entry_kind(st.st_mode)
+    return link + (content_token(path, index) if kind == "file" else kind)
+
+
+def _entries_under(top: str) -> Iterator[str]:
+    """Every entry under the directory `top`, sorted by name, without entering linked directories."""
+    try:
+        entries = sorted(os.scandir(top), key=lambda e: e.name)
+    except OSError:  # unreadable: its token says so
+        return
+    for entry in entries:
+        yield entry.path
+        if entry.is_dir(follow_symlinks=False):
+            yield from _entries_under(entry.path)
+
+
+def files_fingerprint(paths: Sequence[str], index: DigestIndex | None = None) -> str:
+    """sha256 over each of `paths` and, for a directory, every entry under it (sorted; linked
+    directories below it are not entered), each with its `entry_token`: the sha256 of a file's
+    bytes. A path that does not exist counts as such."""
+
+    def pairs() -> Iterator[tuple[str, str]]:
+        for top in paths:
+            top = os.path.abspath(os.path.expanduser(str(top)))
+            yield top, entry_token(top, index)
+            if os.path.isdir(top):
+                yield from ((path, entry_token(path, index)) for path in _entries_under(top))
+
+    return pairs_fingerprint(pairs())
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -104,6 +237,35 @@ def idx_path(directory: str, split: str, kind: str) -> str | None:
     return None
 
 
+def convert_8bit(img: Image.Image, mode: str) -> Image.Image:
+    """`img` (any mode PIL opens, first frame) as 8-bit `mode`, "L" or "RGB" (docs/datasets_models.md,
+    "Image folders"). PIL's own `convert` clips 16-bit and float images to 0..255 (every 16-bit
+    value above 255 becomes white), so those are scaled here: 16-bit (I;16*, and I, which PIL
+    gives 16-bit PGMs) keeps its top 8 bits, float (F) is read as [0, 1]; other values stop with
+    a ValueError. Alpha is dropped, as torchvision's ImageFolder loader does (`convert("RGB")`);
+    colour modes (P, CMYK, YCbCr, LAB, ...) become RGB by PIL's conversions before "L"."""
+    if img.mode.startswith("I") or img.mode == "F":
+        img = Image.fromarray(_grey_8bit(np.asarray(img), img.mode))
+    elif img.mode not in ("1", "L", "LA", "RGB"):
+        # RGBA first where PIL keeps a palette's transparency that way (then dropped, no warning)
+        img = img.convert("RGBA" if img.mode == "P" and "transparency" in img.info else "RGB")
+    return img.convert(mode)
+
+
+def _grey_8bit(a: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit samples -> their top 8 bits, as PIL decodes 16-bit colour PNG and TIFF and as
+    torchvision's `to_dtype(uint8, scale=True)` does; float in [0, 1] -> round(255 v)."""
+    if mode == "F":
+        if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+            raise ValueError(f"a float (mode F) image with values outside [0, 1] (min {a.min():g}, max "
+                             f"{a.max():g}); bdexp reads float images as [0, 1]: rescale it or save it as 8 or 16 bit")
+        return np.round(a.astype(np.float64) * 255).astype(np.uint8)
+    if a.min() < 0 or a.max() > 65535:
+        raise ValueError(f"a mode {mode} image with values outside 0..65535 (min {a.min()}, max {a.max()}); "
+                         "bdexp reads integer images as 16 bit: save it as 8 or 16 bit")
+    return (a.astype(np.uint32) >> 8).astype(np.uint8)
+
+
 class FitSquare:
     """PIL image -> uint8 array (H, W) or (H, W, 3) of size×size, done while decoding so that
     sets of mixed-size images (GTSRB, image folders) never exist in memory at full size.
@@ -117,7 +279,7 @@ class FitSquare:
         self.size, self.mode, self.fit = int(size), ("L" if channels == 1 else "RGB"), fit
 
     def __call__(self, img: Image.Image) -> np.ndarray:
-        img = img.convert(self.mode)
+        img = convert_8bit(img, self.mode)
         if self.fit == "center_crop":
             w, h = img.size
             s = min(w, h)

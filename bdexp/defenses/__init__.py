@@ -11,6 +11,7 @@ output into records. Adding a defense is its file plus its YAML (README, "Adding
 """
 from __future__ import annotations
 
+import gc
 import logging
 
 from bdexp.registry import Registry, import_submodules
@@ -36,6 +37,10 @@ def run_defense(exp, key: str, dcfg) -> list[dict]:
     name = str(dcfg.name)
     fn, meta = DEFENSES.get(name), DEFENSES.meta(name)
     opts = DEFENSES.options(name).parse(dcfg, f"defense.{key}")
+    # Garbage in reference cycles (copies of the config Hydra made while composing, say) stays
+    # findable through the garbage collector until its next pass: collect it before the defense
+    # runs (Experiment.sealed leaves none behind itself).
+    gc.collect()
     return [{**row, "defense": row.get("defense", key)} for row in evaluators()[meta["kind"]](exp, name, opts, fn, meta)]
 
 
@@ -51,7 +56,9 @@ def run_defenses(exp, store=None) -> list[dict]:
             # defense (e.g. mlmmdr_*'s defense.ac.n_components) that this run did not select.
             log.warning("defense.%s is configured but not selected (defense=[...] lacks it); skipped", key)
             continue
-        steps.append((key, dcfg.name, lambda key=key, dcfg=dcfg: run_defense(exp, key, dcfg)))
+        # the node is looked up when its turn comes: sealing a run (Experiment.sealed) replaces the
+        # config's nodes by copies, so one held from before an earlier defense would be stale
+        steps.append((key, dcfg.name, lambda key=key: run_defense(exp, key, exp.cfg.defense[key])))
     return run_recorded("defense", steps, store)
 
 

@@ -44,6 +44,14 @@ class GroundTruthRead(RuntimeError):
     provenance), which no defender has."""
 
 
+def sealed_call(exp, who: str, fn: Callable, *args, **kwargs):
+    """`fn(*args, **kwargs)`, the defense `who`, while the run is sealed (Experiment.sealed). Each
+    evaluator calls its defense through this, holding in its own frame what the defense is given
+    and no label: labels are read after the defense returns."""
+    with exp.sealed(who):
+        return fn(*args, **kwargs)
+
+
 @dataclass(frozen=True)
 class Reserve:
     """The defender's clean images: true labels known, never in a pool."""

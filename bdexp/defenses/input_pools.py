@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from bdexp import metrics
-from bdexp.defenses.contexts import DetectorContext, ModelView, Reserve, check_context
+from bdexp.defenses.contexts import DetectorContext, ModelView, Reserve, check_context, sealed_call
 from bdexp.defenses.screening import DetectorOutput, checked_output
 from bdexp.errors import ConfigError
 from bdexp.options import Options, option
@@ -124,7 +124,8 @@ def input_pool(exp, name: str, max_pool: int | None) -> InputPool:
     else:
         raise ConfigError(f"unknown input pool {name!r}; choose from {list(POOLS)}")
     n_available, n_poison_available = len(labels), int(labels.sum())
-    rows = stratified_cap(labels, max_pool, exp.rng(f"input_pools/{name}/{max_pool}"))
+    # an order a defender who knows the seed cannot recompute (Experiment.truth_rng)
+    rows = stratified_cap(labels, max_pool, exp.truth_rng(f"input_pools/{name}/{max_pool}", labels, index))
     labels, index = labels[rows], index[rows]
     if len(sources) == 1:
         x = sources[0][torch.as_tensor(index, dtype=torch.long)]
@@ -156,23 +157,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def pool_summary(exp, name: str, max_pool: int | None) -> tuple[int, int]:
+    """(inputs, poisoned inputs) of input pool `name`: whether it can be scored at all."""
+    pool = input_pool(exp, name, max_pool)
+    return len(pool.labels), int(pool.labels.sum())
+
+
 def run_input_detector(exp, name: str, opts: InputDetectorOptions, build: Callable[[DetectorContext, Any], Scorer],
                        meta: dict) -> list[dict]:
     """Build the detector on the reserve once and score each configured pool (the evaluator side).
     A pool without both clean and poisoned inputs (attack `none`) gets one `skipped` record.
-    `meta["tags"]` (optional): opts -> tags on every record (e.g. CD's variant)."""
+    `meta["tags"]` (optional): opts -> tags on every record (e.g. CD's variant). While the detector
+    runs this frame holds the images it scores and no label (they are read after it returns)."""
     tags = dict(meta["tags"](opts)) if meta.get("tags") else {}
-    pools = [input_pool(exp, p, opts.max_pool) for p in opts.pools]
     rows: list[dict] = []
-    runnable = []
+    runnable: list[str] = []
     skipped = []
-    for pool in pools:
-        n_pos = int(pool.labels.sum())
-        if n_pos == 0 or n_pos == len(pool.labels):
-            skipped.append(f"{pool.name} ({n_pos} poisoned of {len(pool.labels)} inputs)")
-            rows.append(record("skipped", 1.0, pool=pool.name, **tags))
+    for pool_name in opts.pools:
+        n, n_pos = pool_summary(exp, pool_name, opts.max_pool)
+        if n_pos == 0 or n_pos == n:
+            skipped.append(f"{pool_name} ({n_pos} poisoned of {n} inputs)")
+            rows.append(record("skipped", 1.0, pool=pool_name, **tags))
         else:
-            runnable.append(pool)
+            runnable.append(pool_name)
     if skipped:  # one line for all of this detector's skipped pools
         log.warning("%s: skipped %d pool(s): %s", name, len(skipped), ", ".join(skipped))
     if not runnable:
@@ -182,22 +189,24 @@ def run_input_detector(exp, name: str, opts: InputDetectorOptions, build: Callab
                           reserve=reserve, num_classes=exp.data.num_classes)
     check_context(ctx)
     start = time.perf_counter()
-    with exp.sealed(name):
-        score = build(ctx, opts)
+    score = sealed_call(exp, name, build, ctx, opts)
     _sync(exp.device)
     fit_s = time.perf_counter() - start
     rows += [record("n_reserve", len(reserve.index), **tags), record("fit_s", fit_s, **tags)]
-    for pool in runnable:
+    for pool_name in runnable:
+        x = input_pool(exp, pool_name, opts.max_pool).x
         start = time.perf_counter()
-        with exp.sealed(name):
-            out = score(pool.x, pool.name)
+        out = sealed_call(exp, name, score, x, pool_name)
         _sync(exp.device)
         wall = time.perf_counter() - start
-        ptags = dict(pool=pool.name, **tags)
-        rows += [record(m, v, **ptags) for m, v in evaluate(pool.labels, out).items()]
-        rows += [record("n", len(pool.labels), **ptags), record("n_poison", int(pool.labels.sum()), **ptags),
-                 record("wall_s", wall, **ptags), record("s_per_1k", 1000.0 * wall / len(pool.labels), **ptags)]
+        del x
+        labels = input_pool(exp, pool_name, opts.max_pool).labels
+        ptags = dict(pool=pool_name, **tags)
+        rows += [record(m, v, **ptags) for m, v in evaluate(labels, out).items()]
+        rows += [record("n", len(labels), **ptags), record("n_poison", int(labels.sum()), **ptags),
+                 record("wall_s", wall, **ptags), record("s_per_1k", 1000.0 * wall / len(labels), **ptags)]
         rows += [record(m, v, **ptags) for m, v in out.extra.items()]
-        log.info("%s on the %s pool (%d inputs, %d poisoned): AUROC %.3f in %.2f s (fit %.2f s)", name, pool.name,
-                 len(pool.labels), int(pool.labels.sum()), metrics.auroc(pool.labels, out.scores), wall, fit_s)
+        log.info("%s on the %s pool (%d inputs, %d poisoned): AUROC %.3f in %.2f s (fit %.2f s)", name, pool_name,
+                 len(labels), int(labels.sum()), metrics.auroc(labels, out.scores), wall, fit_s)
+        del labels
     return rows

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bdexp.defenses.contexts import InspectorContext, ModelView, Reserve, check_context
+from bdexp.defenses.contexts import InspectorContext, ModelView, Reserve, check_context, sealed_call
 
 
 def inspector_context(exp, name: str) -> InspectorContext:
@@ -26,7 +26,6 @@ def inspector_context(exp, name: str) -> InspectorContext:
 
 def run_inspector(exp, name: str, opts, inspect, meta: dict) -> list[dict]:
     ctx = inspector_context(exp, name)
-    with exp.sealed(name):
-        out = inspect(ctx, opts)
+    out = sealed_call(exp, name, inspect, ctx, opts)
     score = meta.get("score")
     return list(out.records) + (score(exp, opts, out) if score is not None else [])

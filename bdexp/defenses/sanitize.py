@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bdexp import metrics
 from bdexp.defenses import DEFENSES
-from bdexp.defenses.contexts import Kind, ModelView, OracleContext, SanitizerContext, check_context
+from bdexp.defenses.contexts import Kind, ModelView, OracleContext, SanitizerContext, check_context, sealed_call
 from bdexp.defenses.ispl_core import TensorTrainer
 from bdexp.evaluate import predict
 from bdexp.options import NoOptions, Options
@@ -66,18 +66,23 @@ def _detached(node) -> DictConfig:
     return OmegaConf.create(OmegaConf.to_container(node, resolve=True))
 
 
-def sanitizer_context(exp, name: str, opts, meta: dict) -> tuple[SanitizerContext, torch.Tensor | None]:
+ORDER_KEY = "sanitizer/order"  # exp.info: the row order of the sanitizer's context (sanitizer_context)
+
+
+def sanitizer_context(exp, name: str, opts, meta: dict) -> SanitizerContext:
     """What the sanitizer has (ISPL §3.1): the training images and given labels, the model trained on
     them, a trainer with its own regime, the run's schedule length; the oracle also the flags.
 
-    Returns (context, order). Rows an attack appended (`inject: append`) sit after the original
-    ones, so their position would give them away: then the context holds the rows in a seeded
-    random `order`, and the sanitizer's keep-masks are mapped back (`unshuffle`). None: as stored."""
+    Rows an attack appended (`inject: append`) sit after the original ones, so their position
+    would give them away: then the context holds the rows in a random order a defender cannot
+    recompute (Experiment.truth_rng), kept with the run (exp.info[ORDER_KEY], sealed while the
+    sanitizer runs), and its keep-masks are mapped back (`unshuffle`). None there: as stored."""
     ts, cfg = exp.train_set, exp.cfg
     view = ModelView(exp.model, exp.device, int(cfg.eval_batch_size))
     order = None
     if len(ts.y) > len(exp.data.y_train):
-        order = torch.from_numpy(exp.rng("sanitizer/order").permutation(len(ts.y)))
+        order = torch.from_numpy(exp.truth_rng("sanitizer/order", ts.poison).permutation(len(ts.y)))
+    exp.info[ORDER_KEY] = order
     x, y = (ts.x, ts.y) if order is None else (ts.x[order], ts.y[order])
     model_cfg, device = _detached(cfg.model), exp.device
     crop_padding, flip = int(cfg.dataset.augment.crop_padding), bool(cfg.dataset.augment.flip)
@@ -98,7 +103,7 @@ def sanitizer_context(exp, name: str, opts, meta: dict) -> tuple[SanitizerContex
     else:
         ctx = SanitizerContext(**common)
     check_context(ctx)
-    return ctx, order
+    return ctx
 
 
 def unshuffle(mask, order: torch.Tensor | None) -> torch.Tensor:
@@ -134,11 +139,11 @@ def run_sanitizer(exp, name: str, opts, keep_fn: KeepFn, meta: dict) -> list[dic
     """Sanitize, retrain on the kept set with the defender's regime (cached by the mask's hash)
     and score the result. `meta["retrain"] = False` (ND only) scores the run's own model."""
     retrain = meta.get("retrain", True)
-    ctx, order = sanitizer_context(exp, name, opts, meta)
+    ctx = sanitizer_context(exp, name, opts, meta)
     train_cfg = defender_training(exp, name, opts) if retrain else None
     start = time.perf_counter()
-    with exp.sealed(name):
-        keep, info = keep_fn(ctx, opts)
+    keep, info = sealed_call(exp, name, keep_fn, ctx, opts)
+    order = exp.info.pop(ORDER_KEY)
     keep = _mask(unshuffle(keep, order), exp, name)
     stages = {stage: _mask(unshuffle(mask, order), exp, f"{name} ({stage})")
               for stage, mask in (info.pop("stages", None) or {}).items()}

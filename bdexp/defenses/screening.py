@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ import torch
 
 from bdexp import metrics
 from bdexp.attacks import has_backdoor
+from bdexp.defenses.contexts import sealed_call
 from bdexp.results import record
 
 log = logging.getLogger(__name__)
@@ -47,12 +49,21 @@ class Detector(Protocol):
 
 @dataclass
 class Pool:
-    n_requested: int  # N as configured (the record tag)
-    ratio: float  # r′ as configured (the record tag)
+    n_requested: int  # N as configured (with `ratio`, it seeds the pool's order and the detector's rng)
+    ratio: float  # r′ as configured
     n_benign: int  # actual counts (fewer when fewer candidates exist)
     n_malicious: int
     rows: np.ndarray  # rows of ScreeningPools.features, in a seeded shuffled order
     labels: np.ndarray  # 1 = malicious, aligned with rows (evaluator only)
+
+    @property
+    def tags(self) -> dict:
+        """What the pool holds, as its records are tagged: N = its benign images (the configured N,
+        or fewer when fewer benign images are predicted as the target), r = the configured r′, or
+        the ratio it holds when fewer triggered images exist than round(r′·N)."""
+        full = self.n_malicious == _round_half_up(self.ratio * self.n_benign)
+        held = self.ratio if full or self.n_benign == 0 else round(self.n_malicious / self.n_benign, 4)
+        return {"N": self.n_benign, "r": held}
 
 
 @dataclass
@@ -67,6 +78,14 @@ class ScreeningPools:
     reserve: dict[str, np.ndarray]  # level -> (m, d) float32, clean reserve images of class t
     pools: list[Pool]
     skip_reason: str | None = None  # set when no pool can be built (attack `none`, ...)
+
+    def __setstate__(self, state: dict) -> None:
+        """Read-only again after the run was sealed and opened (Experiment.sealed pickles it): a
+        detector must not change the features every detector shares."""
+        self.__dict__.update(state)
+        for arrays in (self.features, self.reserve):
+            for a in arrays.values():
+                _readonly(a)
 
 
 def _round_half_up(x: float) -> int:
@@ -114,8 +133,13 @@ def screening_pools(exp) -> ScreeningPools:
     malicious = rng.permutation(malicious)
     n_b_avail, n_m_avail = len(benign), len(malicious)
 
-    specs = [(int(n), float(r)) for n in scfg.sizes for r in scfg.ratios]
-    counts = [pool_counts(n, r, n_b_avail, n_m_avail) for n, r in specs]
+    specs, counts, merged = [], [], {}
+    for n, r in ((int(n), float(r)) for n in scfg.sizes for r in scfg.ratios):
+        held = pool_counts(n, r, n_b_avail, n_m_avail)
+        merged.setdefault(held, []).append((n, r))
+        if len(merged[held]) == 1:  # else the same images as an earlier (N, r′): one pool
+            specs.append((n, r))
+            counts.append(held)
     n_b_max = max((b for b, _ in counts), default=0)
     n_m_max = max((m for _, m in counts), default=0)
     benign, malicious = benign[:n_b_max], malicious[:n_m_max]
@@ -124,7 +148,8 @@ def screening_pools(exp) -> ScreeningPools:
     for (n, r), (n_b, n_m) in zip(specs, counts):
         rows = np.concatenate([np.arange(n_b), n_b_max + np.arange(n_m)]).astype(np.int64)
         labels = np.concatenate([np.zeros(n_b, np.int64), np.ones(n_m, np.int64)])
-        order = exp.rng(f"screening/order/{n}/{r}").permutation(len(rows))  # no position leaks the label
+        # no position leaks the label, nor can a defender who knows the seed recompute the order
+        order = exp.truth_rng(f"screening/order/{n}/{r}", benign[:n_b], malicious[:n_m]).permutation(len(rows))
         pools.append(Pool(n, r, n_b, n_m, rows[order], labels[order]))
 
     reserve_idx = exp.reserve_index.numpy()
@@ -143,18 +168,25 @@ def screening_pools(exp) -> ScreeningPools:
             reserve[lv] = _readonly(np.ascontiguousarray(f[n_b_max + n_m_max:]))
     log.info("screening pools (target %d): %d benign / %d malicious candidates, %d reserve images of "
              "the target; pools %s; features in %.2f s", t, n_b_avail, n_m_avail, len(reserve_idx),
-             ", ".join(f"N={p.n_requested} r'={p.ratio}: {p.n_benign}+{p.n_malicious}" for p in pools),
+             ", ".join(f"N={p.n_requested} r'={p.ratio:g}: {p.n_benign}+{p.n_malicious}" for p in pools),
              time.perf_counter() - start)
+    for pool in pools if skip is None else []:  # say where the configured sizes are not what the pools hold
+        asked = merged[(pool.n_benign, pool.n_malicious)]
+        if len(asked) > 1 or pool.tags != {"N": pool.n_requested, "r": pool.ratio}:
+            log.warning("screening: %s %s %d benign + %d triggered images (only %d benign / %d triggered are "
+                        "predicted as the target %d): one pool, recorded as N=%d r'=%g",
+                        " and ".join(f"N={n} r'={r:g}" for n, r in asked), "hold" if len(asked) > 1 else "holds",
+                        pool.n_benign, pool.n_malicious, n_b_avail, n_m_avail, t, pool.tags["N"], pool.tags["r"])
     out = ScreeningPools(t, levels, benign, malicious, n_b_avail, n_m_avail, features, reserve, pools, skip)
     exp.info[INFO_KEY] = out
     return out
 
 
-def _skipped(level: str, pool: Pool, why: str, skips: dict[str, list[str]]) -> dict:
-    """The `skipped` record of one level x pool; the reason is collected in `skips` (reason -> the
-    pools it hit) and logged once per reason by `_warn_skipped`."""
-    skips.setdefault(why, []).append(f"{level} N={pool.n_requested} r'={pool.ratio:g}")
-    return record("skipped", 1.0, level=level, N=pool.n_requested, r=pool.ratio)
+def _skipped(tags: dict, why: str, skips: dict[str, list[str]]) -> dict:
+    """The `skipped` record of one level x pool (its `tags`); the reason is collected in `skips`
+    (reason -> the pools it hit) and logged once per reason by `_warn_skipped`."""
+    skips.setdefault(why, []).append(f"{tags['level']} N={tags['N']} r'={tags['r']:g}")
+    return record("skipped", 1.0, **tags)
 
 
 def _warn_skipped(defense: str, skips: dict[str, list[str]], total: int) -> None:
@@ -189,44 +221,90 @@ def score_pool(labels: np.ndarray, out: DetectorOutput) -> dict[str, float]:
     return {**prf, "f1_max": best["f1"], "auroc": metrics.auroc(labels, scores)}
 
 
+@dataclass(frozen=True)
+class PoolJob:
+    """What one detector call on one level x pool gets besides the level's reserve, and nothing more:
+    no label, no row index, no other pool (ML-MMDR's pools are prefixes of each other, so two
+    pools' rows in the clear would give labels away by difference)."""
+
+    tags: dict  # level, N, r (Pool.tags)
+    features: np.ndarray | None  # the pool's features, a fresh copy in the pool's order
+    assumed_ratio: float
+    rng: np.random.Generator
+    skip: str | None = None  # why the pool cannot be screened (no backdoor, no benign/malicious images)
+
+
+def pool_job(exp, name: str, level: str, i: int) -> PoolJob:
+    """Pool `i` of the run at `level`, as detector `name` gets it."""
+    sp = screening_pools(exp)
+    pool = sp.pools[i]
+    tags = dict(level=level, **pool.tags)
+    ratio = pool.ratio / (1.0 + pool.ratio)  # the defender's assumed poison fraction (our choice)
+    rng = exp.rng(f"{name}/{level}/{pool.n_requested}/{pool.ratio}")
+    if sp.skip_reason or pool.n_benign == 0 or pool.n_malicious == 0:
+        why = sp.skip_reason or f"{pool.n_benign} benign / {pool.n_malicious} malicious images"
+        return PoolJob(tags, None, ratio, rng, skip=why)
+    return PoolJob(tags, sp.features[level][pool.rows], ratio, rng)
+
+
+def detect_each(detect: Detector, jobs: list[bytes], reserves: dict[str, np.ndarray], opts: Any
+                ) -> list[DetectorOutput | SkipPool]:
+    """The detector on every pool in turn (the run sealed around all of them, once): each pool's
+    job stays pickled until its turn, so no frame holds two pools in the clear. A pool the detector
+    cannot screen gives its SkipPool."""
+    return [_detect_one(detect, job, reserves, opts) for job in jobs]
+
+
+def _detect_one(detect: Detector, pickled: bytes, reserves: dict[str, np.ndarray], opts: Any):
+    job = pickle.loads(pickled)
+    try:
+        return detect(job.features, reserves[job.tags["level"]], opts, assumed_ratio=job.assumed_ratio,
+                      rng=job.rng)
+    except SkipPool as err:
+        return err
+
+
+def pool_records(exp, i: int, tags: dict, out: DetectorOutput) -> list[dict]:
+    """Score the detector's output on pool `i` against its labels, read only now (the evaluator side)."""
+    pool = screening_pools(exp).pools[i]
+    tags = {**tags, **out.tags}
+    rows = [record(metric, value, **tags) for metric, value in score_pool(pool.labels, out).items()]
+    rows += [record("n_benign", pool.n_benign, **tags), record("n_malicious", pool.n_malicious, **tags)]
+    return rows + [record(metric, value, **tags) for metric, value in out.extra.items()]
+
+
 def run_pool_detector(exp, name: str, opts: Any, detect: Detector) -> list[dict]:
     """Run `detect` on every level × pool (N, r′) of ML-MMDR §6.1 and score it (the evaluator side).
 
-    Records per level × pool, tagged ``level``, ``N`` (requested) and ``r`` (r′) and the detector's
-    own `tags` (its decision rule): f1, precision, recall (of that rule), f1_max, auroc, n_benign,
-    n_malicious and the detector's `extra` diagnostics; or ``skipped``
-    = 1.0 when the pool has no malicious/benign images or the detector raised SkipPool."""
+    Records per level × pool, tagged ``level``, ``N`` and ``r`` (what the pool holds, `Pool.tags`;
+    configurations that give the very same images are one pool) and the detector's own `tags`
+    (its decision rule): f1, precision, recall (of that rule), f1_max, auroc, n_benign,
+    n_malicious and the detector's `extra` diagnostics; or ``skipped`` = 1.0 when the pool has no
+    malicious/benign images or the detector raised SkipPool. The run is sealed once around all the
+    pools (`detect_each`); labels are read after the detector returns (`pool_records`)."""
     start = time.perf_counter()
     sp = screening_pools(exp)
-    rows: list[dict] = []
+    plan = [(level, i) for level in sp.levels for i in range(len(sp.pools))]
+    levels, reserves = sp.levels, dict(sp.reserve)
+    del sp
+    done: dict[int, list[dict]] = {}
     skips: dict[str, list[str]] = {}
-    ran = 0
-    for level in sp.levels:
-        for pool in sp.pools:
-            tags = dict(level=level, N=pool.n_requested, r=pool.ratio)
-            if sp.skip_reason or pool.n_benign == 0 or pool.n_malicious == 0:
-                why = sp.skip_reason or f"{pool.n_benign} benign / {pool.n_malicious} malicious images"
-                rows.append(_skipped(level, pool, why, skips))
-                continue
-            feats = sp.features[level][pool.rows]  # a fresh copy: detectors cannot touch the shared arrays
-            ratio = pool.ratio / (1.0 + pool.ratio)  # the defender's assumed poison fraction (our choice)
-            rng = exp.rng(f"{name}/{level}/{pool.n_requested}/{pool.ratio}")
-            try:
-                with exp.sealed(name):  # the detector sees the pool's features and the reserve only
-                    out = detect(feats, sp.reserve[level], opts, assumed_ratio=ratio, rng=rng)
-            except SkipPool as e:
-                rows.append(_skipped(level, pool, str(e), skips))
-                continue
-            ran += 1
-            tags = {**tags, **out.tags}
-            for metric, value in score_pool(pool.labels, out).items():
-                rows.append(record(metric, value, **tags))
-            rows.append(record("n_benign", pool.n_benign, **tags))
-            rows.append(record("n_malicious", pool.n_malicious, **tags))
-            for metric, value in out.extra.items():
-                rows.append(record(metric, value, **tags))
-    _warn_skipped(name, skips, len(sp.levels) * len(sp.pools))
+    jobs, scored = [], []  # pickled jobs, and (plan position, pool, tags) of each
+    for k, (level, i) in enumerate(plan):
+        job = pool_job(exp, name, level, i)
+        if job.skip is not None:
+            done[k] = [_skipped(job.tags, job.skip, skips)]
+        else:
+            jobs.append(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+            scored.append((k, i, job.tags))
+        del job
+    outputs = sealed_call(exp, name, detect_each, detect, jobs, reserves, opts) if jobs else []
+    del jobs
+    for (k, i, tags), out in zip(scored, outputs):
+        done[k] = [_skipped(tags, str(out), skips)] if isinstance(out, SkipPool) else pool_records(exp, i, tags, out)
+    _warn_skipped(name, skips, len(plan))
+    ran = sum(not isinstance(out, SkipPool) for out in outputs)
     if ran:  # with none scored the warning above says it all
-        log.info("%s: %d of %d pools scored on levels %s in %.2f s", name, ran, len(sp.levels) * len(sp.pools),
-                 ",".join(sp.levels), time.perf_counter() - start)
-    return rows
+        log.info("%s: %d of %d pools scored on levels %s in %.2f s", name, ran, len(plan), ",".join(levels),
+                 time.perf_counter() - start)
+    return [row for k in range(len(plan)) for row in done[k]]

@@ -19,7 +19,7 @@ import bdexp
 from bdexp.console import console
 from bdexp.errors import BdexpError
 from bdexp.progress import log_formatter
-from bdexp.report.collect import collect, find_results, run_statuses
+from bdexp.report.collect import UNREADABLE_STATUS, collect, find_results, run_statuses
 from bdexp.report.render import write_report_index, write_table
 from bdexp.report.summary import print_frame, print_width
 from bdexp.report.tables import PLOTS, TABLES
@@ -59,7 +59,32 @@ def provenance(directory: Path, frame: pd.DataFrame, statuses: dict[str, list[st
     failed = statuses.get("failed", [])
     if failed:
         text += f" {len(failed)} failed job(s) not in the table: {', '.join(failed)} (their results.json holds the error)."
+    skipped = statuses.get(UNREADABLE_STATUS, [])
+    if skipped:
+        text += (f" {len(skipped)} unreadable results.json skipped: {', '.join(skipped)} (the warnings on stderr "
+                 "say why).")
+    interrupted = statuses.get("interrupted", [])
+    if interrupted:
+        text += f" {len(interrupted)} interrupted run(s) skipped: {', '.join(interrupted)} (re-run to complete them)."
     return text
+
+
+def out_problem(out: Path) -> str | None:
+    """Why `out` can never be the directory --out names (it, or a folder it would be made in, is a
+    file, a broken link or some other non-directory); None when it can. A directory that exists
+    but refuses writes is `writable`'s case."""
+    out = Path(out)
+    for probe in (out, *out.parents):
+        if probe.is_symlink() and not probe.exists():
+            reason = "a broken symbolic link"
+        elif not probe.exists():
+            continue
+        elif probe.is_dir():
+            return None
+        else:
+            reason = "a file" if probe.is_file() else "not a directory"
+        return f"{out} is {reason}" if probe == out else f"{out} lies under {probe}, which is {reason}"
+    return None
 
 
 def writable(out: Path) -> bool:
@@ -139,14 +164,18 @@ def report(directory: Path, out: Path | None, table: str) -> dict:
     have gone; the return value then holds no paths."""
     if not Path(directory).exists():
         raise BdexpError(f"{directory} does not exist; pass a run or sweep directory (e.g. outputs/multirun/<date>/<time>)")
+    if out is not None and (problem := out_problem(Path(out))) is not None:
+        raise BdexpError(f"--out: {problem}; --out names the directory the tables are written to (made if "
+                         "missing): pass a directory path")
     paths = find_results(directory)
     if not paths:
         raise BdexpError(f"no results.json under {directory}; run `bdexp` first or point at its output directory")
     frame = collect(directory)
     statuses = run_statuses(paths)
     if frame.empty:
-        raise BdexpError(f"no metric records under {directory}: {len(statuses.get('failed', []))} failed run(s); "
-                         "see the error in their results.json")
+        raise BdexpError(f"no metric records under {directory}: {len(statuses.get('failed', []))} failed run(s) (see "
+                         f"the error in their results.json), {len(statuses.get(UNREADABLE_STATUS, []))} unreadable "
+                         "results.json skipped (the warnings above say why)")
     if table != "all" and table not in TABLES:
         raise BdexpError(f"unknown table {table!r}; choose all or one of: {', '.join(TABLES.names())}")
     footer = provenance(Path(directory), frame, statuses)

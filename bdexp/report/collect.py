@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from bdexp.errors import BdexpError
 from bdexp.results import (CASE_KEYS, HASH_EXCLUDED, IDENTITY_GROUPS, RESULTS_FILE, UNREADABLE, declared_defaults,
-                           read_status, run_identity)
+                           results_problem, run_identity)
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def regime_label(regime: str | None) -> str | None:
     return REGIME_LABELS.get(regime, regime) if regime is not None else None
 
 
-def _cell(value) -> object:
+def config_cell(value) -> object:
     """A config or identity value as a frame cell: lists and mappings as JSON text, null "null"
     (so the values of two runs compare as plain scalars)."""
     if isinstance(value, (list, tuple, dict)):
@@ -55,10 +56,10 @@ def run_tags(run: dict) -> tuple[dict, list[str]]:
         keys = [k for k in tags if k not in ("seed", "bdexp_version")]
     if "regime" not in keys:  # the regime's name before the selected one (tables.case_keys)
         keys.insert(keys.index("train") if "train" in keys else len(keys), "regime")
-    tags.update({k: _cell(run[k]) for k in keys if k in run and not _scalar(run[k])})
+    tags.update({k: config_cell(run[k]) for k in keys if k in run and not _scalar(run[k])})
     tags["regime"] = regime_label(tags.get("regime") or tags.get("train"))
     keys = [k for k in keys if k in tags]
-    return {k: (_cell(v) if "." in k else v) for k, v in tags.items()}, keys
+    return {k: (config_cell(v) if "." in k else v) for k, v in tags.items()}, keys
 
 
 def option_column(df: pd.DataFrame, group: str, key: str) -> pd.Series:
@@ -70,7 +71,7 @@ def option_column(df: pd.DataFrame, group: str, key: str) -> pd.Series:
     if group not in df or not have.isna().any():
         return have
     defaults = {n: declared_defaults(group, n) for n in df[group].dropna().unique()}
-    fill = df[group].map(lambda n: _cell(defaults[n][key]) if key in defaults.get(n, {}) else None)
+    fill = df[group].map(lambda n: config_cell(defaults[n][key]) if key in defaults.get(n, {}) else None)
     return have.astype(object).where(have.notna(), fill).infer_objects()
 
 
@@ -89,11 +90,35 @@ def find_results(root: Path) -> list[Path]:
     return sorted(root.rglob(RESULTS_FILE))
 
 
+class ResultsFileError(BdexpError, ValueError):
+    """A file that is not a usable bdexp results.json; the message names it and says why."""
+
+
+# The status run_statuses gives a results.json that read_run cannot use.
+UNREADABLE_STATUS = "unreadable"
+
+
+def read_run(path: Path) -> tuple[dict, str | None]:
+    """(payload, None) for a usable results.json; ({}, why) for one that cannot be read as JSON, is
+    not shaped as bdexp writes it, or was edited after its run (results.results_problem)."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except UNREADABLE as err:  # truncated, random bytes, not JSON, a directory (results.UNREADABLE)
+        return {}, f"not readable as JSON ({err})"
+    problem = results_problem(payload)
+    return (payload, None) if problem is None else ({}, problem)
+
+
 def run_statuses(paths: list[Path]) -> dict[str, list[str]]:
-    """Run directories grouped by their results.json status (complete, failed, unreadable)."""
+    """Run directories grouped by their results.json status (complete, failed, interrupted, ...);
+    files read_run cannot use are listed, by file, under UNREADABLE_STATUS."""
     out: dict[str, list[str]] = {}
     for path in paths:
-        out.setdefault(read_status(path)[0], []).append(str(Path(path).parent))
+        payload, problem = read_run(path)
+        if problem is not None:
+            out.setdefault(UNREADABLE_STATUS, []).append(str(path))
+        else:
+            out.setdefault(payload.get("status", "complete"), []).append(str(Path(path).parent))
     return out
 
 
@@ -108,7 +133,7 @@ def flatten_config(node, prefix: str = "") -> dict[str, object]:
         if isinstance(value, dict):
             out.update(flatten_config(value, f"{name}."))
         else:
-            out[name] = _cell(value)
+            out[name] = config_cell(value)
     return out
 
 
@@ -126,25 +151,23 @@ def collect(root: Path) -> pd.DataFrame:
     """One row per metric record, tagged with its run's identity and directory, plus one column per
     config key the complete runs disagree on (dotted name, e.g. `attack.mark`; see tables.case_keys).
     Column CASE_KEYS holds each row's case keys (the identity keys, then the swept keys); an
-    attack or train option a run left at its default reads that default (option_column)."""
+    attack or train option a run left at its default reads that default (option_column). A
+    results.json that cannot be used (read_run: unreadable, or not shaped as bdexp writes it) is
+    skipped with a warning naming it and why, as is an interrupted run."""
     _load_layouts()
     runs = []
     for path in find_results(root):
-        try:
-            payload = json.loads(path.read_text())
-            if not isinstance(payload, dict):
-                raise ValueError(f"a JSON {type(payload).__name__}, not a results object")
-        except UNREADABLE as err:  # truncated, random bytes, not JSON (results.UNREADABLE)
-            log.warning("skipping unreadable %s: %s", path, err)
+        payload, problem = read_run(path)
+        if problem is not None:
+            log.warning("skipping %s: %s", path, problem)
             continue
         runs.append((path, payload))
-    configs = {str(path.parent): flatten_config(payload.get("run", {}).get("config") or {})
-               for path, payload in runs if payload.get("status", "complete") == "complete" and payload.get("metrics")}
+    configs = {str(path.parent): flatten_config(payload["run"].get("config") or {})
+               for path, payload in runs if payload.get("status", "complete") == "complete" and payload["metrics"]}
     swept = swept_keys(list(configs.values()))
     rows = []
     for path, payload in runs:
-        run = payload.get("run", {})
-        ident, keys = run_tags(run if isinstance(run, dict) else {})
+        ident, keys = run_tags(payload["run"])
         ident["run_dir"] = str(path.parent)
         ident["status"] = payload.get("status", "complete")
         if ident["status"] == "interrupted":  # part of a run: its re-run (maybe another dir) holds all
@@ -153,8 +176,11 @@ def collect(root: Path) -> pd.DataFrame:
         flat = configs.get(ident["run_dir"], {})
         ident.update({key: flat[key] for key in swept if key in flat})
         ident[CASE_KEYS] = tuple(dict.fromkeys([*keys, *(key for key in swept if key in flat)]))
-        for rec in payload.get("metrics", []):
-            rows.append({**ident, **rec})
+        own = {key: ident[key] for key in ("run_dir", "status", CASE_KEYS)}
+        for rec in payload["metrics"]:  # a record's tags never replace the run's directory, status or case
+            row = {**ident, **{k: v if _scalar(v) else config_cell(v) for k, v in rec.items()}}
+            row.update(own)
+            rows.append(row)
     frame = pd.DataFrame(rows)
     found = frame[CASE_KEYS].drop_duplicates() if CASE_KEYS in frame else []
     for col in dict.fromkeys(k for keys in found for k in keys):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bdexp.report.tables import INPUT_DETECTOR, MARK_COLUMN, TABLES, learnt_runs, of_kind, pivot_mean, select
+from bdexp.report.tables import (INPUT_DETECTOR, MARK_COLUMN, TABLES, case_labels, learnt_runs, of_kind, pivot_mean,
+                                 select)
 
 METRICS = ["tpr95", "auroc", "aupr"]  # OVL §III-D2's three metrics, in its order
 # OVL Table II's column order (Ours, STRIP, Mahalanobis, ..., MSP), then energy and CD; every other
@@ -24,7 +25,7 @@ def method_labels(rows: pd.DataFrame) -> pd.Series:
     for tag in SETTING_TAGS:
         if tag not in rows:
             continue
-        values = rows[tag].fillna("-").astype(str)
+        values = case_labels(rows[tag]).astype(str)  # a missing tag "-", True and "True" apart
         several = values.groupby(rows["defense"]).transform("nunique") > 1
         label = label.where(~several, label + " " + values)
     return label

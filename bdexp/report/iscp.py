@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bdexp.report.tables import PLOTS, TABLES, prepare, save_figure, select  # noqa: E402
+from bdexp.report.tables import MISSING, PLOTS, TABLES, case_labels, prepare, save_figure, select  # noqa: E402
 
 # One block of rows per trained model, plus every other key the sweep varies (tables.case_keys);
 # levels constant over the frame are dropped.
@@ -23,9 +23,10 @@ def _size_label(size: float) -> str:
 
 
 def _tidy(rows: pd.DataFrame, block: list[str]) -> pd.DataFrame:
+    """`rows` with the block keys as the labels `prepare` gives them (tables.case_label)."""
     rows = rows.copy()
     for col in block:
-        rows[col] = rows[col].fillna("-") if col in rows else "-"
+        rows[col] = case_labels(rows[col]) if col in rows else MISSING
     return rows
 
 

@@ -61,7 +61,8 @@ def _long(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     sanit = select(df, metric="a", defense=names)
     if sanit.empty:
         sanit = select(df, metric="asr", defense=names)
-    parts.append(sanit.assign(column=sanit["defense"] + " TMR"))
+    if not sanit.empty:  # (a frame with no defense records has no `defense` column)
+        parts.append(sanit.assign(column=sanit["defense"] + " TMR"))
     order += [f"{s} TMR" for s in names]
     parts = [p for p in parts if not p.empty]
     return (pd.concat(parts) if parts else pd.DataFrame()), order

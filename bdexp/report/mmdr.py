@@ -10,9 +10,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bdexp.analysis.distances import swd1_note  # noqa: E402
 from bdexp.report.collect import REGIME_LABELS, option_column  # noqa: E402
-from bdexp.report.tables import (PLOTS, TABLES, f1_rows, leave_out, learnt_runs, pivot_mean, prepare,  # noqa: E402
-                                 save_figure, select)
+from bdexp.report.tables import (PLOTS, TABLES, add_note, f1_rows, leave_out, learnt_runs, pivot_mean,  # noqa: E402
+                                 prepare, save_figure, select)
 
 LEVELS = ["s1", "s2", "s3"]
 MMDR = ["mlmmdr", "slmmdr"]
@@ -38,14 +39,23 @@ def aro_table(df: pd.DataFrame) -> pd.DataFrame:
 
 @TABLES.register("distances")
 def distances_table(df: pd.DataFrame) -> pd.DataFrame:
-    """ML-MMDR App. Tables 2–3: MMD², ED², SWD1 per level for malicious, intra- and inter-class."""
+    """ML-MMDR App. Tables 2–3: MMD², ED², SWD1 per level for malicious, intra- and inter-class;
+    a note gives the set size m that SWD1 sums over (analysis/distances.py)."""
     rows = select(df, metric=["mmd2", "ed2", "swd1"], analysis="distances", level=LEVELS)
-    return pivot_mean(rows, ["dataset", "model", "regime", "attack", "pair"], ["metric", "level"])
+    table = pivot_mean(rows, ["dataset", "model", "regime", "attack", "pair"], ["metric", "level"])
+    if not table.empty and (rows["metric"] == "swd1").any():
+        runs = rows.loc[rows["metric"] == "swd1", "run_dir"].unique() if "run_dir" in rows else []
+        sizes = select(df, metric="set_size", analysis="distances")
+        sizes = sizes[sizes["run_dir"].isin(runs)]["value"].dropna() if "run_dir" in sizes else []
+        add_note(table, swd1_note(sizes))
+    return table
 
 
 @TABLES.register("mmdr_lambda")
 def lambda_table(df: pd.DataFrame) -> pd.DataFrame:
     """ML-MMDR Fig. 3 as a table: BA, ASR and ARO per level against λ, for SL- and ML-MMDR."""
+    if "train" not in df:  # records of runs that name no regime
+        return pd.DataFrame()
     runs = _mmdr_columns(df[df["train"].isin(MMDR)])
     plain = select(runs, metric=["ba", "asr"], plain=True).assign(level="-")
     aro = select(runs, metric="aro", analysis="distances", level=LEVELS + ["mean"])

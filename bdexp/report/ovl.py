@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bdexp.report.tables import PLOTS, TABLES, pivot_mean, prepare, save_figure, select  # noqa: E402
+from bdexp.report.tables import (MISSING, PLOTS, TABLES, case_labels, pivot_mean, prepare, save_figure,  # noqa: E402
+                                 select)
 
 SPACES = ["input", "hidden", "output"]
 NORMS = ["l1", "l2", "linf"]
@@ -44,7 +45,7 @@ def shift_plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     if acc.empty or bound.empty:
         return []
     bound, keys = prepare(bound, RUN_KEYS, ["rho", "space", "norm"])  # run keys plus the swept ones
-    acc = acc.assign(**{k: acc[k].astype(object).where(acc[k].notna(), "-") if k in acc else "-" for k in keys})
+    acc = acc.assign(**{k: case_labels(acc[k]) if k in acc else MISSING for k in keys})  # as prepare labels them
     keys = [k for k in keys if bound[k].nunique() > 1]
     settings = [g if isinstance(g, tuple) else (g,) for g in bound.groupby(keys).groups] if keys else [()]
     spaces = sorted(set(bound["space"]), key=lambda s: _order(s, SPACES))

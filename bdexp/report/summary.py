@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
+from bdexp.analysis.distances import swd1_note
 from bdexp.console import console
 from bdexp.options import show
 from bdexp.report.tables import f1_rows
@@ -137,6 +138,9 @@ def print_summary(run: dict, metrics: list[dict]) -> None:
         short = {"malicious": "mal", "intra": "intra", "inter": "inter"}
         dist = dist.assign(column=dist["metric"] + " " + dist["pair"].map(short).fillna(""))
         print_frame(_pivot(dist, ["level"], ["column"]), "distances (malicious / intra / inter) and ARO")
+        if dist["metric"].eq("swd1").any():
+            sizes = df.loc[df["metric"].eq("set_size") & df["analysis"].eq("distances"), "value"].dropna()
+            console.print(swd1_note(sizes), width=print_width())
     nc = df[df["defense"].eq("nc") & df["metric"].isin(["target_flagged", "target_anomaly_index", "infected_l1", "uninfected_l1"])]
     if not nc.empty:
         print_frame(nc.set_index("metric")[["value"]].T.rename(index={"value": "nc"}).rename_axis("defense"), "Neural Cleanse")

@@ -8,19 +8,25 @@ Two rules hold in every table:
   - **cases**: a cell never merges runs that differ in anything but the seed. `case_keys` finds
     the keys of the runs' identity (results.run_identity: the methods and every option not at its
     default) and the swept config keys (collect.py) that vary inside a table's cells, and the
-    table adds them as row levels (ISPL's watermark marks, CLBD's PGD settings, ...).
+    table adds them as row levels (ISPL's watermark marks, CLBD's PGD settings, ...). Keys are
+    compared and pivoted as `case_label`s, never as raw cells: a key a run lacks is a value of its
+    own (MISSING), and True, 1 and "True" stay three values, whatever pandas does with NaN keys
+    or with True == 1.
   - **learnt attacks**: a defense is credited only against a backdoor its undefended model learnt
     (`LEARNT_MIN`); on the other runs the defenses' records are left out, the rows say so in the
     column MARK_COLUMN and a note under the table counts them (`leave_out`).
 """
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from bdexp.defenses.contexts import Kind
 from bdexp.registry import Registry
+from bdexp.report.collect import config_cell
 from bdexp.results import CASE_KEYS
 
 # name -> function(long_frame) -> DataFrame; a table may carry notes for its footer in
@@ -90,12 +96,61 @@ def select(df: pd.DataFrame, *, metric=None, defense=None, analysis=None, plain:
     return out
 
 
+# The label of a row or column key a record does not have (a run without that option, a tag a
+# record lacks).
+MISSING = "-"
+
+
+def _reads_as_another_kind(text: str) -> bool:
+    """Whether a string, printed as it is, could be read as MISSING, a boolean or a number, or as
+    a quoted string."""
+    if text in (MISSING, "True", "False") or text[:1] in ("'", '"'):
+        return True
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def case_label(value) -> object:
+    """A key's value as the label a table groups, pivots and prints: one label per case value.
+    MISSING where the key is missing (NaN, None, NA); numbers as numbers (1 and 1.0 are one value,
+    as results._same compares options); booleans as the text "True"/"False" (pandas would merge
+    True with 1); lists and mappings as JSON text (as collect stores config lists); other strings
+    as they are, quoted where they would read as one of the above ('-', 'True', '1')."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (list, tuple, dict)):
+        return config_cell(value)
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return MISSING
+    if isinstance(value, numbers.Number):
+        return value
+    if isinstance(value, str):
+        return repr(value) if _reads_as_another_kind(value) else value
+    return str(value)
+
+
+def case_labels(column: pd.Series) -> pd.Series:
+    """case_label of every cell of `column` (an object Series on the same index)."""
+    memo: dict = {}
+    out = []
+    for value in column.tolist():
+        try:  # the type too: True, 1 and 1.0 are equal dict keys
+            key = (type(value), value)
+            out.append(memo[key] if key in memo else memo.setdefault(key, case_label(value)))
+        except TypeError:  # unhashable (a list in a frame built by hand)
+            out.append(case_label(value))
+    return pd.Series(out, index=column.index, dtype=object)
+
+
 def candidate_keys(rows: pd.DataFrame) -> list[str]:
     """The columns that may tell cases apart: each record's case keys (column CASE_KEYS, see
     collect.py: its run's identity, then the swept config keys), in record order, then any other
     dotted config column (a frame built by hand)."""
-    found = rows[CASE_KEYS].drop_duplicates() if CASE_KEYS in rows else []
-    keys = [k for keys in found if isinstance(keys, tuple) for k in keys]
+    found = rows[CASE_KEYS].tolist() if CASE_KEYS in rows else []
+    keys = [k for keys in found if isinstance(keys, (tuple, list)) for k in keys]
     keys += [c for c in rows.columns if "." in str(c)]
     return [c for c in dict.fromkeys(keys) if c in rows and c not in ("seed", "bdexp_version")]
 
@@ -104,16 +159,19 @@ def case_keys(rows: pd.DataFrame, cell: list[str]) -> list[str]:
     """The case keys (candidate_keys) that differ between runs falling into one cell `cell` (the
     table's row and column keys): the levels a table must add to its rows so that no cell merges
     two cases. A key the cell already determines (attack.patch_size under `attack`,
-    attack.poison_rate under ISPL's `eps`) is not added."""
-    candidates = candidate_keys(rows)
-    groups = [rows[c].astype(str) for c in cell if c in rows]
+    attack.poison_rate under ISPL's `eps`) is not added. Values are compared as case_labels, so a
+    run that lacks a key differs from one that has it."""
+    groups = [case_labels(rows[c]) for c in cell if c in rows]
     keys: list[str] = []
-    for col in candidates:
-        if col in cell or rows[col].nunique() < 2:
+    for col in candidate_keys(rows):
+        if col in cell:
             continue
-        if not groups or (rows[col].groupby(groups).nunique() > 1).any():
+        labels = case_labels(rows[col])
+        if labels.nunique() < 2:
+            continue
+        if not groups or (labels.groupby(groups, dropna=False).nunique() > 1).any():
             keys.append(col)
-            groups.append(rows[col].astype(str))
+            groups.append(labels)
     return keys
 
 
@@ -202,16 +260,15 @@ def mark_rows(table: pd.DataFrame, marks: pd.Series, basis: str) -> pd.DataFrame
 
 def prepare(df: pd.DataFrame, index: list[str], columns: list[str]) -> tuple[pd.DataFrame, list[str]]:
     """A copy of `df` ready to pivot: integer tags as integers, the case keys appended to `index`
-    (see case_keys), and "-" where a row/column tag is missing."""
+    (see case_keys), and every row/column key as its case_label (MISSING where a record lacks it)."""
     df = df.copy()
     for col in ("N", "prune_ratio"):  # integer-valued tags come back as floats next to NaN
-        if col in df and df[col].notna().any() and (df[col].dropna() % 1 == 0).all():
+        floats = col in df and pd.api.types.is_float_dtype(df[col])  # (an object column may hold True: not 1)
+        if floats and df[col].notna().any() and (df[col].dropna() % 1 == 0).all():
             df[col] = df[col].astype("Int64")
     index = list(index) + case_keys(df, list(index) + list(columns))
-    for col in index + list(columns):
-        if col not in df:
-            df[col] = "-"
-        df[col] = df[col].astype(object).where(df[col].notna(), "-")
+    for col in dict.fromkeys(index + list(columns)):
+        df[col] = case_labels(df[col]) if col in df else MISSING
     return df, index
 
 
@@ -247,9 +304,12 @@ def runs_table(df: pd.DataFrame) -> pd.DataFrame:
     plain = select(df, metric=["ba", "asr", "tmr"], plain=True)
     if plain.empty:
         return pd.DataFrame()
-    plain, index = prepare(plain, RUN_INDEX, ["metric"])
-    table = plain.pivot_table(index=index + ["run_dir"], columns="metric", values="value",
-                              aggfunc="first", dropna=False)
+    # the case keys are those that differ between runs of one method, whatever their seeds
+    methods = [k for k in RUN_INDEX if k != "seed"]
+    plain, index = prepare(plain, methods, ["metric"])
+    plain["seed"] = case_labels(plain["seed"]) if "seed" in plain else MISSING
+    index = [*methods, "seed", *index[len(methods):]]
+    table = plain.pivot_table(index=index + ["run_dir"], columns="metric", values="value", aggfunc="first")
     table = table.dropna(how="all")
     table.columns.name = None
     return table[[c for c in ("ba", "asr", "tmr") if c in table.columns]]

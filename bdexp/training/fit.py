@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from bdexp.attacks.base import Attack, PoisonedTrainSet
-from bdexp.cache import ModelCache, data_fingerprint, model_key
+from bdexp.cache import ModelCache, data_fingerprint, key_of, model_identity
 from bdexp.data.base import ImageDataset
 from bdexp.data.loader import DeviceLoader
 from bdexp.models import build_for
@@ -57,8 +57,9 @@ def fit(cfg: DictConfig, data: ImageDataset, attack: Attack, train: PoisonedTrai
     # never loads stale weights into it.
     arch = [(name, list(t.shape)) for name, t in model.state_dict().items()]
     fingerprint = data_fingerprint(train.x, train.y, train.poison, train.cross, keep)
-    key = model_key(cfg, train_cfg=regime_cls.cache_identity(train_cfg), extra={**(key_extra or {}), "arch": arch},
-                    data=fingerprint)
+    identity = model_identity(cfg, train_cfg=regime_cls.cache_identity(train_cfg),
+                              extra={**(key_extra or {}), "arch": arch}, data=fingerprint)
+    key = key_of(identity)
     # One job trains a key at a time; a concurrent job waits here, then loads the stored model.
     with cache.lock(key):
         hit = cache.get(key)
@@ -84,7 +85,7 @@ def fit(cfg: DictConfig, data: ImageDataset, attack: Attack, train: PoisonedTrai
         history = train_model(model, loader, regime, train_cfg, device, describe=describe, checkpoint=checkpoint,
                               checkpoint_every=int(cfg.checkpoint_every))
         meta = {"history": history, "trained_on": len(loader.x)}
-        path = cache.put(key, model.state_dict(), meta)
+        path = cache.put(identity, model.state_dict(), meta)
         if path is not None:
             log.info("%s: stored model in %s", describe, path)
         if checkpoint is not None:

@@ -93,7 +93,9 @@ def save_checkpoint(path: Path, optim: Optimization, model: nn.Module, loader: D
                     history: dict) -> None:
     from bdexp.cache import atomic_torch_save
 
-    state = {"epoch": optim.epochs_done, "model": model.state_dict(), "optim": optim.state_dict(),
+    # `key`: the model the checkpoint belongs to (its file name under the cache, bdexp/cache.py), so
+    # a checkpoint copied over another model's is refused on resume instead of continued
+    state = {"key": path.stem, "epoch": optim.epochs_done, "model": model.state_dict(), "optim": optim.state_dict(),
              "loader_rng": loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
              "history": history}
     if torch.cuda.is_available():
@@ -111,6 +113,8 @@ def load_checkpoint(path: Path, model: nn.Module, optim: Optimization, loader: D
               loader.generator.get_state(), torch.get_rng_state())
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("key") != path.stem:
+            raise ValueError(f"it is a checkpoint of model {state.get('key')}, not of {path.stem}")
         model.load_state_dict(state["model"])
         optim.load_state_dict(state["optim"])
         loader.generator.set_state(state["loader_rng"])  # a CPU ByteTensor for CPU and CUDA generators

@@ -3,8 +3,9 @@
 - the model key follows the training data, not its path: two image folders at different roots,
   or one folder edited between runs, never share a model;
 - the decoded-dataset cache follows the files: an added class folder is decoded again;
-- a stored model that is truncated, random bytes, another model's valid checkpoint or a pickle
-  that would run code is set aside (`<key>.pt.bad`) and the model retrains from its fresh, seeded
+- a stored model that is truncated, random bytes, another model's valid checkpoint, a pickle
+  that would run code, a one-epoch model copied over a longer-trained model's key or a model whose
+  classifier weights were sign-flipped after storing is set aside (`<key>.pt.bad`) and the model retrains from its fresh, seeded
   initialization: the run's metrics equal those of the first, clean run exactly, and the code in
   the pickle never runs; a corrupt resume checkpoint likewise trains from scratch;
 - an unreadable image names its file and offers dataset.skip_bad_files=true (which skips and
@@ -140,7 +141,27 @@ class _RunsCode:
         return (open, (self.path, "w"))
 
 
-def _corrupt(kind: str, good: bytes, tmp: Path) -> bytes:
+@pytest.fixture(scope="module")
+def one_epoch_model(tmp_path_factory) -> bytes:
+    """The stored model file of the same run trained for one epoch instead of three."""
+    import bdexp
+
+    tmp = tmp_path_factory.mktemp("one_epoch")
+    res = bdexp.run([*TINY, "train.epochs=1", f"cache.dir={tmp / 'cache'}"], run_dir=tmp / "r0")  # in-process: sooner
+    return (tmp / "cache" / "models" / f"{res.run['model_key']}.pt").read_bytes()
+
+
+def _corrupt(kind: str, good: bytes, tmp: Path, request) -> bytes:
+    if kind == "one_epoch_model":  # a whole, valid model file of another key, copied over this one
+        return request.getfixturevalue("one_epoch_model")
+    if kind == "sign_flipped":  # the classifier's weights negated, every other field kept
+        import io
+
+        record = torch.load(io.BytesIO(good), weights_only=True)
+        last = [k for k in record["state_dict"] if k.endswith("weight")][-1]
+        record["state_dict"][last] = -record["state_dict"][last]
+        torch.save(record, tmp / "flipped.pt")
+        return (tmp / "flipped.pt").read_bytes()
     if kind == "truncated":
         return good[: len(good) // 2]
     if kind == "random_bytes":
@@ -159,13 +180,15 @@ def _corrupt(kind: str, good: bytes, tmp: Path) -> bytes:
     return buf.read_bytes()
 
 
-@pytest.mark.parametrize("kind", ["truncated", "random_bytes", "other_model", "malicious_pickle"])
-def test_a_stored_model_that_does_not_fit_is_set_aside_and_retrained_from_scratch(clean_run, kind, tmp_path):
+@pytest.mark.parametrize("kind", ["truncated", "random_bytes", "other_model", "malicious_pickle", "one_epoch_model",
+                                  "sign_flipped"])
+def test_a_stored_model_that_does_not_fit_is_set_aside_and_retrained_from_scratch(clean_run, kind, tmp_path,
+                                                                                   request):
     src, clean, good = clean_run
     cache = tmp_path / "cache"
     shutil.copytree(src / "cache", cache)
     path = cache / "models" / f"{clean['run']['model_key']}.pt"
-    bad = _corrupt(kind, good, tmp_path)
+    bad = _corrupt(kind, good, tmp_path, request)
     path.write_bytes(bad)
     res = _ok(_cli([*TINY, f"cache.dir={cache}", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path))
     out = _results(tmp_path / "r")

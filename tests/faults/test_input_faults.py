@@ -86,8 +86,10 @@ def _assert_one_line(res, *needles: str):
     ("train.epochs=0", ["train.epochs=0", "an integer >= 1"]),
     ("train.epochs=-1", ["train.epochs=-1", "an integer >= 1"]),
     ("train.batch_size=0", ["train.batch_size=0", "an integer >= 1"]),
-    ("train.lr=abc", ["train.lr='abc'", "a number > 0"]),
+    ("train.lr=abc", ["train.lr='abc'", "a finite number > 0"]),
     ("seed=abc", ["seed='abc'", "an integer >= 0"]),
+    ("train.lr=inf", ["train.lr=inf", "a finite number > 0"]),  # would train to a NaN loss, or not at all
+    ("seed=" + "1" * 4400, ["seed=<4400 digits>", "no bdexp key takes such a number"]),  # Python reads <= 4300
 ])
 def test_bad_numeric_value_is_one_line_and_changes_nothing(override, needles, earlier, tmp_path):
     run_dir, cache = earlier
@@ -102,6 +104,7 @@ def test_bad_numeric_value_is_one_line_and_changes_nothing(override, needles, ea
     ("dataset=nonexist", ["dataset/nonexist", "synthetic"]),                # an unknown option, with the list
     ("train.epochs=[1", ["train.epochs=[1"]),                               # override syntax
     ("seed=${nope}", ["does not resolve", "nope"]),                         # an interpolation
+    ("+trian.epochs=5", ["unknown top-level key(s) trian"]),                # Hydra's own fix for a typo: refused
 ])
 def test_hydra_composition_errors_are_one_line_exit_2(override, needles, tmp_path):
     res = _cli([*with_tiny(override), "cache.enabled=false", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path)
@@ -128,7 +131,7 @@ def test_full_disk_while_running_is_one_line_and_keeps_earlier_results(earlier, 
     before = _snapshot(run_dir, cache)
     script = tmp_path / "wrapper.py"
     script.write_text(WRAPPER)
-    res = _cli(["full", *with_tiny(), f"hydra.run.dir={run_dir}", f"cache.dir={cache}"], tmp_path,
+    res = _cli(["full", *with_tiny(), f"hydra.run.dir={tmp_path / 'new_run'}", f"cache.dir={cache}"], tmp_path,
                prefix=(str(script),))
     assert res.returncode == 2 and "Traceback" not in res.stdout + res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]  # the run's log lines, then the error
@@ -138,6 +141,17 @@ def test_full_disk_while_running_is_one_line_and_keeps_earlier_results(earlier, 
     after = _snapshot(run_dir, cache)
     assert {k: v for k, v in after.items() if k in before} == before  # complete results kept
     assert not [k for k in after if k.endswith(".tmp")]
+
+
+def test_another_config_into_a_run_dir_with_complete_results_is_refused(earlier, tmp_path):
+    """A run pointed at the directory of a complete run of another config would replace its results:
+    refused in one line, nothing changed (a sweep re-run keeps both instead: tests/test_jobs.py)."""
+    run_dir, cache = earlier
+    before = _snapshot(run_dir, cache)
+    res = _cli([*with_tiny(), f"cache.dir={cache}", f"hydra.run.dir={run_dir}"], tmp_path)
+    _assert_one_line(res, "already holds complete results of another config (hash 0123456789abcdef)",
+                     "choose another hydra.run.dir")
+    _assert_unchanged(before, _snapshot(run_dir, cache))
 
 
 def test_a_bug_prints_one_traceback_and_its_record(tmp_path):
@@ -216,7 +230,7 @@ def test_every_shipped_preset_passes():
     ({"seed": -1}, "run.seed=-1 is not allowed: use an integer >= 0 and <= 4294967295"),
     ({"threads": 0}, "run.threads=0 is not allowed: use an integer or null >= 1"),
     ({"screening": {"sizes": []}}, "run.screening.sizes=[] is not allowed: use a non-empty list"),
-    ({"screening": {"ratios": [0.0]}}, "run.screening.ratios=[0.0] is not allowed: use a list of numbers > 0"),
+    ({"screening": {"ratios": [0.0]}}, "run.screening.ratios=[0.0] is not allowed: use a list of finite numbers > 0"),
     ({"progress": 1}, "run.progress=1 is not allowed: use true or false"),
 ])
 def test_run_option_descriptions(node, message):

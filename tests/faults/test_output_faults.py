@@ -189,7 +189,7 @@ def test_skipped_pools_are_one_warning_with_a_count_and_every_line_is_said_once(
     for name in ("ac", "ss"):
         warned = [ln for ln in text.splitlines() if f"{name}: skip" in ln]
         assert len(warned) == 1, text
-        assert "skipped all 12 pools: attack 'none' has no backdoor test set" in warned[0]
+        assert "skipped all 3 pools: attack 'none' has no backdoor test set" in warned[0]  # one pool a level: N, r′ give the same images
     assert "skipping level" not in text
     assert "train: 1 epoch in" in text and "1 epochs" not in text
     assert sum("256 train" in ln for ln in text.splitlines()) == 1  # the dataset line once
