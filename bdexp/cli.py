@@ -33,7 +33,7 @@ def _main(cfg: DictConfig) -> float | None:
     from omegaconf import open_dict
 
     from bdexp import jobs, objective, pipeline, validation
-    from bdexp.console import console, print_error
+    from bdexp.console import print_error
     from bdexp.errors import BdexpError
 
     log = logging.getLogger("bdexp.cli")

@@ -19,7 +19,6 @@ leaking one; docs/defenses.md, "What a defender sees", says so.
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from bdexp.attacks.base import Attack, BackdoorTestSet, PoisonedTrainSet
-from bdexp.cache import ModelCache
+from bdexp.cache import ModelCache, data_fingerprint
 from bdexp.data.base import ImageDataset
 from bdexp.evaluate import extract, predict
 from bdexp.seeding import numpy_rng
@@ -121,12 +120,8 @@ class Experiment:
         and the ground truth it orders, but not by a defender who knows the seed and lacks that
         truth: with the seed alone (default 0, or read off the run directory) `rng(tag)` would let it
         recompute which positions hold the poisoned rows."""
-        digest = hashlib.sha256()
-        for part in truth:
-            arr = np.ascontiguousarray(part.numpy() if isinstance(part, torch.Tensor) else np.asarray(part))
-            digest.update(f"{arr.dtype}{arr.shape};".encode())
-            digest.update(arr.tobytes())
-        return numpy_rng(self.seed, f"{tag}/{digest.hexdigest()[:16]}")
+        digest = data_fingerprint(*(torch.as_tensor(np.ascontiguousarray(part)) for part in truth))
+        return numpy_rng(self.seed, f"{tag}/{digest[:16]}")
 
     @cached_property
     def pred_test(self) -> torch.Tensor:

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import bdexp
 from bdexp.attacks import build_attack
 from bdexp.attacks.base import Attack, AttackServices, BackdoorTestSet, PoisonedTrainSet
 from bdexp.cache import ModelCache

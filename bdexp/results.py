@@ -44,12 +44,15 @@ def results_digest(payload: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def write_results(run_dir: Path, run: dict, metrics: list[dict], status: str = "complete") -> Path:
-    path = Path(run_dir) / RESULTS_FILE
-    payload = json.loads(json.dumps({"status": status, "run": run, "metrics": metrics}, default=str))
+def write_with_digest(path: Path, payload: dict) -> Path:
+    """Write `payload` as JSON (values JSON cannot hold as their text) with its `results_digest`."""
+    payload = json.loads(json.dumps(payload, default=str))  # as it will read back
     payload[DIGEST] = results_digest(payload)
-    atomic_write_text(path, json.dumps(payload, indent=1))
-    return path
+    return atomic_write_text(path, json.dumps(payload, indent=1))
+
+
+def write_results(run_dir: Path, run: dict, metrics: list[dict], status: str = "complete") -> Path:
+    return write_with_digest(Path(run_dir) / RESULTS_FILE, {"status": status, "run": run, "metrics": metrics})
 
 
 def inconsistencies(metrics: list) -> list[str]:
@@ -239,10 +242,8 @@ class PartialRecords:
     def put(self, step: str, rows: list[dict], files: list[str] = ()) -> None:
         self.steps[step] = rows
         self.files[step] = {"dir": str(self.run_dir), "names": sorted(files)}
-        payload = json.loads(json.dumps({"config_hash": self.config_hash, "model_key": self.model_key,
-                                         "steps": self.steps, "files": self.files}, default=str))
-        payload[DIGEST] = results_digest(payload)
-        atomic_write_text(self.path, json.dumps(payload, indent=1))
+        write_with_digest(self.path, {"config_hash": self.config_hash, "model_key": self.model_key,
+                                      "steps": self.steps, "files": self.files})
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -1,7 +1,6 @@
 """bdexp-report --table all / matrix / provenance on hand-written results.json files (known answers)."""
 from __future__ import annotations
 
-import json
 
 import pandas as pd
 import pytest

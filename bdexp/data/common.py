@@ -14,6 +14,7 @@ import stat
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
@@ -173,16 +174,50 @@ def entry_token(path: str, index: DigestIndex | None = None) -> str:
     return link + (content_token(path, index) if kind == "file" else kind)
 
 
+@dataclass(frozen=True)
+class Directory:
+    """One directory as listed without following links (`scan_directory`)."""
+
+    files: list[str]  # names of the regular files
+    subdirs: list[str]  # paths of the real (not linked) sub-directories
+
+
+def scan_directory(path: str, not_regular: list[str]) -> Directory:
+    """The regular files and sub-directories of `path`; everything else is added to `not_regular`."""
+    files, subdirs = [], []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.path)
+            elif entry.is_file(follow_symlinks=False):
+                files.append(entry.name)
+            else:  # a symbolic link (to anything), a FIFO, a socket, a device
+                not_regular.append(entry.path)
+    return Directory(sorted(files), sorted(subdirs))
+
+
+def walk_without_links(top: str, not_regular: list[str]) -> Iterator[tuple[str, list[str]]]:
+    """(directory, its regular files) for `top` and every real directory under it, as os.walk
+    without following links (real directories cannot form a loop)."""
+    here = scan_directory(top, not_regular)
+    yield top, here.files
+    for sub in here.subdirs:
+        yield from walk_without_links(sub, not_regular)
+
+
 def _entries_under(top: str) -> Iterator[str]:
-    """Every entry under the directory `top`, sorted by name, without entering linked directories."""
+    """Every entry under the directory `top` (its real sub-directories, their regular files, and
+    what is neither: links, FIFOs, ...), without entering linked directories; an unreadable
+    directory ends the listing (its top-level token says so)."""
+    not_regular: list[str] = []
     try:
-        entries = sorted(os.scandir(top), key=lambda e: e.name)
-    except OSError:  # unreadable: its token says so
+        for here, names in walk_without_links(top, not_regular):
+            if here != top:
+                yield here
+            yield from (os.path.join(here, name) for name in names)
+    except OSError:
         return
-    for entry in entries:
-        yield entry.path
-        if entry.is_dir(follow_symlinks=False):
-            yield from _entries_under(entry.path)
+    yield from not_regular
 
 
 def files_fingerprint(paths: Sequence[str], index: DigestIndex | None = None) -> str:

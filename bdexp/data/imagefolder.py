@@ -24,14 +24,15 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from bdexp.data.base import DATASETS, DataOptions, Fit, ImageDataset
 from bdexp.data.common import (DigestIndex, FitSquare, cache_on_disk, content_token, data_root, decode_all,
-                               open_regular, pairs_fingerprint, unreadable_token)
+                               open_regular, pairs_fingerprint, scan_directory, unreadable_token,
+                               walk_without_links)
 from bdexp.errors import DatasetUnavailable
 
 
@@ -58,42 +59,13 @@ def list_split(split_dir: str) -> SplitListing:
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
     not_regular: list[str] = []
-    top = _directory(split_dir, not_regular)
+    top = scan_directory(split_dir, not_regular)
     classes = sorted(os.path.basename(d) for d in top.subdirs)
     samples = []
     for k, cls in enumerate(classes):
-        for here, names in sorted(_walk(os.path.join(split_dir, cls), not_regular)):
+        for here, names in sorted(walk_without_links(os.path.join(split_dir, cls), not_regular)):
             samples += [(os.path.join(here, n), k) for n in names if has_file_allowed_extension(n, IMG_EXTENSIONS)]
     return SplitListing(classes, samples, sorted(not_regular))
-
-
-@dataclass(frozen=True)
-class _Dir:
-    files: list[str]  # names of the regular files
-    subdirs: list[str]  # paths of the real (not linked) sub-directories
-
-
-def _directory(path: str, not_regular: list[str]) -> _Dir:
-    """The regular files and sub-directories of `path`; everything else is added to `not_regular`."""
-    files, subdirs = [], []
-    with os.scandir(path) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                subdirs.append(entry.path)
-            elif entry.is_file(follow_symlinks=False):
-                files.append(entry.name)
-            else:  # a symbolic link (to anything), a FIFO, a socket, a device
-                not_regular.append(entry.path)
-    return _Dir(sorted(files), sorted(subdirs))
-
-
-def _walk(top: str, not_regular: list[str]) -> Iterator[tuple[str, list[str]]]:
-    """(directory, its regular files) for `top` and every real directory under it, as os.walk
-    without following links (real directories cannot form a loop)."""
-    here = _directory(top, not_regular)
-    yield top, here.files
-    for sub in here.subdirs:
-        yield from _walk(sub, not_regular)
 
 
 def list_folder(opts: ImageFolderOptions) -> dict[str, SplitListing]:

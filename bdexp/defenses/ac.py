@@ -54,7 +54,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import torch
 from sklearn.cluster import KMeans
 from sklearn.decomposition import FastICA
 from sklearn.exceptions import ConvergenceWarning
