@@ -53,8 +53,8 @@ class Sweep:
     """One `bdexp -m hydra/launcher=slurm ...` in a subprocess; the model cache is set by the
     launcher's `setup` line (the controller's own BDEXP_CACHE_DIR points elsewhere)."""
 
-    def __init__(self, tmp_path: Path, partition: str, name: str, *overrides: str):
-        self.dir, self.cache, self.name = tmp_path / name, tmp_path / "cache", f"bdexp-test-{name}"
+    def __init__(self, tmp_path: Path, partition: str, name: str, *overrides: str, cache: str = "cache"):
+        self.dir, self.cache, self.name = tmp_path / name, tmp_path / cache, f"bdexp-test-{name}"
         self.cmd = [sys.executable, "-m", "bdexp", "-m", "hydra/launcher=slurm",
                     f"hydra.launcher.partition={partition}", "hydra.launcher.gpus_per_node=0",
                     "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10",
@@ -193,10 +193,12 @@ def test_timeouts_requeue_and_resume_until_max_num_timeout_is_used_up(tmp_path, 
     the first. (That a resumed job ends with the weights of an uninterrupted run is the requeue
     test's.) slurmctld sends the signal at its first 30-second check past limit − signal_delay_s −
     30 s; with signal_delay_s=5 that is 25-55 s into the job, after its first epoch checkpoint
-    (signal_delay_s=30 sent it anywhere in the first 30 s, sometimes before any checkpoint)."""
+    (signal_delay_s=30 sent it anywhere in the first 30 s, sometimes before any checkpoint).
+    The two sweeps train the same model (launcher keys do not identify a run), so each has its own
+    cache: with one, a job would wait on the other's model lock instead of training."""
     endless = [*SLOW, "train.epochs=1000", "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=5"]
-    once = Sweep(tmp_path, partition, "timeout1", *endless, "hydra.launcher.max_num_timeout=1")
-    never = Sweep(tmp_path, partition, "timeout0", *endless, "hydra.launcher.max_num_timeout=0")
+    once = Sweep(tmp_path, partition, "timeout1", *endless, "hydra.launcher.max_num_timeout=1", cache="cache1")
+    never = Sweep(tmp_path, partition, "timeout0", *endless, "hydra.launcher.max_num_timeout=0", cache="cache0")
     procs = [once.start(), never.start()]
     stops = [holds_released(once.name), holds_released(never.name)]
     try:
