@@ -1,4 +1,6 @@
-"""Model evaluation: predictions and features in batches, and BA / ASR / TMR records."""
+"""Model evaluation: predictions and features in batches, and the one scorer of a model on the test
+data (BA, ASR, TMR, RA records) that the run's own evaluation, the sanitizers' retrained models,
+the pruning curves and the repaired models of every mitigation use."""
 from __future__ import annotations
 
 import torch
@@ -31,11 +33,47 @@ def extract(model: nn.Module, x: torch.Tensor, device: torch.device, levels=("s1
     return torch.cat(logits), {lv: torch.cat(v) for lv, v in feats.items()}
 
 
-def backdoor_metrics(pred_clean: torch.Tensor, y_test: torch.Tensor, pred_bd: torch.Tensor, bd) -> list[dict]:
-    """BA on the clean test set; ASR and TMR on the backdoor test set (when there is one)."""
-    rows = [record("ba", metrics.accuracy(pred_clean, y_test))]
+def subset_backdoor(bd, test_rows: torch.Tensor | None, rows: torch.Tensor | None = None):
+    """The backdoor test set restricted to triggered copies of the clean test images `test_rows`
+    (their `index` renumbered to positions in `test_rows`), or to its own `rows`; None: all of it."""
+    from bdexp.attacks.base import BackdoorTestSet
+
+    if test_rows is None and rows is None:
+        return bd
+    if rows is None:
+        position = torch.full((int(bd.index.max()) + 1 if len(bd.index) else 0,), -1, dtype=torch.long)
+        inside = test_rows[test_rows < len(position)]
+        position[inside] = torch.nonzero(test_rows < len(position)).flatten()
+        rows = torch.nonzero(position[bd.index] >= 0).flatten() if len(bd.index) else torch.zeros(0, dtype=torch.long)
+        index = position[bd.index[rows]]
+    else:
+        index = bd.index[rows]
+    return BackdoorTestSet(x=bd.x[rows], y_target=bd.y_target[rows], y_true=bd.y_true[rows], index=index)
+
+
+def backdoor_metrics(pred_clean: torch.Tensor, y_test: torch.Tensor, pred_bd: torch.Tensor, bd,
+                     which: tuple[str, ...] = ("ba", "asr", "tmr", "ra")) -> list[dict]:
+    """BA on the clean test set; ASR, TMR and RA on the backdoor test set (when there is one).
+
+    RA (robust accuracy) is the share of triggered images classified as their *true* class; every
+    triggered image counts toward at most one of ASR and RA (its true class is never the target),
+    so RA + ASR <= 1. `which`: the metrics wanted (pruning curves: BA and ASR)."""
+    rows = [record("ba", metrics.accuracy(pred_clean, y_test))] if "ba" in which else []
     if len(bd.y_target):
-        rows.append(record("asr", metrics.attack_success_rate(pred_bd, bd.y_target)))
-        rows.append(record("tmr", metrics.targeted_misclassification_rate(
-            pred_clean[bd.index], bd.y_true, pred_bd, bd.y_target)))
+        if "asr" in which:
+            rows.append(record("asr", metrics.attack_success_rate(pred_bd, bd.y_target)))
+        if "tmr" in which:
+            rows.append(record("tmr", metrics.targeted_misclassification_rate(
+                pred_clean[bd.index], bd.y_true, pred_bd, bd.y_target)))
+        if "ra" in which:
+            rows.append(record("ra", metrics.accuracy(pred_bd, bd.y_true)))
     return rows
+
+
+def score_model(model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, bd, device: torch.device,
+                batch_size: int = 512, which: tuple[str, ...] = ("ba", "asr", "tmr", "ra")) -> list[dict]:
+    """`backdoor_metrics` of `model` on clean images (x_test, y_test) and the backdoor test set `bd`
+    (whose `index` points into x_test; see `subset_backdoor` for a part of the test data)."""
+    pred_clean = predict(model, x_test, device, batch_size)
+    pred_bd = predict(model, bd.x, device, batch_size) if len(bd.y_target) else torch.zeros(0, dtype=torch.long)
+    return backdoor_metrics(pred_clean, y_test, pred_bd, bd, which)

@@ -32,6 +32,16 @@ def targeted_misclassification_rate(pred_clean, y_true, pred_triggered, y_target
     return float(((pc == yt) & (pt == yg)).mean()) if len(yt) else float("nan")
 
 
+def defense_effectiveness_rating(ba_before: float, asr_before: float, ba_after: float, asr_after: float) -> float:
+    """DER = [max(0, ΔASR) − max(0, ΔC-Acc) + 1] / 2, Δ = undefended − defended (BackdoorBench's
+    definition, Wu et al. 2022 §4.1): 0.5 when nothing changed, 1 when the ASR fell from 1 to 0 at
+    no clean-accuracy cost, 0 when only the clean accuracy fell (from 1 to 0). A C-Acc *loss* lowers
+    it; BackdoorBench's `utils/metric.py` adds ΔC-Acc instead, which rewards losing clean accuracy."""
+    d_asr = float(asr_before) - float(asr_after)
+    d_acc = float(ba_before) - float(ba_after)
+    return (max(0.0, d_asr) - max(0.0, d_acc) + 1.0) / 2.0
+
+
 def detection_scores(labels, flagged) -> dict[str, float]:
     """Precision, recall, F1 of a thresholded detector (malicious = positive)."""
     p, r, f, _ = precision_recall_fscore_support(_np(labels).astype(int), _np(flagged).astype(int),

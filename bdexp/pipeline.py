@@ -141,7 +141,7 @@ def build_experiment(cfg: DictConfig, device: torch.device, run_dir: Path | None
                  len(store.steps), store.path)
     done["where"] = "evaluation"
     exp = Experiment(cfg, device, data, attack, train, bd, model, cache,
-                     info={"run_dir": run_dir, "partial_records": store})
+                     info={"run_dir": run_dir, "partial_records": store, "model_key": fit_info["key"]})
     return exp, fit_info
 
 

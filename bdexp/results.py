@@ -32,7 +32,7 @@ def record(metric: str, value: float, **tags: Any) -> dict:
 
 DIGEST = "digest"  # results.json's own key: sha256 of the rest (results_digest)
 # Records whose value is a rate or a score in [0, 1] wherever they appear (bdexp/metrics.py).
-RATES = frozenset({"ba", "asr", "tmr", "c", "a", "f1", "f1_max", "precision", "recall", "auroc", "aupr", "tpr95",
+RATES = frozenset({"ba", "asr", "tmr", "ra", "der", "c", "a", "f1", "f1_max", "precision", "recall", "auroc", "aupr", "tpr95",
                    "tpr", "fpr"})
 TOLERANCE = 1e-9  # float slack of the consistency checks
 
@@ -58,7 +58,9 @@ def write_results(run_dir: Path, run: dict, metrics: list[dict], status: str = "
 def inconsistencies(metrics: list) -> list[str]:
     """Values no computation of bdexp gives, in the records of one run: a rate outside [0, 1], a
     negative count or time, a triggered-and-correct rate (TMR, ISPL eq. 7) above the attack success
-    rate it is a part of, an F1 other than the harmonic mean of the precision and recall beside it."""
+    rate it is a part of, a robust accuracy that with the ASR beside it counts more images than
+    there are (RA + ASR <= 1: a triggered image goes to the target or to its true class, never
+    both), an F1 other than the harmonic mean of the precision and recall beside it."""
     problems: list[str] = []
     groups: dict[str, dict[str, float]] = {}
     for rec in metrics:
@@ -76,6 +78,8 @@ def inconsistencies(metrics: list) -> list[str]:
     for tags, got in groups.items():
         if "tmr" in got and "asr" in got and got["tmr"] > got["asr"] + TOLERANCE:
             problems.append(f"tmr {got['tmr']} > asr {got['asr']} (tags {tags}): TMR counts a subset of ASR's images")
+        if "ra" in got and "asr" in got and got["ra"] + got["asr"] > 1 + TOLERANCE:
+            problems.append(f"ra {got['ra']} + asr {got['asr']} > 1 (tags {tags}): no triggered image counts for both")
         if "a" in got and "asr" in got and got["a"] > got["asr"] + TOLERANCE:
             problems.append(f"a (TMR) {got['a']} > asr {got['asr']} (tags {tags})")
         if {"f1", "precision", "recall"} <= set(got):

@@ -62,7 +62,7 @@ REQUIRED_GROUPS = ("dataset", "model", "attack", "train")
 LIST_GROUPS = ("defense", "analysis")
 # Top-level keys the config tree sets besides RunOptions and the groups: the scale a run was composed
 # at (conf/scale/*.yaml) and the scale an experiment preset brings with it (conf/experiment/rgb_*.yaml).
-PRESET_KEYS = ("scale_name", "own_scale")
+PRESET_KEYS = ("scale_name", "own_scale", "own_reference_epochs")
 
 
 def top_level_problems(cfg: DictConfig) -> list[str]:

@@ -29,11 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 from bdexp.attacks.base import Attack, BackdoorTestSet, PoisonedTrainSet
 from bdexp.data.base import ImageDataset
 from bdexp.defenses import DEFENSES, contexts, run_defense
-from bdexp.defenses.input_pools import InputDetectorOptions, InputPool, input_pool
+from bdexp.defenses.input_pools import InputPool, input_pool
 from bdexp.defenses.sanitize import ORDER_KEY, SanitizerOptions
-from bdexp.defenses.screening import DetectorOutput, Pool, ScreeningPools, screening_pools
+from bdexp.defenses.screening import Pool, ScreeningPools, screening_pools
 from bdexp.experiment import Experiment, _Sealed
-from bdexp.options import NoOptions
 from bdexp.pipeline import build_experiment
 from tests.conftest import compose_cfg, with_tiny
 
@@ -101,33 +100,17 @@ def build(append: bool):
 
 
 def snoopers(search: Search, found: dict[str, list[str]]):
-    def pool_detector(features, reserve, opts, *, assumed_ratio, rng):
-        if contexts.Kind.pool_detector not in found:  # the first pool
-            found[contexts.Kind.pool_detector] = search.run()
-        return DetectorOutput(features[:, 0].astype(np.float64), None)
+    """kind -> (a defense of that kind that searches the process where it runs, its options): each
+    kind's probe (contexts.KindSpec.probe), searching once per stage (the first pool, say)."""
+    def act(kind: str):
+        def search_once(stage: str) -> None:
+            key = f"{kind} ({stage})" if stage else kind
+            if key not in found:
+                found[key] = search.run()
+        return search_once
 
-    def input_detector(ctx, opts):
-        found[contexts.Kind.input_detector] = search.run()
-
-        def score(x, tag):
-            if f"{contexts.Kind.input_detector} (score)" not in found:  # the first pool
-                found[f"{contexts.Kind.input_detector} (score)"] = search.run()
-            return DetectorOutput(x.float().flatten(1).mean(1).double().numpy(), None)
-
-        return score
-
-    def sanitizer(ctx, opts):
-        found[contexts.Kind.sanitizer] = search.run()
-        return torch.ones(len(ctx.y), dtype=torch.bool), {}
-
-    def inspector(ctx, opts):
-        found[contexts.Kind.inspector] = search.run()
-        return contexts.InspectorOutput([])
-
-    return {contexts.Kind.pool_detector: (pool_detector, NoOptions),
-            contexts.Kind.input_detector: (input_detector, InputDetectorOptions),
-            contexts.Kind.sanitizer: (sanitizer, SanitizerOptions),
-            contexts.Kind.inspector: (inspector, NoOptions)}
+    return {kind: (contexts.KINDS.get(kind).probe(act(kind)), contexts.KINDS.get(kind).options)
+            for kind in contexts.KINDS.names()}
 
 
 def snoop_one_run(append: bool, kinds) -> dict[str, list[str]]:
@@ -138,8 +121,12 @@ def snoop_one_run(append: bool, kinds) -> dict[str, list[str]]:
     if append:  # the sanitizer's row order: set by its context, sealed away while it runs
         from bdexp.defenses.sanitize import sanitizer_context
 
+        from bdexp.defenses.training_time import ORDER_TAG, _defender_rows
+
         sanitizer_context(exp, "probe", SanitizerOptions(), {})
         search.truth["the sanitizer's row order"] = [digest(exp.info.pop(ORDER_KEY))]
+        _defender_rows(exp)
+        search.truth["the training-time defense's row order"] = [digest(exp.info.pop(ORDER_TAG))]
         search.lengths.add(len(exp.train_set.poison))
     seen: dict[str, list[str]] = {}
     for kind, (fn, options) in snoopers(search, seen).items():
@@ -148,8 +135,7 @@ def snoop_one_run(append: bool, kinds) -> dict[str, list[str]]:
         name = f"snoop_{kind}"
         DEFENSES.register(name, options=options, kind=kind)(fn)
         try:
-            node = {"name": name, "max_pool": 40} if kind == contexts.Kind.input_detector else {"name": name}
-            run_defense(exp, name, OmegaConf.create(node))
+            run_defense(exp, name, OmegaConf.create({"name": name, **contexts.KINDS.get(kind).probe_node}))
         finally:
             DEFENSES.unregister(name)
     return {**found, **{f"{kind} (append={append})": what for kind, what in seen.items()}}
@@ -172,7 +158,7 @@ def snoop_under_the_cli(tmp: str) -> dict[str, list[str]]:
         name = f"snoop_{kind}"
         DEFENSES.register(name, options=options, kind=kind)(fn)
         names.append(name)
-        node = f"{name}:\n  name: {name}\n" + ("  max_pool: 40\n" if kind == contexts.Kind.input_detector else "")
+        node = f"{name}:\n  name: {name}\n" + "".join(f"  {k}: {v}\n" for k, v in contexts.KINDS.get(kind).probe_node.items())
         (Path(tmp) / "defense").mkdir(parents=True, exist_ok=True)
         (Path(tmp) / "defense" / f"{name}.yaml").write_text(node)
     sys.argv = ["bdexp", *with_tiny("screening.sizes=[10]", "screening.reserve_per_class=8", "eval_batch_size=64",
@@ -183,9 +169,10 @@ def snoop_under_the_cli(tmp: str) -> dict[str, list[str]]:
 
 
 def main() -> None:
-    found = snoop_one_run(False, contexts.KINDS)
+    found = snoop_one_run(False, contexts.KINDS.names())
     gc.collect()  # the first run is gone before the second is searched
-    found.update(snoop_one_run(True, [contexts.Kind.sanitizer]))  # rows appended: the row order is truth too
+    # rows appended: the row order is truth too
+    found.update(snoop_one_run(True, [contexts.Kind.sanitizer, contexts.Kind.training_time]))
     gc.collect()
     found.update(snoop_under_the_cli(sys.argv[1]))
     print(json.dumps(found))

@@ -1,11 +1,12 @@
-"""Defenses (detectors, sanitizers, inspectors); one file per defense, selected by `defense=[...]`.
+"""Defenses (detectors, sanitizers, inspectors, mitigations, training-time defenses); one file per
+defense, selected by `defense=[...]`.
 
 A defense registers its defender function with its options and its kind:
 
     @DEFENSES.register("ac", options=ACOptions, kind=Kind.pool_detector)
     def detect_ac(features, reserve, opts, *, assumed_ratio, rng) -> DetectorOutput: ...
 
-The kind's evaluator (below, one per kind) builds what that defender has from the run
+The kind's evaluator (registered by the kind's module: contexts.register_kind) builds what that defender has from the run
 (bdexp/defenses/contexts.py), calls the defense with it while the run is sealed, and turns its
 output into records. Adding a defense is its file plus its YAML (README, "Adding a method").
 """
@@ -22,16 +23,6 @@ log = logging.getLogger(__name__)
 DEFENSES: Registry = Registry("defense")
 
 
-def evaluators() -> dict:
-    """kind -> evaluator(exp, name, opts, fn, meta) -> records."""
-    from bdexp.defenses import contexts, input_pools, inspection, sanitize, screening
-
-    return {contexts.Kind.pool_detector: lambda exp, name, opts, fn, meta: screening.run_pool_detector(exp, name, opts, fn),
-            contexts.Kind.input_detector: input_pools.run_input_detector,
-            contexts.Kind.sanitizer: sanitize.run_sanitizer,
-            contexts.Kind.inspector: inspection.run_inspector}
-
-
 def run_defense(exp, key: str, dcfg) -> list[dict]:
     """One selected defense: its options parsed from `dcfg`, run by its kind's evaluator."""
     name = str(dcfg.name)
@@ -41,7 +32,10 @@ def run_defense(exp, key: str, dcfg) -> list[dict]:
     # findable through the garbage collector until its next pass: collect it before the defense
     # runs (Experiment.sealed leaves none behind itself).
     gc.collect()
-    return [{**row, "defense": row.get("defense", key)} for row in evaluators()[meta["kind"]](exp, name, opts, fn, meta)]
+    from bdexp.defenses.contexts import KINDS
+
+    evaluator = KINDS.get(meta["kind"]).evaluator
+    return [{**row, "defense": row.get("defense", key)} for row in evaluator(exp, name, opts, fn, meta)]
 
 
 def run_defenses(exp, store=None) -> list[dict]:

@@ -6,12 +6,19 @@ Poison flags, the attack object and the attack's config stay with the evaluator.
 runs, the run's ground truth is sealed (`Experiment.sealed`): reading it, through any path,
 raises `GroundTruthRead` (tests/test_defender_view.py runs every registered defense that way).
 
-Kinds (`Kind`, what a defense registers with: `DEFENSES.register(name, options=..., kind=...)`):
-- Kind.pool_detector: `detect(features, reserve, opts, *, assumed_ratio, rng) -> DetectorOutput` on the
-  features of one screening pool and of the target class's clean reserve (ML-MMDR §6.1);
-- Kind.input_detector: `build(DetectorContext, opts) -> score(x_uint8, tag) -> DetectorOutput`;
-- Kind.sanitizer: `keep(SanitizerContext, opts) -> (keep-mask over the training set, info)`;
-- Kind.inspector: `inspect(InspectorContext, opts) -> InspectorOutput` (the model and the reserve).
+Kinds (what a defense registers with: `DEFENSES.register(name, options=..., kind=...)`). A kind is
+registered by its own module (`register_kind`) with its evaluator and a probe (a no-op defense of
+its signature that the defender-view tests run), so adding a kind touches only that module:
+- Kind.pool_detector (screening.py): `detect(features, reserve, opts, *, assumed_ratio, rng) ->
+  DetectorOutput` on the features of one screening pool and of the target class's clean reserve
+  (ML-MMDR §6.1);
+- Kind.input_detector (input_pools.py): `build(DetectorContext, opts) -> score(x_uint8, tag) -> DetectorOutput`;
+- Kind.sanitizer (sanitize.py): `keep(SanitizerContext, opts) -> (keep-mask over the training set, info)`;
+- Kind.inspector (inspection.py): `inspect(InspectorContext, opts) -> InspectorOutput` (the model and the reserve);
+- Kind.mitigation (mitigation.py): `repair(MitigationContext, opts) -> Repair` (a copy of the model
+  and clean data -> a repaired model);
+- Kind.training_time (training_time.py): `train(TrainingContext, opts) -> Repair` (the poisoned
+  training set with its given labels -> a model the defender trained itself).
 """
 from __future__ import annotations
 
@@ -23,8 +30,8 @@ import numpy as np
 import torch
 
 from bdexp.evaluate import extract, predict
+from bdexp.registry import Registry
 from bdexp.seeding import numpy_rng
-
 
 
 class Kind:
@@ -34,9 +41,32 @@ class Kind:
     input_detector = "input_detector"
     sanitizer = "sanitizer"
     inspector = "inspector"
+    mitigation = "mitigation"
+    training_time = "training_time"
 
 
-KINDS = (Kind.pool_detector, Kind.input_detector, Kind.sanitizer, Kind.inspector)
+@dataclass(frozen=True)
+class KindSpec:
+    """What the pipeline and the tests need to know about a defense kind."""
+
+    evaluator: Callable[..., list[dict]]  # (exp, name, opts, fn, meta) -> records
+    # probe(act) -> a defense of this kind that calls act(stage) wherever such a defense runs (stage
+    # "" in its main call, e.g. "score" in a scoring function it returns) and returns a valid output
+    # that changes nothing: the defender-view tests register it to look for leaks from inside.
+    probe: Callable[[Callable[[str], Any]], Callable]
+    options: type  # the Options a probe registers with
+    probe_node: dict = field(default_factory=dict)  # config keys (beyond `name`) that keep a probe fast
+
+
+# kind name -> KindSpec; filled by the modules that define the kinds (bdexp.defenses imports them all)
+KINDS: Registry = Registry("defense kind")
+
+
+def register_kind(name: str, evaluator: Callable[..., list[dict]], probe: Callable, options: type | None = None,
+                  probe_node: dict | None = None) -> None:
+    from bdexp.options import NoOptions
+
+    KINDS.register(name)(KindSpec(evaluator, probe, options or NoOptions, dict(probe_node or {})))
 
 
 class GroundTruthRead(RuntimeError):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from bdexp import metrics
-from bdexp.defenses.contexts import DetectorContext, ModelView, Reserve, check_context, sealed_call
+from bdexp.defenses.contexts import DetectorContext, Kind, ModelView, Reserve, check_context, register_kind, sealed_call
 from bdexp.defenses.screening import DetectorOutput, checked_output
 from bdexp.errors import ConfigError
 from bdexp.options import Options, option
@@ -210,3 +210,20 @@ def run_input_detector(exp, name: str, opts: InputDetectorOptions, build: Callab
                  len(labels), int(labels.sum()), metrics.auroc(labels, out.scores), wall, fit_s)
         del labels
     return rows
+
+
+def _probe(act):
+    """An input detector that changes nothing (contexts.KindSpec.probe): scores each image's mean."""
+    def build(ctx, opts):
+        act("")
+
+        def score(x, tag):
+            act("score")
+            return DetectorOutput(x.float().flatten(1).mean(1).double().numpy(), None)
+
+        return score
+
+    return build
+
+
+register_kind(Kind.input_detector, run_input_detector, _probe, InputDetectorOptions, {"max_pool": 40})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bdexp.defenses.contexts import InspectorContext, ModelView, Reserve, check_context, sealed_call
+from bdexp.defenses.contexts import InspectorContext, InspectorOutput, Kind, ModelView, Reserve, check_context, register_kind, sealed_call
 
 
 def inspector_context(exp, name: str) -> InspectorContext:
@@ -29,3 +29,15 @@ def run_inspector(exp, name: str, opts, inspect, meta: dict) -> list[dict]:
     out = sealed_call(exp, name, inspect, ctx, opts)
     score = meta.get("score")
     return list(out.records) + (score(exp, opts, out) if score is not None else [])
+
+
+def _probe(act):
+    """An inspector that changes nothing (contexts.KindSpec.probe): finds nothing."""
+    def inspect(ctx, opts):
+        act("")
+        return InspectorOutput([])
+
+    return inspect
+
+
+register_kind(Kind.inspector, run_inspector, _probe)

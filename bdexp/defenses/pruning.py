@@ -18,11 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from bdexp import metrics
+from bdexp.attacks.base import BackdoorTestSet
 from bdexp.data.loader import iterate_eval
 from bdexp.errors import ConfigError
-from bdexp.evaluate import predict
-from bdexp.results import record
+from bdexp.evaluate import score_model
 
 
 @torch.no_grad()
@@ -69,10 +68,9 @@ def evaluate_pruned(model: nn.Module, ranking: torch.Tensor, ratios: Sequence[fl
         for r, n in zip(ratios, prune_counts(ratios, mask.numel())):
             mask.copy_(saved)
             mask[ranking[:n].to(mask.device)] = 0.0
-            ba = metrics.accuracy(predict(model, x_clean, device, batch_size), y_clean)
-            asr = metrics.attack_success_rate(predict(model, x_bd, device, batch_size), y_bd)
-            rows.append(record("ba", ba, prune_ratio=float(r)))
-            rows.append(record("asr", asr, prune_ratio=float(r)))
+            rows += [{**rec, "prune_ratio": float(r)} for rec in score_model(
+                model, x_clean, y_clean, BackdoorTestSet(x_bd, y_bd, y_bd, torch.zeros(len(y_bd), dtype=torch.long)),
+                device, batch_size, ("ba", "asr"))]
     finally:
         mask.copy_(saved)
     return rows

@@ -29,11 +29,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bdexp import metrics
 from bdexp.defenses import DEFENSES
-from bdexp.defenses.contexts import Kind, ModelView, OracleContext, SanitizerContext, check_context, sealed_call
+from bdexp.defenses.contexts import Kind, ModelView, OracleContext, SanitizerContext, check_context, register_kind, sealed_call
 from bdexp.defenses.ispl_core import TensorTrainer
-from bdexp.evaluate import predict
+from bdexp.evaluate import score_model
 from bdexp.options import NoOptions, Options
 from bdexp.results import record
 from bdexp.training.base import REGIMES
@@ -161,11 +160,12 @@ def run_sanitizer(exp, name: str, opts, keep_fn: KeepFn, meta: dict) -> list[dic
                              describe=f"{name}: retrain", defender=True)
         model, fit_info = fit(exp.cfg, exp.data, exp.attack, exp.train_set, exp.device, exp.cache, request)
         from_cache = fit_info["cache"] == "hit"
-    bs = int(exp.cfg.eval_batch_size)
-    pred_clean = predict(model, exp.data.x_test, exp.device, bs)
+    # ISPL's names: C is the clean accuracy (BA), A the TMR (ISPL eq. 7)
+    scored = {r["metric"]: r["value"] for r in score_model(model, exp.data.x_test, exp.data.y_test, exp.backdoor_test,
+                                                           exp.device, int(exp.cfg.eval_batch_size), ("ba", "tmr", "asr"))}
     poison = exp.train_set.poison
     rows = [
-        record("c", metrics.accuracy(pred_clean, exp.data.y_test)),
+        record("c", scored["ba"]),
         record("fp", float((~keep & ~poison).sum())),  # clean samples removed
         record("fn", float((keep & poison).sum())),  # poisoned samples kept
         record("n_removed", float((~keep).sum())),
@@ -178,12 +178,9 @@ def run_sanitizer(exp, name: str, opts, keep_fn: KeepFn, meta: dict) -> list[dic
         record("retrain_cache", 1.0 if from_cache else 0.0),  # ND: the run's model, nothing trained
         *info.get("records", []),
     ]
-    bd = exp.backdoor_test
-    if len(bd.y_target):
-        pred_bd = predict(model, bd.x, exp.device, bs)
-        rows.append(record("a", metrics.targeted_misclassification_rate(pred_clean[bd.index], bd.y_true,
-                                                                         pred_bd, bd.y_target)))
-        rows.append(record("asr", metrics.attack_success_rate(pred_bd, bd.y_target)))
+    if "tmr" in scored:
+        rows.append(record("a", scored["tmr"]))
+        rows.append(record("asr", scored["asr"]))
     conflict = threat_model_conflict(exp)
     if conflict is not None:
         _warn_conflict_once(exp, conflict)
@@ -216,3 +213,15 @@ def oracle(ctx: OracleContext, opts) -> tuple[torch.Tensor, dict]:
     """Oracle: train on the clean part only. An upper bound, not a defender: it is the one defense
     handed the poison flags (`reads_ground_truth`)."""
     return ~ctx.poison, {}
+
+
+def _probe(act):
+    """A sanitizer that changes nothing (contexts.KindSpec.probe): keeps every row."""
+    def keep(ctx, opts):
+        act("")
+        return torch.ones(len(ctx.y), dtype=torch.bool), {}
+
+    return keep
+
+
+register_kind(Kind.sanitizer, run_sanitizer, _probe, SanitizerOptions)

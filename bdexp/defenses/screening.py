@@ -21,7 +21,7 @@ import torch
 
 from bdexp import metrics
 from bdexp.attacks import has_backdoor
-from bdexp.defenses.contexts import sealed_call
+from bdexp.defenses.contexts import Kind, register_kind, sealed_call
 from bdexp.results import record
 
 log = logging.getLogger(__name__)
@@ -308,3 +308,15 @@ def run_pool_detector(exp, name: str, opts: Any, detect: Detector) -> list[dict]
         log.info("%s: %d of %d pools scored on levels %s in %.2f s", name, ran, len(plan), ",".join(levels),
                  time.perf_counter() - start)
     return [row for k in range(len(plan)) for row in done[k]]
+
+
+def _probe(act):
+    """A pool detector that changes nothing (contexts.KindSpec.probe): scores the first feature."""
+    def detect(features, reserve, opts, *, assumed_ratio, rng):
+        act("")
+        return DetectorOutput(np.asarray(features)[:, 0].astype(np.float64), None)
+
+    return detect
+
+
+register_kind(Kind.pool_detector, lambda exp, name, opts, fn, meta: run_pool_detector(exp, name, opts, fn), _probe)

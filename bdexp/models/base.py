@@ -99,16 +99,23 @@ class FeatureModel(nn.Module):
 
     def forward(self, x: torch.Tensor, features: bool = False) -> torch.Tensor | tuple[torch.Tensor, Features]:
         """Logits (N, num_classes); with `features=True` also {s1, s2, s3, penult}, each (N, D)."""
+        if not features:
+            return self.feature_maps(x, logits_only=True)
+        logits, maps = self.feature_maps(x)
+        return logits, {level: value.flatten(1) for level, value in maps.items()}
+
+    def feature_maps(self, x: torch.Tensor, logits_only: bool = False):
+        """(logits, {s1, s2, s3: (N, C, H, W) maps, penult: (N, D)}): the levels unflattened, for
+        defenses that work on channels and positions (attention maps: NAD, Li et al. 2021 §3)."""
         s1 = self.stage1(self.normalize(x))
         s2 = self.stage2(s1)
         s3 = self.stage3(s2)
         s3 = s3 * self.s3_channel_mask.to(dtype=s3.dtype).view(1, -1, 1, 1)
         penult = self.head(s3)
         logits = self.fc(penult)
-        if not features:
+        if logits_only:
             return logits
-        feats = {"s1": s1.flatten(1), "s2": s2.flatten(1), "s3": s3.flatten(1), "penult": penult.flatten(1)}
-        return logits, feats
+        return logits, {"s1": s1, "s2": s2, "s3": s3, "penult": penult}
 
 
 def _channel_stats(values: Sequence[float] | float, channels: int, what: str) -> torch.Tensor:

@@ -43,6 +43,11 @@ def seed_spread(table: str, frame: pd.DataFrame, mean: pd.DataFrame) -> pd.DataF
     parts = [p for p in parts if not p.empty]
     if len(parts) < 2:
         return None
+    if any(list(p.index.names) != list(mean.index.names) for p in parts):
+        # A case key constant within one seed's runs (a case that has only some of the seeds) drops
+        # out of that seed's table: its rows cannot be matched to the full table's without guessing
+        # which case they are, so no spread is shown rather than one that mixes two cases.
+        return None
     stacked = pd.concat(parts, keys=range(len(parts)), names=["_seed"])
     std = stacked.groupby(level=list(range(1, stacked.index.nlevels)), dropna=False).std()
     return std.reindex(index=mean.index, columns=mean.columns)

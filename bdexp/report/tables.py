@@ -58,6 +58,14 @@ REFERENCES = ("nd", "oracle")
 MARK_COLUMN = "undefended attack"
 # Kinds a defense registers with (bdexp/defenses/contexts.py) that the tables read.
 POOL_DETECTOR, INPUT_DETECTOR, SANITIZER = Kind.pool_detector, Kind.input_detector, Kind.sanitizer
+# The repair defenses (bdexp/defenses/repair.py): post-training mitigations and training-time defenses.
+REPAIR_KINDS = (Kind.mitigation, Kind.training_time)
+# The record score_repair writes with every repaired model's scores (the undefended C-Acc): it puts a
+# defense the registry does not know among the repair defenses.
+REPAIR_MARK = "ba_undefended"
+# The repair defenses' column order (BackdoorBench's leaderboard: fine-tuning and pruning first, the
+# training-time ABL last); any other repair defense in the records follows by name.
+REPAIR_ORDER = ["ft", "fp", "nad", "anp", "ibau", "rnp", "sau", "ftsam", "abl"]
 
 
 def defense_kind(name) -> str | None:
@@ -78,6 +86,28 @@ def of_kind(rows: pd.DataFrame, kind: str) -> pd.DataFrame:
         return rows.iloc[0:0]
     kinds = {d: defense_kind(d) for d in rows["defense"].dropna().unique()}
     return rows[rows["defense"].map(lambda d: kinds.get(d) in (kind, None) if isinstance(d, str) else False)]
+
+
+def repair_names(df: pd.DataFrame) -> list[str]:
+    """The repair defenses with records in `df`, in REPAIR_ORDER then by name: those registered as a
+    REPAIR_KINDS kind, and those the registry gives no kind whose records hold REPAIR_MARK."""
+    if df.empty or "defense" not in df or "metric" not in df:
+        return []
+    marked = set(df.loc[df["metric"] == REPAIR_MARK, "defense"].dropna())
+    names = [d for d in df["defense"].dropna().unique() if isinstance(d, str)]
+    found = [d for d in names if defense_kind(d) in REPAIR_KINDS or (defense_kind(d) is None and d in marked)]
+    rank = {name: i for i, name in enumerate(REPAIR_ORDER)}
+    return sorted(found, key=lambda d: (rank.get(d, len(rank)), d))
+
+
+def conflicting(df: pd.DataFrame, defenses=None) -> pd.DataFrame:
+    """(run_dir, defense) of the record sets holding `threat_model_conflict` > 0 (the defense's
+    threat model does not compose with the run's training regime: bdexp/defenses/sanitize.py),
+    of `defenses` only where given."""
+    rows = select(df, metric="threat_model_conflict", defense=list(defenses) if defenses is not None else None)
+    if rows.empty or "run_dir" not in rows:
+        return pd.DataFrame(columns=["run_dir", "defense"])
+    return rows.loc[rows["value"] > 0, ["run_dir", "defense"]].drop_duplicates()
 
 
 def select(df: pd.DataFrame, *, metric=None, defense=None, analysis=None, plain: bool = False, **equal) -> pd.DataFrame:
@@ -299,9 +329,9 @@ def pivot_mean(df: pd.DataFrame, index: list[str], columns: list[str], values: s
 
 @TABLES.register("runs")
 def runs_table(df: pd.DataFrame) -> pd.DataFrame:
-    """BA / ASR / TMR per run (model-level metrics: records without defense/analysis tags), with
+    """BA / ASR / TMR / RA per run (model-level metrics: records without defense/analysis tags), with
     the swept keys that tell the runs apart."""
-    plain = select(df, metric=["ba", "asr", "tmr"], plain=True)
+    plain = select(df, metric=["ba", "asr", "tmr", "ra"], plain=True)
     if plain.empty:
         return pd.DataFrame()
     # the case keys are those that differ between runs of one method, whatever their seeds
@@ -312,7 +342,7 @@ def runs_table(df: pd.DataFrame) -> pd.DataFrame:
     table = plain.pivot_table(index=index + ["run_dir"], columns="metric", values="value", aggfunc="first")
     table = table.dropna(how="all")
     table.columns.name = None
-    return table[[c for c in ("ba", "asr", "tmr") if c in table.columns]]
+    return table[[c for c in ("ba", "asr", "tmr", "ra") if c in table.columns]]
 
 
 def save_figure(fig, out_dir: Path, name: str) -> Path:

@@ -40,8 +40,10 @@ from bdexp.training.base import Schedule
 
 log = logging.getLogger(__name__)
 
-# step: cfg.lr, multiplied by cfg.gamma at each milestone; constant: cfg.lr throughout.
-ScheduleName = Literal["step", "constant"]  # the lr schedules an inner training may follow
+# step: cfg.lr, multiplied by cfg.gamma at each milestone; constant: cfg.lr throughout; cosine:
+# cfg.lr · (1 + cos(π · epoch / total_epochs)) / 2 per epoch (PyTorch's CosineAnnealingLR with
+# T_max = total_epochs, eta_min = 0, stepped once per epoch: what BackdoorBench's defenses use).
+ScheduleName = Literal["step", "constant", "cosine"]  # the lr schedules an inner training may follow
 SCHEDULES = get_args(ScheduleName)
 
 
@@ -75,6 +77,8 @@ class Optimization:
 
     def lr(self, epoch: int) -> float:
         """The rate during (0-based, absolute) `epoch`."""
+        if self.schedule == "cosine":
+            return self.base_lr * (1 + math.cos(math.pi * epoch / self.total_epochs)) / 2
         return self.base_lr * self.gamma ** sum(epoch >= m for m in self.milestones)
 
     def begin_epoch(self, epoch: int) -> None:
