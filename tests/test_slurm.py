@@ -79,13 +79,25 @@ class Sweep:
         return sorted(p.name for p in (self.dir / ".submitit").iterdir() if p.is_dir() and any(p.glob("*_log.out")))
 
 
+# A requeued job released at once can start while its previous step is still being torn down
+# (srun waits up to 12 s for it) and then fails at once (a CI run: requeued attempt FAILED, exit 1,
+# in the second it started); release it only after it has waited this long.
+RELEASE_AFTER_S = 15.0
+
+
 def release_holds(name: str, stop: threading.Event) -> None:
-    """Make the requeued jobs of `name` eligible at once (SLURM holds them 120 s)."""
+    """Make the requeued jobs of `name` eligible RELEASE_AFTER_S after they are requeued (SLURM holds them 120 s)."""
+    seen: dict[str, float] = {}
     while not stop.wait(1.0):
         out = subprocess.run(["squeue", "-h", "-n", name, "-t", "PD", "-o", "%i %r"], capture_output=True, text=True)
-        for line in out.stdout.splitlines():
-            job, _, reason = line.partition(" ")
-            if reason.strip() == "BeginTime":
+        held = {job: reason.strip() for job, _, reason in (line.partition(" ") for line in out.stdout.splitlines())}
+        for job in [j for j in seen if held.get(j) != "BeginTime"]:
+            del seen[job]  # started again (or gone): a later requeue waits its own delay
+        for job, reason in held.items():
+            if reason != "BeginTime":
+                continue
+            first = seen.setdefault(job, time.time())
+            if time.time() - first >= RELEASE_AFTER_S:
                 subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
 
 
