@@ -33,7 +33,7 @@ def record(metric: str, value: float, **tags: Any) -> dict:
 DIGEST = "digest"  # results.json's own key: sha256 of the rest (results_digest)
 # Records whose value is a rate or a score in [0, 1] wherever they appear (bdexp/metrics.py).
 RATES = frozenset({"ba", "asr", "tmr", "ra", "der", "c", "a", "f1", "f1_max", "precision", "recall", "auroc", "aupr", "tpr95",
-                   "tpr", "fpr"})
+                   "tpr", "fpr", "clean_acc_undefended"})
 TOLERANCE = 1e-9  # float slack of the consistency checks
 
 

@@ -108,6 +108,23 @@ def test_a_clean_ratio_that_leaves_no_image_is_refused(run):
         clean_data(run, MitigationOptions(clean_ratio=1e-6))
 
 
+@pytest.mark.parametrize("source, clean_acc, test_acc, warned", [
+    ("train", 1.0, 0.59, True),     # CIFAR-10 subset, ResNet-18/4 trained 20 epochs without augmentation
+    ("train", 0.95, 0.90, False),   # a model that generalizes: the clean rows are not special
+    ("train", 0.80, 0.70, True),    # the gap, not the accuracy, tells
+    ("reserve", 1.0, 0.59, False),  # unseen test images: nothing was memorized
+])
+def test_memorized_clean_data_are_warned_about_once_per_run(source, clean_acc, test_acc, warned, caplog):
+    from types import SimpleNamespace
+
+    from bdexp.defenses.mitigation import warn_if_memorized
+
+    exp = SimpleNamespace(info={})
+    opts = MitigationOptions(clean_source=source)
+    assert [warn_if_memorized(exp, name, opts, clean_acc, test_acc) for name in ("ft", "nad")] == [warned, warned]
+    assert caplog.text.count("clean_source=reserve") == int(warned)
+
+
 # ---- a mitigation end to end: records, the run's model, the cache ----------------------------------
 def ft_node(**more):
     return OmegaConf.create({**yaml_node("defense", "ft"), "epochs": 2, **more})
@@ -123,6 +140,8 @@ def test_ft_records_and_a_cache_hit_on_a_rerun(run):
     assert got["der"] == pytest.approx(want)
     assert not inconsistencies(first)
     assert weights_digest(run.model.state_dict()) == before
+    x, y, _ = clean_data(run, DEFENSES.options("ft").parse(ft_node()))
+    assert got["clean_acc_undefended"] == pytest.approx(float((run.model(x.float() / 255).argmax(1) == y).float().mean()))
     second = values(run_defense(run, "ft", ft_node()))
     assert second["repair_cache"] == 1
     assert {k: v for k, v in second.items() if k != "repair_cache"} == {k: v for k, v in got.items() if k != "repair_cache"}

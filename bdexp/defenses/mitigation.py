@@ -15,12 +15,13 @@ The clean data (`clean_source`, recorded as the records `clean_n` and, when chan
 - "reserve": the test-image reserve of the screening protocol (`screening.reserve_per_class` per
   class); the repaired and the undefended model are then both scored on the other test images.
 
-Records (tagged `defense: <name>`): `ba` (C-Acc), `asr`, `tmr`, `ra`, `der`, `wall_s`,
+Records (tagged `defense: <name>`): `ba` (C-Acc), `asr`, `tmr`, `ra`, `der`, `wall_s`, `clean_acc_undefended`,
 `model_epochs`, `repair_cache`, `clean_n`, `ba_undefended`, `asr_undefended` and the defense's own.
 """
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,8 +34,11 @@ from bdexp.cache import data_fingerprint, key_of
 from bdexp.defenses.contexts import Kind, check_context, register_kind, sealed_call
 from bdexp.defenses.repair import Repair, Repairer, cached_repair, repair_identity, repairer_fields, score_repair
 from bdexp.errors import ConfigError
+from bdexp.evaluate import predict
 from bdexp.options import Options, option
 from bdexp.results import record
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,31 @@ def run_mitigation(exp, name: str, opts: MitigationOptions, repair, meta: dict) 
         return sealed_call(exp, name, repair, ctx, opts)
 
     model, info, hit = cached_repair(exp, name, identity, produce)
-    return [*score_repair(exp, name, model, info, hit, test_rows), record("clean_n", float(len(y)))]
+    rows = score_repair(exp, name, model, info, hit, test_rows)
+    fit = float((predict(exp.model, x, exp.device, int(exp.cfg.eval_batch_size)) == y).float().mean())
+    warn_if_memorized(exp, name, opts, fit, next(r["value"] for r in rows if r["metric"] == "ba_undefended"))
+    return [*rows, record("clean_n", float(len(y))), record("clean_acc_undefended", fit)]
+
+
+# A suspect model this much more accurate on the defender's clean data than on unseen test images
+# learnt those images by heart: they come from its own training set (clean_source=train).
+MEMORIZED_GAP = 0.1
+
+
+def warn_if_memorized(exp, name: str, opts: MitigationOptions, clean_acc: float, test_acc: float) -> bool:
+    """True when the defender's clean data were memorized by the suspect model: a repair that learns
+    from them then gets almost no gradient, and FT, NAD and FP leave the model as it is
+    (docs/defenses.md, "Memorized clean data"). Warned once per run (`clean_acc_undefended` is
+    recorded for every mitigation)."""
+    if opts.clean_source != "train" or clean_acc - test_acc < MEMORIZED_GAP:
+        return False
+    if not exp.info.get("memorized_clean_data_warned"):
+        exp.info["memorized_clean_data_warned"] = True
+        log.warning("%s: the suspect model fits the defender's clean data (accuracy %.3f, %.3f on test images): "
+                    "they are training rows it memorized, so repairs that learn from them get little gradient "
+                    "(record clean_acc_undefended); clean_source=reserve gives the defender unseen images",
+                    name, clean_acc, test_acc)
+    return True
 
 
 def _probe(act):
