@@ -1,4 +1,4 @@
-"""bdexp from Python (issue 16): compose a config, run it, and read results back as the DataFrame
+"""bdexp from Python: compose a config, run it, and read results back as the DataFrame
 `bdexp-report` builds, from a script or a notebook instead of a shell.
 
     import bdexp

@@ -1,7 +1,7 @@
 """`bdexp`: a thin Hydra entry point around pipeline.run, wrapped by jobs.py (skip a job that is
 already complete, record one that fails, pin a sweep job to its GPU and CPU share).
 
-What a user sees when something is wrong (issue 13): a user error (a bad value, an unknown key
+What a user sees when something is wrong: a user error (a bad value, an unknown key
 or group option, a run or cache directory that cannot be written, a full disk) is one line on
 stderr, `bdexp error: ...`, and exit status 2; a bug is one traceback on stderr and status 1.
 Results go to stdout."""

@@ -1,5 +1,5 @@
 """One sweep job around pipeline.run: skip it when it is already done, record it when it fails,
-and give it its own GPU and CPU share (issue 7: "nothing lost").
+and give it its own GPU and CPU share: nothing computed is lost.
 
 - **Skip**: a job whose run directory holds a complete results.json with the same config hash is
   not run again, so `bdexp -m ... hydra.sweep.dir=DIR` over an existing sweep only runs what is
@@ -11,7 +11,7 @@ and give it its own GPU and CPU share (issue 7: "nothing lost").
   k mod #GPUs (joblib/local launchers on one node; under SLURM each job sees only its own GPU).
   With joblib's n_jobs > 1 each job gets cpu_count / n_jobs torch threads, so jobs on a CPU node
   do not oversubscribe the cores (concurrent OpenMP pools spin and slow each other down).
-- **Interruptions** (issue 13): SIGINT and SIGTERM (what SLURM sends before it kills a job) raise
+- **Interruptions**: SIGINT and SIGTERM (what SLURM sends before it kills a job) raise
   `Interrupted` in the main thread; the pipeline writes results.json with status "interrupted"
   and what it has computed so far, the CLI prints one line and exits 128 + the signal number (130,
   143). An interrupted job is not complete, so a re-run runs it again: training resumes from its

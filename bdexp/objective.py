@@ -1,4 +1,4 @@
-"""A sweep objective (issue 16): one number chosen in the config, which the CLI returns from its
+"""A sweep objective: one number chosen in the config, which the CLI returns from its
 task function so that Hydra's sweepers (Optuna: `hydra/sweeper=optuna`) can search over runs.
 
     objective:                       # conf/config.yaml: null (off)

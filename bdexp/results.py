@@ -186,7 +186,7 @@ def read_status(path: Path) -> tuple[str, dict]:
 class PartialRecords:
     """The records of every defense and analysis a run has finished, written atomically as each
     one finishes, so a re-run of an interrupted (or failed) run reads them back instead of
-    recomputing them (issue 13: "a 3-hour run killed in its last defense loses minutes").
+    recomputing them (a 3-hour run killed in its last defense loses minutes, not hours).
 
     One JSON file per config hash: `<cache.dir>/partial/<hash>.json` when the cache is on (a
     re-run gets a new timestamped run directory), else `<run dir>/partial.json`. It also holds the

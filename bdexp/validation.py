@@ -1,5 +1,5 @@
-"""Checks on the composed config and the output directories, run before any work (issue 13:
-"every bad input gets one clear line"), so `train.epochs=abc` or a `cache.dir` that is a file
+"""Checks on the composed config and the output directories, run before any work (every bad input
+gets one clear line), so `train.epochs=abc` or a `cache.dir` that is a file
 stops at once with a message naming the key, the value and what is allowed, instead of a
 traceback minutes into a run.
 

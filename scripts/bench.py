@@ -1,4 +1,4 @@
-"""bdexp benchmark: prints a table and writes JSON (issue 7).
+"""bdexp benchmark: prints a table and writes JSON.
 
 (a) training throughput (images/s) of bdexp's GPU-resident loop (DeviceLoader + train_model) against
     a plain torchvision pipeline (a Dataset of PIL images, transforms.RandomCrop + RandomHorizontalFlip

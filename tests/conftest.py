@@ -1,6 +1,7 @@
 """Shared fixtures: compose the real config tree with tiny overrides."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,11 @@ def tiny_cfg(tmp_path):
         return compose_cfg(with_tiny(*overrides), tmp_path / "cache" if cache else None)
 
     return make
+
+
+def as_foreground() -> None:
+    """`preexec_fn` of a CLI child that a test signals as a terminal would: SIGINT at its default,
+    so Python turns it into KeyboardInterrupt. A shell without job control starts `cmd &` with
+    SIGINT ignored and every child inherits that, so without this a suite run in the background
+    (`bash .ci/run &`) sees Ctrl-C do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

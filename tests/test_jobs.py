@@ -1,4 +1,4 @@
-"""Nothing lost (issue 7): error records, skipping complete jobs, resuming a killed training, and
+"""Nothing lost: error records, skipping complete jobs, resuming a killed training, and
 one training for concurrent jobs that need the same model."""
 from __future__ import annotations
 

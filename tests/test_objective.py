@@ -1,4 +1,4 @@
-"""The sweep objective (issue 16, bdexp/objective.py): one number of a run's records, chosen in the
+"""The sweep objective (bdexp/objective.py): one number of a run's records, chosen in the
 config, that the CLI returns to Hydra's sweeper; and the Optuna preset end to end."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The cross-paper matrix (issue 7, `--table matrix`): for every (attack, training regime), how
+"""The cross-paper matrix (`--table matrix`): for every (attack, training regime), how
 well each detector bdexp has catches the backdoor — the table none of the papers has: does
 ML-MMDR, built to beat difference-based detectors, also evade CD, the overlap detector and ISPL?
 

@@ -37,7 +37,7 @@ PLOTS: Registry = Registry("plot")
 
 RUN_INDEX = ["dataset", "model", "attack", "train", "seed"]
 
-# A defense is credited only against a backdoor its undefended model learnt (issue 12 item 11):
+# A defense is credited only against a backdoor its undefended model learnt:
 # for runs whose undefended measure is below its minimum here, the records of the defenses are
 # left out of what a table counts or averages, and the table says how many.
 SUCCESS_TMR = 0.01  # ISPL Table 1: a defense succeeds when the TMR is below 1 %

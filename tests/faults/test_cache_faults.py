@@ -1,4 +1,4 @@
-"""Caches that cannot serve the wrong model, and bad data files (issue 13), through the `bdexp` CLI.
+"""Caches that cannot serve the wrong model, and bad data files, through the `bdexp` CLI.
 
 - the model key follows the training data, not its path: two image folders at different roots,
   or one folder edited between runs, never share a model;

@@ -1,4 +1,4 @@
-"""Every bad input gets one clear line and exit 2 (issue 13): bad values of numeric keys, unknown
+"""Every bad input gets one clear line and exit 2: bad values of numeric keys, unknown
 keys and options, unresolvable interpolations, a run or cache directory that cannot be written, a
 full disk. Each CLI case asserts the exit status, the one `bdexp error:` line on stderr, no
 traceback, and that what an earlier run left in the run and cache directories is unchanged. A bug

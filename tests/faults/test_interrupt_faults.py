@@ -1,4 +1,4 @@
-"""Interruptions lose nothing (issue 13): SIGINT/SIGTERM during training, during a defense and
+"""Interruptions lose nothing: SIGINT/SIGTERM during training, during a defense and
 in a sweep leave results.json with status "interrupted" and the finished records, one line on
 stderr and exit 130/143; the same command then resumes and ends complete. A corrupt results.json
 in a sweep is re-run, not trusted."""
@@ -17,7 +17,7 @@ import torch
 
 from bdexp import jobs
 from bdexp.results import PartialRecords, read_status
-from tests.conftest import TINY, with_tiny
+from tests.conftest import as_foreground, with_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 LINE = "; run the same command to resume"
@@ -27,8 +27,10 @@ def _cli(args, cwd, wait=True, timeout=300, module="bdexp"):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", module, *args]
     if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=as_foreground)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=as_foreground)
 
 
 def _wait_for(predicate, proc, what, limit=120.0):
@@ -78,7 +80,7 @@ def test_sigint_during_training_keeps_the_epochs_and_resumes(tmp_path):
 
     res = _cli([*args, f"hydra.run.dir={tmp_path / 'r2'}"], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert f"resumed from" in res.stderr and f"after epoch {saved} of 100" in res.stderr  # log lines: stderr
+    assert "resumed from" in res.stderr and f"after epoch {saved} of 100" in res.stderr  # log lines: stderr
     done = json.loads((tmp_path / "r2" / "results.json").read_text())
     assert done["status"] == "complete" and len(done["metrics"]) > 0
 

@@ -1,4 +1,4 @@
-"""Output a person can read (issue 13): bdexp-report on a read-only sweep and on a results.json
+"""Output a person can read: bdexp-report on a read-only sweep and on a results.json
 path, tables within 80 columns with no cell cut, a runs table that tells swept jobs apart, one log
 format, and one warning with a count for a detector's skipped pools."""
 from __future__ import annotations

@@ -19,7 +19,7 @@ import pytest
 
 from bdexp import atomic, jobs
 from bdexp.results import read_status
-from tests.conftest import with_tiny
+from tests.conftest import as_foreground, with_tiny
 from tests.faults.test_interrupt_faults import _cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +33,8 @@ class Command:
     def __init__(self, args: list[str], cwd: Path):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "bdexp", *args], cwd=cwd, env=env, text=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                                     preexec_fn=as_foreground)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
         self._reader.start()
