@@ -126,13 +126,23 @@ def _first_line(err: BaseException) -> str:
 
 
 def _record_problem(hit: Any) -> str | None:
-    """Why `hit` is not a {"state_dict": {name: tensor}, "meta": dict} record (None if it is)."""
+    """Why `hit` is not a {"state_dict": {name: tensor}, "meta": dict} record, with an optional
+    "attack_state": {name: tensor} (None if it is)."""
     if not isinstance(hit, dict) or not isinstance(hit.get("state_dict"), dict) or not isinstance(hit.get("meta"), dict):
         keys = sorted(map(str, hit))[:5] if isinstance(hit, dict) else type(hit).__name__
         return f"not a stored model (found {keys})"
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in hit["state_dict"].items()):
-        return "its state_dict holds something other than named tensors"
+    for part in ("state_dict", "attack_state"):
+        tensors = hit.get(part, {})
+        if not isinstance(tensors, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+            return f"its {part} holds something other than named tensors"
     return None
+
+
+def stored_digest(state_dict: dict, attack_state: dict | None = None) -> str:
+    """The digest a record's tensors must hash to: the weights, and a co-trained attack's tensors
+    under an `attack/` prefix (none: the weights' digest alone, as before attacks had state)."""
+    return weights_digest({**state_dict, **{f"attack/{k}": v for k, v in (attack_state or {}).items()}})
 
 
 def _provenance_problem(hit: dict, key: str) -> str | None:
@@ -149,7 +159,7 @@ def _provenance_problem(hit: dict, key: str) -> str | None:
         return "its identity is not readable JSON"
     if hashed != key:
         return f"its identity hashes to {hashed}, not to its key {key} (edited after storing)"
-    if weights_digest(hit["state_dict"]) != digest:
+    if stored_digest(hit["state_dict"], hit.get("attack_state")) != digest:
         return "its weights do not match their stored digest (changed after storing)"
     return None
 
@@ -164,10 +174,12 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 class ModelCache:
-    """`get`/`put` trained state dicts by key under `root/models/`."""
+    """`get`/`put` trained state dicts by key under `root/<kind>/`: `models` (trained
+    classifiers, with a co-trained attack's state beside them) or `triggers` (optimized triggers,
+    bdexp/attacks/optimized.py); both verified the same way before they are served."""
 
-    def __init__(self, root: str | os.PathLike, enabled: bool = True):
-        self.root = Path(os.path.expanduser(str(root))) / "models"
+    def __init__(self, root: str | os.PathLike, enabled: bool = True, kind: str = "models"):
+        self.root = Path(os.path.expanduser(str(root))) / kind
         self.enabled = enabled
 
     def path(self, key: str) -> Path:
@@ -233,13 +245,17 @@ class ModelCache:
                     path, reason, bad)
         return bad
 
-    def put(self, identity: dict, state_dict: dict, meta: dict) -> Path | None:
-        """Store a model under `key_of(identity)` with its key, identity and weights digest."""
+    def put(self, identity: dict, state_dict: dict, meta: dict, attack_state: dict | None = None) -> Path | None:
+        """Store a model under `key_of(identity)` with its key, identity and weights digest;
+        `attack_state`: a co-trained attack's tensors, stored and digested with the weights."""
         if not self.enabled:
             return None
         key = key_of(identity)
         state = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
         record = {"state_dict": state, "meta": meta, "key": key,
-                  "identity": json.dumps(identity, sort_keys=True, default=str), "weights_sha256": weights_digest(state)}
+                  "identity": json.dumps(identity, sort_keys=True, default=str)}
+        if attack_state is not None:
+            record["attack_state"] = {k: v.detach().cpu().clone() for k, v in attack_state.items()}
+        record["weights_sha256"] = stored_digest(state, record.get("attack_state"))
         atomic_torch_save(record, self.path(key))
         return self.path(key)

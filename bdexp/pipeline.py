@@ -56,7 +56,26 @@ def prepare(cfg: DictConfig, device: torch.device | None = None, cache: ModelCac
             ) -> tuple[ImageDataset, Attack, PoisonedTrainSet, BackdoorTestSet]:
     """Load the dataset and poison it; pure function of the config and seed. `device`/`cache`
     (default: from cfg) serve what an attack asks for through `Attack.attach` (clbd: a clean
-    reference model)."""
+    reference model). An attack that trains with the model (iad) has no sets before training:
+    use `build_experiment`."""
+    data, attack, train = poison(cfg, device, cache)
+    if attack.co_trained:
+        raise ConfigError(f"attack={attack.name} trains its trigger with the model, so its poisoned sets exist only "
+                          "after training: use bdexp.pipeline.build_experiment (or bdexp.api), not prepare")
+    return data, attack, train, backdoor_test_set(attack, data)
+
+
+def backdoor_test_set(attack: Attack, data: ImageDataset) -> BackdoorTestSet:
+    """The backdoor test set from the attack's final trigger (uint8 images)."""
+    bd = attack.backdoor_test(to_float(data.x_test), data.y_test)
+    bd.x = to_uint8(bd.x)
+    return bd
+
+
+def poison(cfg: DictConfig, device: torch.device | None = None, cache: ModelCache | None = None
+           ) -> tuple[ImageDataset, Attack, PoisonedTrainSet]:
+    """The dataset, the attack (attached to what it asks for) and the training set the model
+    trains on: poisoned, or for an attack that poisons per batch (iad) the clean set."""
     seed = int(cfg.seed)
     cache_dir = cfg.cache.dir if cfg.cache.enabled else None
     data = load_dataset(cfg.dataset, seed=seed, cache_dir=cache_dir)
@@ -69,12 +88,19 @@ def prepare(cfg: DictConfig, device: torch.device | None = None, cache: ModelCac
         store = cache if cache is not None else ModelCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
         return clean_reference_model(cfg, data, run_device(), store)
 
-    attack.attach(AttackServices(device=run_device, clean_model=clean_model))
-    train = attack.poison_train(to_float(data.x_train), data.y_train)
-    train.x = to_uint8(train.x)
-    bd = attack.backdoor_test(to_float(data.x_test), data.y_test)
-    bd.x = to_uint8(bd.x)
-    return data, attack, train, bd
+    def trigger_cache() -> ModelCache:
+        if cache is not None:  # beside the models of the cache the caller gave
+            return ModelCache(cache.root.parent, enabled=cache.enabled, kind="triggers")
+        return ModelCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled), kind="triggers")
+
+    attack.attach(AttackServices(device=run_device, clean_model=clean_model,
+                                 train_data=lambda: (data.x_train, data.y_train), trigger_cache=trigger_cache))
+    if attack.co_trained:
+        train = attack.training_set(data.x_train, data.y_train)
+    else:
+        train = attack.poison_train(to_float(data.x_train), data.y_train)
+        train.x = to_uint8(train.x)
+    return data, attack, train
 
 
 def clean_reference_model(cfg: DictConfig, data: ImageDataset, device: torch.device, cache: ModelCache):
@@ -129,12 +155,17 @@ def build_experiment(cfg: DictConfig, device: torch.device, run_dir: Path | None
     given) tracks the step running, for an interrupt's record."""
     done = {"run": {}} if done is None else done
     cache = ModelCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
-    data, attack, train, bd = prepare(cfg, device, cache)
+    data, attack, train = poison(cfg, device, cache)
+    done["where"] = "training"
+    model, fit_info = fit(cfg, data, attack, train, device, cache)
+    done["where"] = "building the poisoned sets from the attack's final state"
+    if attack.co_trained:  # its sets come from the final networks (bdexp/attacks/cotrained.py)
+        train = attack.materialize(to_float(data.x_train), data.y_train)
+        train.x = to_uint8(train.x)
+    bd = backdoor_test_set(attack, data)
     log.info("%s: %d train (%d poisoned) / %d test images %s, %d classes; backdoor test set %d",
              data.name, len(train.y), int(train.poison.sum()), len(data.y_test), data.image_shape,
              data.num_classes, len(bd.y_target))
-    done["where"] = "training"
-    model, fit_info = fit(cfg, data, attack, train, device, cache)
     done["run"].update(model_cache=fit_info["cache"], model_key=fit_info["key"])
     if store is not None and store.bind(fit_info["key"]):
         log.info("records of %d defense(s)/analysis(es) finished by an earlier run of this config: %s",
@@ -174,12 +205,16 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, start: float, con
         "train_history": {k: v for k, v in history.items() if isinstance(v, list)},
         "n_train": len(train.y),
         "n_poison": int(train.poison.sum()),
+        "n_cover": int(train.cover.sum()) if train.cover is not None else 0,  # Adap-*: trigger, true label
+        # What the attack drew or optimized (a learned trigger's digest and cache use; docs/attacks.md)
+        "attack_state": attack.state_record(),
         "n_skipped_files": len(data.skipped), "skipped_files": data.skipped,  # dataset.skip_bad_files
         "wall_s": time.perf_counter() - start,
         "config_hash": config_hash,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     done["where"], done["metrics"] = "writing results", metrics
+    run_info["attack_images"] = save_attack_images(attack, run_dir)
     path = write_results(run_dir, run_info, metrics)
     done["where"], done["complete"] = "the summary (results.json is complete)", True
     if store is not None:
@@ -188,6 +223,21 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, start: float, con
         print_summary(run_info, metrics)
     log.info("results written to %s", path)
     return {"run": run_info, "metrics": metrics}
+
+
+def save_attack_images(attack: Attack, run_dir: Path) -> list[str]:
+    """Write each of the attack's `state_images` (an optimized trigger, say) as
+    `attack_<name>.png` in the run directory; returns the file names."""
+    from torchvision.utils import save_image
+
+    from bdexp.atomic import atomic_write
+
+    names = []
+    for name, image in attack.state_images().items():
+        path = run_dir / f"attack_{name}.png"
+        atomic_write(path, lambda tmp, im=image: save_image(im.float().clamp(0, 1), tmp, format="png"))
+        names.append(path.name)
+    return names
 
 
 def warn_if_collapsed(pred_test: torch.Tensor, num_classes: int, cfg) -> None:

@@ -66,7 +66,10 @@ class PoisonedTrainSet:
     y: torch.Tensor  # labels given to the learner (relabelled where dirty-label poisoned)
     y_true: torch.Tensor  # original labels
     poison: torch.Tensor  # bool: carries the trigger
-    cross: torch.Tensor  # bool: WaNet noise-mode samples (always False for other attacks)
+    cross: torch.Tensor  # bool: rows changed per batch, labels kept (WaNet noise mode, BppAttack negatives, IAD cross)
+    # bool: "cover" samples (Adap-Blend/Adap-Patch, Qi et al. 2023 §4): they carry a trigger but
+    # keep their true label, so they are not poison (no label was changed); None = the attack has none
+    cover: torch.Tensor | None = None
 
 
 @dataclass
@@ -95,12 +98,15 @@ def apportion(quotas: list[float]) -> list[int]:
 
 @dataclass(frozen=True)
 class AttackServices:
-    """What the pipeline offers an attack before it poisons (`Attack.attach`): the run's device and
-    a model trained on the unpoisoned training set, trained (or loaded from the cache) only when
-    called."""
+    """What the pipeline offers an attack before it poisons (`Attack.attach`), each computed only
+    when called: the run's device, a model trained on the unpoisoned training set (trained or
+    loaded from the cache), the clean training set (uint8 images, labels) and the store where an
+    optimized trigger is kept by content (bdexp/attacks/optimized.py); None: not offered."""
 
     device: Callable[[], torch.device]
     clean_model: Callable[[], torch.nn.Module]
+    train_data: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    trigger_cache: Callable[[], object] | None = None  # -> bdexp.cache.ModelCache of kind "triggers"
 
 
 class Attack:
@@ -109,6 +115,9 @@ class Attack:
     name: ClassVar[str] = ""
     Options: ClassVar[type[AttackOptions]] = AttackOptions  # the declaration; the registry reads it
     poisons: ClassVar[bool] = True  # False only for the `none` attack
+    # True: the attack trains networks with the classifier and poisons per batch
+    # (bdexp/attacks/cotrained.py); its sets exist only after training
+    co_trained: ClassVar[bool] = False
 
     def __init__(self, cfg: Mapping | DictConfig, num_classes: int, image_shape: tuple[int, int, int], seed: int):
         if len(tuple(image_shape)) != 3:
@@ -187,6 +196,31 @@ class Attack:
     def select_cross(self, poison: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Bool mask of noise-mode samples in the final training set (none by default)."""
         return torch.zeros_like(poison)
+
+    @staticmethod
+    def draw_unpoisoned(poison: torch.Tensor, n: int, generator: torch.Generator, asked: str) -> torch.Tensor:
+        """Bool mask of `n` rows drawn without replacement among the non-poisoned ones (the
+        `cross` rows of WaNet's noise mode, BppAttack's negatives, IAD's cross-trigger rows);
+        `asked` names the option that asked for them, for the error when too few exist."""
+        cross = torch.zeros_like(poison)
+        clean = (~poison).nonzero().flatten()
+        if n > len(clean):
+            raise ConfigError(f"{asked} asks for {n} rows that are not poisoned but only {len(clean)} exist; "
+                              "lower it or attack.poison_rate")
+        cross[clean[torch.randperm(len(clean), generator=generator)[:n]]] = True
+        return cross
+
+    # ---------------------------------------------------------------- what the run records
+    def state_record(self) -> dict:
+        """What was drawn or optimized, for results.json (`attack_state`): digests of a learned
+        trigger or generator, where it came from (cache hit/miss), its cost. Empty for a fixed
+        trigger."""
+        return {}
+
+    def state_images(self) -> dict[str, torch.Tensor]:
+        """Images worth saving beside the results (name -> float CHW in [0, 1]): an optimized
+        trigger, a mask. The pipeline writes each as `attack_<name>.png`."""
+        return {}
 
     # ---------------------------------------------------------------- shared logic
     def apply(self, x: torch.Tensor) -> torch.Tensor:

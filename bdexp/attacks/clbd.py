@@ -32,7 +32,7 @@ pipeline's `AttackServices` for one (`attach`), which trains or loads it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from torch import nn

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from bdexp.attacks.base import ATTACKS, Attack, AttackOptions
-from bdexp.errors import ConfigError
 from bdexp.options import option
 
 
@@ -59,18 +58,10 @@ class WarpedAttack(Attack):
         return self._warp(x, grid)
 
     def select_cross(self, poison: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        cross = torch.zeros_like(poison)
         if not self.noise_mode:
-            return cross
+            return torch.zeros_like(poison)
         n = int(round(self.cross_ratio * int(poison.sum())))
-        clean = (~poison).nonzero().flatten()
-        if n > len(clean):
-            raise ConfigError(
-                f"attack.cross_ratio={self.cross_ratio} asks for {n} noise-mode samples but only "
-                f"{len(clean)} non-poisoned samples exist; lower cross_ratio or poison_rate"
-            )
-        cross[clean[torch.randperm(len(clean), generator=generator)[:n]]] = True
-        return cross
+        return self.draw_unpoisoned(poison, n, generator, f"attack.cross_ratio={self.cross_ratio} (noise mode)")
 
     def train_batch_hook(
         self, x: torch.Tensor, cross: torch.Tensor, generator: torch.Generator | None = None

@@ -18,7 +18,7 @@ class Batch:
     x: torch.Tensor  # float [0, 1], NCHW, on device
     y: torch.Tensor  # given labels
     poison: torch.Tensor  # bool; only training regimes that model the attacker may read it
-    cross: torch.Tensor  # bool; WaNet noise-mode samples
+    cross: torch.Tensor  # bool; rows the attack changes per batch (WaNet noise mode, BppAttack negatives, IAD cross)
     index: torch.Tensor  # positions in the training set
 
 

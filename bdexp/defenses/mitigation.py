@@ -66,7 +66,10 @@ def clean_data(exp, opts: MitigationOptions) -> tuple[torch.Tensor, torch.Tensor
         idx = exp.reserve_index
         return exp.data.x_test[idx], exp.data.y_test[idx].clone(), exp.screen_index
     ts = exp.train_set
-    clean = np.flatnonzero((~ts.poison & ~ts.cross).numpy())
+    # Rows the attack changed are not clean, whatever their label: poisoned, cross (changed per
+    # batch) and Adap-* cover rows (a trigger with the true label).
+    changed = ts.poison | ts.cross | (ts.cover if ts.cover is not None else torch.zeros_like(ts.poison))
+    clean = np.flatnonzero((~changed).numpy())
     want = int(round(opts.clean_ratio * len(ts.y)))
     if want < 1 or len(clean) == 0:
         raise ConfigError(f"clean_ratio={opts.clean_ratio} of {len(ts.y)} training images leaves no clean image for "

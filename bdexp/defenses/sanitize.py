@@ -14,7 +14,7 @@ Threat models that do not compose: ML-MMDR's attacker "has complete control over
 data and the training procedure" (ML-MMDR §3.1), while ISPL's defender trains on the data it is
 given ("the training algorithm A is fixed", ISPL App. D.2.1). When the run's model was trained
 the attacker's way (a regime that reads the poison flags, or an attack that changes rows during
-training: WaNet's noise mode) every sanitizer record set gets `threat_model_conflict` = 1, so
+training: WaNet's noise mode, BppAttack's negatives, IAD's generator) every sanitizer record set gets `threat_model_conflict` = 1, so
 tables can print "n/a" instead of a number, and the run logs one warning.
 """
 from __future__ import annotations
@@ -121,8 +121,12 @@ def threat_model_conflict(exp) -> str | None:
     if REGIMES.get(train).reads_poison_flags:
         return (f"train={train} is the attacker's training (its loss reads the poison flags; ML-MMDR §3.1: the "
                 "attacker controls the training procedure)")
+    if getattr(exp.attack, "co_trained", False):
+        return (f"attack={exp.attack.name} trains its trigger generator with the model and poisons every batch; the "
+                "poisoned training set is materialized from its final state: the attacker trains the model")
     if bool(exp.train_set.cross.any()):
-        return "the attack changes rows while the model trains (WaNet noise mode): the attacker trains the model"
+        return ("the attack changes rows while the model trains (WaNet noise mode, BppAttack's negatives): "
+                "the attacker trains the model")
     return None
 
 

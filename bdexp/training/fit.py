@@ -49,6 +49,10 @@ def fit(cfg: DictConfig, data: ImageDataset, attack: Attack, train: PoisonedTrai
         check_defender_regime(train_cfg.name, "the defender's train.name")
         if bool(train.cross.any()):  # the attack's batch hook is off: not the attacker's model
             key_extra = {**(key_extra or {}), "attack_batch_hook": "off"}
+    # A co-trained attack (bdexp/attacks/cotrained.py) trains with the attacker's model only.
+    co_attack = attack if getattr(attack, "co_trained", False) and not defender else None
+    if co_attack is not None:
+        key_extra = {**(key_extra or {}), "attack_co_training": "on"}
     seed = int(cfg.seed)
     torch.manual_seed(seed)  # identical init for cached and fresh models
     model = build_for(cfg.model, train.x if keep is None else train.x[keep], data.num_classes).to(device)
@@ -64,7 +68,13 @@ def fit(cfg: DictConfig, data: ImageDataset, attack: Attack, train: PoisonedTrai
     with cache.lock(key):
         hit = cache.get(key)
         if hit is not None:
-            problem = load_strictly(model, hit["state_dict"])
+            problem = None
+            if co_attack is not None:  # checked before the model loads: a refused hit leaves both as they were
+                problem = ("it holds no attack state" if "attack_state" not in hit
+                           else co_attack.final_state_problem(hit["attack_state"]))
+            problem = problem or load_strictly(model, hit["state_dict"])
+            if problem is None and co_attack is not None:
+                co_attack.load_final_state(hit["attack_state"])
             if problem is not None:
                 cache.set_aside(key, f"{describe}: does not fit the model: {problem}")
                 hit = None
@@ -82,10 +92,13 @@ def fit(cfg: DictConfig, data: ImageDataset, attack: Attack, train: PoisonedTrai
                                   batch_hook=attack.train_batch_hook, **common)
         regime = regime_cls(train_cfg, attack=None if defender else attack)
         checkpoint = cache.checkpoint_path(key)
+        if co_attack is not None:
+            co_attack.start_training(device, int(train_cfg.epochs))
         history = train_model(model, loader, regime, train_cfg, device, describe=describe, checkpoint=checkpoint,
-                              checkpoint_every=int(cfg.checkpoint_every))
+                              checkpoint_every=int(cfg.checkpoint_every), attack=co_attack)
         meta = {"history": history, "trained_on": len(loader.x)}
-        path = cache.put(identity, model.state_dict(), meta)
+        path = cache.put(identity, model.state_dict(), meta,
+                         attack_state=co_attack.final_state() if co_attack is not None else None)
         if path is not None:
             log.info("%s: stored model in %s", describe, path)
         if checkpoint is not None:

@@ -94,7 +94,7 @@ class Optimization:
 
 
 def save_checkpoint(path: Path, optim: Optimization, model: nn.Module, loader: DeviceLoader,
-                    history: dict) -> None:
+                    history: dict, attack=None) -> None:
     from bdexp.cache import atomic_torch_save
 
     # `key`: the model the checkpoint belongs to (its file name under the cache, bdexp/cache.py), so
@@ -102,25 +102,34 @@ def save_checkpoint(path: Path, optim: Optimization, model: nn.Module, loader: D
     state = {"key": path.stem, "epoch": optim.epochs_done, "model": model.state_dict(), "optim": optim.state_dict(),
              "loader_rng": loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
              "history": history}
+    if attack is not None:  # a co-trained attack's networks and optimizers (bdexp/attacks/cotrained.py)
+        state["attack"] = attack.training_state()
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     with deferred():
         atomic_torch_save(state, path)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optim: Optimization, loader: DeviceLoader) -> dict:
-    """Restore a save_checkpoint file into model, optim (epochs_done included) and loader;
-    returns the history. All or nothing: PyTorch copies the matching tensors before it raises on a
-    mismatch, so on any error the model, optimizer and RNG states are put back as they were and the
-    error re-raised (the caller then trains from its fresh, seeded initialization)."""
+def load_checkpoint(path: Path, model: nn.Module, optim: Optimization, loader: DeviceLoader, attack=None) -> dict:
+    """Restore a save_checkpoint file into model, optim (epochs_done included), loader and a
+    co-trained `attack`; returns the history. All or nothing: PyTorch copies the matching tensors
+    before it raises on a mismatch, so on any error the model, optimizer, attack and RNG states are
+    put back as they were and the error re-raised (the caller then trains from its fresh, seeded
+    initialization)."""
     before = (copy.deepcopy(model.state_dict()), copy.deepcopy(optim.state_dict()),
-              loader.generator.get_state(), torch.get_rng_state())
+              loader.generator.get_state(), torch.get_rng_state(),
+              copy.deepcopy(attack.training_state()) if attack is not None else None)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("key") != path.stem:
             raise ValueError(f"it is a checkpoint of model {state.get('key')}, not of {path.stem}")
+        if (attack is not None) != ("attack" in state):
+            raise ValueError("it does not hold the co-trained attack's state" if attack is not None
+                             else "it holds a co-trained attack's state this training does not have")
         model.load_state_dict(state["model"])
         optim.load_state_dict(state["optim"])
+        if attack is not None:
+            attack.load_training_state(state["attack"])
         loader.generator.set_state(state["loader_rng"])  # a CPU ByteTensor for CPU and CUDA generators
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
@@ -131,18 +140,22 @@ def load_checkpoint(path: Path, model: nn.Module, optim: Optimization, loader: D
         optim.load_state_dict(before[1])
         loader.generator.set_state(before[2])
         torch.set_rng_state(before[3])
+        if attack is not None:
+            attack.load_training_state(before[4])
         raise
 
 
 def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: torch.device,
                 describe: str = "train", checkpoint: Path | None = None, checkpoint_every: int = 1,
-                optimization: Optimization | None = None) -> dict:
+                optimization: Optimization | None = None, attack=None) -> dict:
     """Train in place for cfg.epochs epochs; returns a history dict (per-epoch loss/acc/lr,
     images/s, wall time). `optimization`: continue this optimizer and schedule (epochs
     [optimization.epochs_done, + cfg.epochs) of it); None = a fresh cfg.epochs-epoch step schedule.
     `checkpoint`: resume from this file if it exists and save to it every `checkpoint_every`
     epochs (the caller deletes it once the finished model is stored). `cfg`: a train config or
-    its `Schedule`."""
+    its `Schedule`. `attack`: a co-trained attack (bdexp/attacks/cotrained.py) whose networks train
+    beside the model: it poisons each batch, adds its loss term, steps its optimizers and is
+    saved in the checkpoints; its `start_training` must have been called."""
     cfg = Schedule.of(cfg)
     on_cuda = device.type == "cuda"
     if on_cuda:
@@ -155,7 +168,7 @@ def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: tor
     history = {"loss": [], "acc": [], "lr": [], "images_per_s": [], "wall_s": 0.0}
     if checkpoint is not None and Path(checkpoint).exists():
         try:
-            history = load_checkpoint(Path(checkpoint), model, optim, loader)
+            history = load_checkpoint(Path(checkpoint), model, optim, loader, attack)
             log.info("%s: resumed from %s after epoch %d of %d", describe, checkpoint, optim.epochs_done, end_epoch)
         except Exception as err:  # a checkpoint of another shape/version: start over, do not crash
             log.warning("%s: cannot resume from %s (%s); training from scratch", describe, checkpoint, err)
@@ -164,6 +177,15 @@ def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: tor
     history.setdefault("lr", [])
     log_every = cfg.log_every
     start = time.perf_counter() - float(history.get("wall_s", 0.0))
+    if attack is not None and not attack.pretrained:  # IAD's mask network, before the classifier
+        try:
+            attack.pretrain(loader, device)
+        except Interrupted as err:
+            err.where = err.where or f"{describe}: the attack's pre-training ({attack.name})"
+            raise
+        history["wall_s"] = time.perf_counter() - start
+        if checkpoint is not None and checkpoint_every > 0:  # a resume starts after it
+            save_checkpoint(Path(checkpoint), optim, model, loader, history, attack)
     model.train()
     saved = optim.epochs_done if resumed else None  # the epoch the checkpoint on disk holds
     between_epochs = True
@@ -176,18 +198,32 @@ def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: tor
                 t0 = time.perf_counter()
                 optim.begin_epoch(epoch)
                 regime.begin_epoch()
+                if attack is not None:
+                    attack.begin_epoch(epoch)
                 loss_sum = torch.zeros((), device=device)
+                extra_sum = torch.zeros((), device=device)
                 correct = torch.zeros((), device=device, dtype=torch.long)
                 seen = 0
                 for step, batch in enumerate(loader):
                     if on_cuda:
                         batch.x = batch.x.contiguous(memory_format=torch.channels_last)
+                    extra = None
+                    if attack is not None:
+                        batch, extra = attack.poison_batch(step_model, batch)
                     with autocast:
                         loss, logits = regime.loss(step_model, batch)
+                    objective = loss if extra is None else loss + extra
                     optim.opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if attack is not None:
+                        attack.zero_grad()
+                    objective.backward()
                     optim.opt.step()
+                    if attack is not None:
+                        attack.step()
+                    # the history's loss is the regime's; a co-trained attack's own term is kept apart
                     loss_sum += loss.detach().float() * len(batch.y)
+                    if extra is not None:
+                        extra_sum += extra.detach().float() * len(batch.y)
                     correct += (logits.detach().argmax(1) == batch.y).sum()
                     seen += len(batch.y)
                     if step % log_every == 0 or step == len(loader) - 1:
@@ -207,19 +243,23 @@ def train_model(model: nn.Module, loader: DeviceLoader, regime, cfg, device: tor
                 history["wall_s"] = time.perf_counter() - start
                 for key, value in regime.epoch_stats().items():
                     history.setdefault(key, []).append(value)
+                if attack is not None:  # e.g. IAD's diversity loss (eq. 5), per image
+                    history.setdefault("attack_loss", []).append(extra_sum.item() / seen)
                 between_epochs = True
                 if (checkpoint is not None and checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0
                         and epoch + 1 < end_epoch):
-                    save_checkpoint(Path(checkpoint), optim, model, loader, history)
+                    save_checkpoint(Path(checkpoint), optim, model, loader, history, attack)
                     saved = optim.epochs_done
     except Interrupted as err:
         if (checkpoint is not None and checkpoint_every > 0 and between_epochs and saved != optim.epochs_done
                 and first_epoch < optim.epochs_done < end_epoch):
-            save_checkpoint(Path(checkpoint), optim, model, loader, history)
+            save_checkpoint(Path(checkpoint), optim, model, loader, history, attack)
         what = "training" if describe == "train" else f"training ({describe})"
         err.where = err.where or f"{what} at epoch {min(optim.epochs_done + 1, optim.total_epochs)}/{optim.total_epochs}"
         raise
     model.eval()
+    if attack is not None:
+        attack.end_training()
     history["wall_s"] = time.perf_counter() - start
     history["epochs"] = cfg.epochs
     log.info("%s: %d epoch%s in %.1fs, final loss %.4f acc %.4f, %.0f img/s", describe, cfg.epochs,
