@@ -214,7 +214,8 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, start: float, con
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     done["where"], done["metrics"] = "writing results", metrics
-    run_info["attack_images"] = save_attack_images(attack, run_dir)
+    bd = exp.backdoor_test
+    run_info["attack_images"] = save_attack_images(attack, run_dir, exp.data.x_test[bd.index[:8]], bd.x[:8])
     path = write_results(run_dir, run_info, metrics)
     done["where"], done["complete"] = "the summary (results.json is complete)", True
     if store is not None:
@@ -225,17 +226,25 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, start: float, con
     return {"run": run_info, "metrics": metrics}
 
 
-def save_attack_images(attack: Attack, run_dir: Path) -> list[str]:
+def save_attack_images(attack: Attack, run_dir: Path, clean: torch.Tensor | None = None,
+                       triggered: torch.Tensor | None = None) -> list[str]:
     """Write each of the attack's `state_images` (an optimized trigger, say) as
-    `attack_<name>.png` in the run directory; returns the file names."""
+    `attack_<name>.png` in the run directory, and `attack_examples.png`: up to 8 clean test images
+    over their backdoor-test versions (uint8 `clean` / `triggered`); returns the file names."""
     from torchvision.utils import save_image
 
     from bdexp.atomic import atomic_write
 
+    images = dict(attack.state_images())
+    if clean is not None and triggered is not None and len(triggered):
+        pairs = torch.cat([to_float(clean.clone()), to_float(triggered.clone())])
+        images["examples"] = pairs
     names = []
-    for name, image in attack.state_images().items():
+    for name, image in images.items():
         path = run_dir / f"attack_{name}.png"
-        atomic_write(path, lambda tmp, im=image: save_image(im.float().clamp(0, 1), tmp, format="png"))
+        nrow = len(image) // 2 if image.dim() == 4 else 8  # examples: clean row over triggered row
+        atomic_write(path, lambda tmp, im=image, n=nrow: save_image(im.float().clamp(0, 1), tmp, format="png",
+                                                                       nrow=max(n, 1)))
         names.append(path.name)
     return names
 

@@ -239,3 +239,16 @@ def test_adap_cover_rows_are_not_the_defenders_clean_data():
     assert len(y) == len(ts.y) - n_cover - n_poison
     clean = ~(ts.poison | ts.cover)
     assert torch.equal(torch.sort(x.flatten(1).sum(1)).values, torch.sort(ts.x[clean].flatten(1).sum(1)).values)
+
+
+def test_a_run_saves_its_trigger_and_examples_as_images(tmp_path):
+    from PIL import Image
+
+    cfg = compose_cfg(with_tiny("attack=narcissus", "attack.poison_rate=0.01", "attack.epochs=2",
+                                "train.epochs=1"), tmp_path / "cache")
+    out = pipeline.run(cfg, tmp_path / "run")
+    assert sorted(out["run"]["attack_images"]) == ["attack_examples.png", "attack_trigger.png"]
+    state = out["run"]["attack_state"]
+    assert state["trigger_cache"] == "miss" and len(state["trigger_sha256"]) == 64
+    with Image.open(tmp_path / "run" / "attack_examples.png") as img:
+        assert img.size[0] > img.size[1]  # 8 columns, 2 rows: clean over triggered
