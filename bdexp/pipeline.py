@@ -84,23 +84,24 @@ def poison(cfg: DictConfig, device: torch.device | None = None, cache: ModelCach
     def run_device() -> torch.device:
         return device if device is not None else resolve_device(str(cfg.device))
 
-    def clean_model() -> torch.nn.Module:
-        store = cache if cache is not None else ModelCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
-        return clean_reference_model(cfg, data, run_device(), store)
-
-    def trigger_cache() -> ModelCache:
-        if cache is not None:  # beside the models of the cache the caller gave
-            return ModelCache(cache.root.parent, enabled=cache.enabled, kind="triggers")
-        return ModelCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled), kind="triggers")
-
-    attack.attach(AttackServices(device=run_device, clean_model=clean_model,
-                                 train_data=lambda: (data.x_train, data.y_train), trigger_cache=trigger_cache))
+    store = cache if cache is not None else ModelCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
+    attack.attach(AttackServices(
+        device=run_device,
+        clean_model=lambda: clean_reference_model(cfg, data, run_device(), store),
+        train_data=lambda: (data.x_train, data.y_train),
+        trigger_cache=lambda: ModelCache(store.root.parent, enabled=store.enabled, kind="triggers")))
     if attack.co_trained:
-        train = attack.training_set(data.x_train, data.y_train)
-    else:
-        train = attack.poison_train(to_float(data.x_train), data.y_train)
-        train.x = to_uint8(train.x)
-    return data, attack, train
+        return data, attack, attack.training_set(data.x_train, data.y_train)
+    return data, attack, poisoned_training_set(attack, data)
+
+
+def poisoned_training_set(attack: Attack, data: ImageDataset) -> PoisonedTrainSet:
+    """The attack's poisoned training set (uint8 images): `poison_train`, or for a co-trained
+    attack after training the set `materialize`d from its final state."""
+    make = attack.materialize if attack.co_trained else attack.poison_train
+    train = make(to_float(data.x_train), data.y_train)
+    train.x = to_uint8(train.x)
+    return train
 
 
 def clean_reference_model(cfg: DictConfig, data: ImageDataset, device: torch.device, cache: ModelCache):
@@ -113,8 +114,7 @@ def clean_reference_model(cfg: DictConfig, data: ImageDataset, device: torch.dev
         ref_cfg.attack = {"name": "none"}
     ref_train = regime_train_cfg(cfg.train, "standard")
     clean_attack = build_attack(ref_cfg.attack, data.num_classes, data.image_shape, int(cfg.seed))
-    clean = clean_attack.poison_train(to_float(data.x_train), data.y_train)
-    clean.x = to_uint8(clean.x)
+    clean = poisoned_training_set(clean_attack, data)
     reference, _ = fit(ref_cfg, data, clean_attack, clean, device, cache,
                        FitRequest(train_cfg=ref_train, key_extra={"role": "clean_reference"}, describe="clean reference"))
     return reference
@@ -160,8 +160,7 @@ def build_experiment(cfg: DictConfig, device: torch.device, run_dir: Path | None
     model, fit_info = fit(cfg, data, attack, train, device, cache)
     done["where"] = "building the poisoned sets from the attack's final state"
     if attack.co_trained:  # its sets come from the final networks (bdexp/attacks/cotrained.py)
-        train = attack.materialize(to_float(data.x_train), data.y_train)
-        train.x = to_uint8(train.x)
+        train = poisoned_training_set(attack, data)
     bd = backdoor_test_set(attack, data)
     log.info("%s: %d train (%d poisoned) / %d test images %s, %d classes; backdoor test set %d",
              data.name, len(train.y), int(train.poison.sum()), len(data.y_test), data.image_shape,
@@ -237,8 +236,7 @@ def save_attack_images(attack: Attack, run_dir: Path, clean: torch.Tensor | None
 
     images = dict(attack.state_images())
     if clean is not None and triggered is not None and len(triggered):
-        pairs = torch.cat([to_float(clean.clone()), to_float(triggered.clone())])
-        images["examples"] = pairs
+        images["examples"] = torch.cat([to_float(clean), to_float(triggered)])  # to_float copies
     names = []
     for name, image in images.items():
         path = run_dir / f"attack_{name}.png"

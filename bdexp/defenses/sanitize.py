@@ -121,7 +121,7 @@ def threat_model_conflict(exp) -> str | None:
     if REGIMES.get(train).reads_poison_flags:
         return (f"train={train} is the attacker's training (its loss reads the poison flags; ML-MMDR §3.1: the "
                 "attacker controls the training procedure)")
-    if getattr(exp.attack, "co_trained", False):
+    if exp.attack.co_trained:
         return (f"attack={exp.attack.name} trains its trigger generator with the model and poisons every batch; the "
                 "poisoned training set is materialized from its final state: the attacker trains the model")
     if bool(exp.train_set.cross.any()):

@@ -50,7 +50,7 @@ def fit(cfg: DictConfig, data: ImageDataset, attack: Attack, train: PoisonedTrai
         if bool(train.cross.any()):  # the attack's batch hook is off: not the attacker's model
             key_extra = {**(key_extra or {}), "attack_batch_hook": "off"}
     # A co-trained attack (bdexp/attacks/cotrained.py) trains with the attacker's model only.
-    co_attack = attack if getattr(attack, "co_trained", False) and not defender else None
+    co_attack = attack if attack.co_trained and not defender else None
     if co_attack is not None:
         key_extra = {**(key_extra or {}), "attack_co_training": "on"}
     seed = int(cfg.seed)
